@@ -1,0 +1,145 @@
+//! `outboxd run`: wire the parts together, run until the drain token fires,
+//! then drain within `shutdown.drain_timeout` and stop in order.
+//!
+//! Order of stopping: relays drain first (they need the broker and the
+//! pools), then the listeners, backlog and retention tasks stop, then the
+//! broker connection closes, and the HTTP server goes last so `/metrics`
+//! and a 503 `/readyz` stay visible for the whole drain.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::admin::{self, AdminState};
+use crate::config::{AfterPublish, Config};
+use crate::metrics::Metrics;
+use crate::relay;
+use crate::sink::rabbitmq::{Broker, Publisher};
+use crate::source::{self, Source};
+
+/// Time given to aborted batches and helper tasks to wind down after the drain.
+const WIND_DOWN: Duration = Duration::from_secs(3);
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("cannot listen on {addr} for metrics and health: {source}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// Runs the relay until `drain` is cancelled (by a signal, or by a test).
+pub async fn run(config: Config, drain: CancellationToken) -> Result<(), AppError> {
+    let metrics = Arc::new(Metrics::new());
+    let listener = TcpListener::bind(config.metrics.listen)
+        .await
+        .map_err(|source| AppError::Bind {
+            addr: config.metrics.listen,
+            source,
+        })?;
+    let admin_addr = listener.local_addr().unwrap_or(config.metrics.listen);
+
+    let broker = Broker::new(config.rabbitmq.clone(), metrics.broker());
+    let broker_stop = CancellationToken::new();
+    let broker_task = tokio::spawn(broker.clone().run(broker_stop.clone()));
+
+    let helpers_stop = CancellationToken::new();
+    let abort = CancellationToken::new();
+    let mut helpers = JoinSet::new();
+    let mut relays = JoinSet::new();
+    let mut health = Vec::new();
+    for cfg in &config.sources {
+        let pool = source::pool::build(cfg).map_err(AppError::Setup)?;
+        let publisher = Publisher::new(broker.clone(), config.rabbitmq.confirm_timeout);
+        let src = Arc::new(Source::new(
+            cfg.clone(),
+            pool,
+            publisher,
+            metrics.source(&cfg.name),
+        ));
+        // A healthy loop turns at least once per poll interval.
+        let stuck_after = cfg.poll_interval * 3 + Duration::from_secs(10);
+        health.push((src.health.clone(), stuck_after));
+        helpers.spawn(source::wakeup::run(src.clone(), helpers_stop.clone()));
+        helpers.spawn(source::backlog::run(
+            src.clone(),
+            config.metrics.backlog_interval,
+            helpers_stop.clone(),
+        ));
+        if let (AfterPublish::Mark, Some(retention)) = (cfg.after_publish, cfg.retention) {
+            helpers.spawn(source::retention::run(
+                src.clone(),
+                retention,
+                helpers_stop.clone(),
+            ));
+        }
+        relays.spawn(relay::run(
+            src,
+            broker.clone(),
+            drain.clone(),
+            abort.clone(),
+        ));
+    }
+
+    let server_stop = CancellationToken::new();
+    let state = Arc::new(AdminState {
+        metrics: metrics.clone(),
+        broker: broker.clone(),
+        sources: health,
+        draining: drain.clone(),
+    });
+    let server = tokio::spawn(admin::serve(listener, state, server_stop.clone()));
+    info!(
+        version = env!("CARGO_PKG_VERSION"),
+        sources = config.sources.len(),
+        broker = %config.rabbitmq.display,
+        admin = %admin_addr,
+        "outboxd running"
+    );
+
+    // Wait for the drain to be asked for, or for every relay to end on its own.
+    tokio::select! {
+        _ = drain.cancelled() => {}
+        _ = wait_all(&mut relays) => {}
+    }
+    let drained = tokio::time::timeout(config.drain_timeout, wait_all(&mut relays)).await;
+    if drained.is_err() {
+        warn!(timeout = ?config.drain_timeout, "drain timeout reached; abandoning in-flight batches");
+        abort.cancel();
+        if tokio::time::timeout(WIND_DOWN, wait_all(&mut relays))
+            .await
+            .is_err()
+        {
+            error!("some relays did not stop; exiting anyway (their rows stay in the outbox)");
+        }
+    }
+    helpers_stop.cancel();
+    let _ = tokio::time::timeout(WIND_DOWN, wait_all(&mut helpers)).await;
+    broker_stop.cancel();
+    let _ = tokio::time::timeout(WIND_DOWN, broker_task).await;
+    server_stop.cancel();
+    match tokio::time::timeout(WIND_DOWN, server).await {
+        Ok(Ok(Err(err))) => warn!(error = %err, "metrics server ended with an error"),
+        Ok(_) => {}
+        Err(_) => warn!("metrics server did not stop in time"),
+    }
+    info!("outboxd stopped");
+    Ok(())
+}
+
+async fn wait_all(set: &mut JoinSet<()>) {
+    while let Some(result) = set.join_next().await {
+        if let Err(err) = result
+            && err.is_panic()
+        {
+            error!(error = %err, "a task panicked");
+        }
+    }
+}

@@ -1,0 +1,271 @@
+//! `outboxd check`: everything `run` needs, checked once, one line per check.
+//!
+//! The config has already loaded (a config error never gets here). Then:
+//! the broker answers; each source database answers; its table exists with
+//! every column of `sql/outbox.sql` at the right type; the relay's role has
+//! the privileges it needs; the NOTIFY trigger is in place (a warning only:
+//! without it the relay still works, by polling); the default exchange exists.
+
+use std::io::Write;
+
+use lapin::types::ShortString;
+use tokio_postgres::{Client, NoTls};
+
+use crate::config::{AfterPublish, Config, SourceConfig};
+use crate::sink::rabbitmq::{Broker, exchange_exists};
+use crate::telemetry::ErrorChain;
+
+/// The columns the relay reads or writes, with their PostgreSQL types.
+pub const COLUMNS: [(&str, &str); 14] = [
+    ("id", "bigint"),
+    ("aggregate_type", "text"),
+    ("aggregate_id", "text"),
+    ("event_type", "text"),
+    ("payload", "jsonb"),
+    ("headers", "jsonb"),
+    ("dedup_key", "text"),
+    ("exchange", "text"),
+    ("routing_key", "text"),
+    ("created_at", "timestamp with time zone"),
+    ("attempts", "integer"),
+    ("available_at", "timestamp with time zone"),
+    ("last_error", "text"),
+    ("published_at", "timestamp with time zone"),
+];
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Level {
+    Ok,
+    Warn,
+    Fail,
+}
+
+struct Report<W: Write> {
+    out: W,
+    failures: usize,
+}
+
+impl<W: Write> Report<W> {
+    fn line(&mut self, level: Level, what: &str, detail: &str) {
+        let tag = match level {
+            Level::Ok => "ok  ",
+            Level::Warn => "warn",
+            Level::Fail => "FAIL",
+        };
+        if level == Level::Fail {
+            self.failures += 1;
+        }
+        // A closed stdout must not turn a check into a panic.
+        let _ = writeln!(self.out, "{tag} {what}: {detail}");
+    }
+}
+
+/// Runs every check, printing to `out`; returns the number of failures.
+pub async fn run<W: Write>(config: &Config, config_path: &str, out: W) -> usize {
+    let mut r = Report { out, failures: 0 };
+    r.line(
+        Level::Ok,
+        "config",
+        &format!("{config_path} is valid ({} sources)", config.sources.len()),
+    );
+    let broker = match Broker::connect(&config.rabbitmq).await {
+        Ok(conn) => {
+            r.line(
+                Level::Ok,
+                "rabbitmq",
+                &format!("connected to {}", config.rabbitmq.display),
+            );
+            Some(conn)
+        }
+        Err(e) => {
+            r.line(
+                Level::Fail,
+                "rabbitmq",
+                &format!(
+                    "cannot connect to {}: {}",
+                    config.rabbitmq.display,
+                    ErrorChain(&e)
+                ),
+            );
+            None
+        }
+    };
+    for source in &config.sources {
+        check_source(&mut r, source).await;
+        let what = format!("source {} exchange", source.name);
+        if source.exchange.is_empty() {
+            r.line(
+                Level::Ok,
+                &what,
+                "the default exchange (\"\") always exists",
+            );
+            continue;
+        }
+        let Some(conn) = &broker else {
+            r.line(Level::Fail, &what, "not checked: no broker connection");
+            continue;
+        };
+        // The exchange name was validated at load (at most 255 bytes, AMQP characters).
+        let name = ShortString::try_new(source.exchange.clone()).unwrap_or_default();
+        match exchange_exists(conn, &name).await {
+            Ok(true) => r.line(Level::Ok, &what, &format!("{:?} exists", source.exchange)),
+            Ok(false) => r.line(
+                Level::Fail,
+                &what,
+                &format!(
+                    "{:?} does not exist; declare it (the relay never declares exchanges)",
+                    source.exchange
+                ),
+            ),
+            Err(e) => r.line(Level::Fail, &what, &e.to_string()),
+        }
+    }
+    if let Some(conn) = broker {
+        let _ = conn.close(200, "check done".into()).await;
+    }
+    r.failures
+}
+
+async fn check_source<W: Write>(r: &mut Report<W>, source: &SourceConfig) {
+    let what = |part: &str| format!("source {} {part}", source.name);
+    let client = match source.database.connect(NoTls).await {
+        Ok((client, connection)) => {
+            tokio::spawn(connection);
+            r.line(
+                Level::Ok,
+                &what("database"),
+                &format!("connected to {}", source.database_display),
+            );
+            client
+        }
+        Err(e) => {
+            r.line(
+                Level::Fail,
+                &what("database"),
+                &format!(
+                    "cannot connect to {}: {}",
+                    source.database_display,
+                    ErrorChain(&e)
+                ),
+            );
+            return;
+        }
+    };
+    if let Err(e) = check_table(r, &client, source).await {
+        r.line(
+            Level::Fail,
+            &what("table"),
+            &format!("query failed: {}", ErrorChain(&e)),
+        );
+    }
+}
+
+async fn check_table<W: Write>(
+    r: &mut Report<W>,
+    client: &Client,
+    source: &SourceConfig,
+) -> Result<(), tokio_postgres::Error> {
+    let what = |part: &str| format!("source {} {part}", source.name);
+    let t = &source.table;
+    let rows = client
+        .query(
+            "SELECT column_name::text, data_type::text FROM information_schema.columns \
+             WHERE table_schema = $1 AND table_name = $2",
+            &[&t.schema, &t.table],
+        )
+        .await?;
+    if rows.is_empty() {
+        r.line(
+            Level::Fail,
+            &what("table"),
+            &format!("{t} does not exist (or is not visible to this role); run `outboxd migrate`"),
+        );
+        return Ok(());
+    }
+    let found: Vec<(String, String)> = rows.iter().map(|row| (row.get(0), row.get(1))).collect();
+    let mut problems = Vec::new();
+    for (name, ty) in COLUMNS {
+        match found.iter().find(|(n, _)| n == name) {
+            None => problems.push(format!("column {name} is missing")),
+            Some((_, actual)) if actual != ty => {
+                problems.push(format!("column {name} is {actual}, expected {ty}"))
+            }
+            Some(_) => {}
+        }
+    }
+    if problems.is_empty() {
+        r.line(
+            Level::Ok,
+            &what("table"),
+            &format!("{t} has all {} columns", COLUMNS.len()),
+        );
+    } else {
+        r.line(
+            Level::Fail,
+            &what("table"),
+            &format!("{t}: {}", problems.join("; ")),
+        );
+    }
+
+    let mut needed = vec!["SELECT", "UPDATE"];
+    if source.after_publish == AfterPublish::Delete || source.retention.is_some() {
+        needed.push("DELETE");
+    }
+    let mut missing = Vec::new();
+    for privilege in needed {
+        let row = client
+            .query_one(
+                "SELECT has_table_privilege($1::text, $2::text)",
+                &[&t.quoted(), &privilege],
+            )
+            .await?;
+        if !row.get::<_, bool>(0) {
+            missing.push(privilege);
+        }
+    }
+    if missing.is_empty() {
+        r.line(
+            Level::Ok,
+            &what("privileges"),
+            &format!("current role may SELECT, UPDATE and DELETE on {t}"),
+        );
+    } else {
+        r.line(
+            Level::Fail,
+            &what("privileges"),
+            &format!(
+                "current role lacks {} on {t}; see README \"Least privilege\"",
+                missing.join(", ")
+            ),
+        );
+    }
+
+    let triggers = client
+        .query(
+            "SELECT tgargs FROM pg_trigger WHERE tgrelid = to_regclass($1::text) AND NOT tgisinternal",
+            &[&t.quoted()],
+        )
+        .await?;
+    let channel = source.notify_channel.as_bytes();
+    let notifies = triggers.iter().any(|row| {
+        let args: Vec<u8> = row.get(0);
+        args.split(|b| *b == 0).any(|arg| arg == channel)
+    });
+    if notifies {
+        r.line(
+            Level::Ok,
+            &what("trigger"),
+            &format!("inserts notify channel {:?}", source.notify_channel),
+        );
+    } else {
+        r.line(
+            Level::Warn,
+            &what("trigger"),
+            &format!(
+                "no trigger notifies channel {:?}; rows are found by polling every {:?} only (run `outboxd migrate`)",
+                source.notify_channel, source.poll_interval
+            ),
+        );
+    }
+    Ok(())
+}

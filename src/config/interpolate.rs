@@ -1,0 +1,122 @@
+//! `${VAR}` substitution in config strings.
+//!
+//! Substitution happens after TOML parsing, on each string value, so a
+//! variable holding quotes or newlines cannot change the structure of the
+//! file. `$${` is a literal `${`. A variable that is not set is an error that
+//! names both the variable and the config key it was found in.
+
+use super::ConfigError;
+
+/// Replaces every `${NAME}` in `input` with `lookup(NAME)`.
+pub fn interpolate(
+    input: &str,
+    key: &str,
+    lookup: &dyn Fn(&str) -> Option<String>,
+) -> Result<String, ConfigError> {
+    if !input.contains('$') {
+        return Ok(input.to_owned());
+    }
+    let mut out = String::with_capacity(input.len());
+    let mut rest = input;
+    while let Some(pos) = rest.find('$') {
+        out.push_str(&rest[..pos]);
+        let after = &rest[pos + 1..];
+        if let Some(escaped) = after.strip_prefix("${") {
+            // `$${` is an escaped, literal `${`.
+            out.push_str("${");
+            rest = escaped;
+        } else if let Some(body) = after.strip_prefix('{') {
+            let end = body.find('}').ok_or_else(|| ConfigError::Invalid {
+                key: key.to_owned(),
+                reason: "unclosed `${` (write `$${` for a literal `${`)".to_owned(),
+            })?;
+            let name = &body[..end];
+            if !is_var_name(name) {
+                return Err(ConfigError::Invalid {
+                    key: key.to_owned(),
+                    reason: format!(
+                        "`${{{name}}}` is not a valid variable name (letters, digits and `_`, not starting with a digit)"
+                    ),
+                });
+            }
+            let value = lookup(name).ok_or_else(|| ConfigError::MissingVariable {
+                key: key.to_owned(),
+                var: name.to_owned(),
+            })?;
+            out.push_str(&value);
+            rest = &body[end + 1..];
+        } else {
+            out.push('$');
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+fn is_var_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c == '_' || c.is_ascii_alphabetic())
+        && chars.all(|c| c == '_' || c.is_ascii_alphanumeric())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(name: &str) -> Option<String> {
+        match name {
+            "USER" => Some("alice".into()),
+            "EMPTY" => Some(String::new()),
+            "QUOTE" => Some("a\"b".into()),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn substitutes_and_keeps_everything_else() {
+        let cases = [
+            // no dollar at all: returned as is
+            ("plain", "plain"),
+            // one variable in the middle
+            ("postgres://${USER}@db/x", "postgres://alice@db/x"),
+            // two variables, one of them empty
+            ("${USER}${EMPTY}!", "alice!"),
+            // a value with a quote stays a plain string value
+            ("${QUOTE}", "a\"b"),
+            // a lone dollar is literal
+            ("cost $5", "cost $5"),
+            // `$${` escapes a literal `${`
+            ("$${USER}", "${USER}"),
+            // trailing dollar
+            ("x$", "x$"),
+        ];
+        for (input, want) in cases {
+            assert_eq!(
+                interpolate(input, "k", &env).unwrap(),
+                want,
+                "input {input:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn missing_variable_names_the_variable_and_the_key() {
+        let err = interpolate("x${NOPE}y", "source[0].database_url", &env).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("NOPE"), "{msg}");
+        assert!(msg.contains("source[0].database_url"), "{msg}");
+    }
+
+    #[test]
+    fn malformed_references_are_errors() {
+        // unclosed brace
+        assert!(interpolate("${USER", "k", &env).is_err());
+        // empty name
+        assert!(interpolate("${}", "k", &env).is_err());
+        // name starting with a digit
+        assert!(interpolate("${1A}", "k", &env).is_err());
+        // spaces are not allowed in a name
+        assert!(interpolate("${A B}", "k", &env).is_err());
+    }
+}

@@ -1,0 +1,285 @@
+//! Configuration: parse the TOML, substitute `${VAR}`, read `*_file` secrets,
+//! then validate into typed settings.
+//!
+//! Parsing is two-step, as in most well-run daemons: serde reads a `Raw*`
+//! mirror of the file (unknown keys rejected, every value still a string),
+//! then [`Validator`] turns it into [`Config`], collecting every problem with
+//! the key path it belongs to (`source[1].batch_size (source "billing")`)
+//! instead of stopping at the first. Defaults live as consts next to the
+//! field they fill and are listed in `config/outboxd.toml`.
+
+mod interpolate;
+mod rabbitmq;
+mod raw;
+mod secret;
+mod source;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use rabbitmq::RabbitConfig;
+pub use secret::Secret;
+pub use source::{AfterPublish, SourceConfig};
+
+use interpolate::interpolate;
+use raw::RawConfig;
+
+/// Default address of the metrics and health server.
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9187";
+/// Default time a SIGTERM drain may take before in-flight work is abandoned.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default interval of the backlog query behind `outboxd_pending_messages`.
+pub const DEFAULT_BACKLOG_INTERVAL: Duration = Duration::from_secs(5);
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub log: LogConfig,
+    pub metrics: MetricsConfig,
+    pub rabbitmq: RabbitConfig,
+    pub drain_timeout: Duration,
+    pub sources: Vec<SourceConfig>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+impl std::str::FromStr for LogFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "text" => Ok(Self::Text),
+            "json" => Ok(Self::Json),
+            other => Err(format!("must be \"text\" or \"json\", got {other:?}")),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A tracing `EnvFilter` directive; `RUST_LOG` overrides it.
+    pub level: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct MetricsConfig {
+    pub listen: SocketAddr,
+    pub backlog_interval: Duration,
+}
+
+/// Everything that can be wrong with a config file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Syntax(String),
+    #[error("{key}: {reason}")]
+    Invalid { key: String, reason: String },
+    #[error("{key}: environment variable `{var}` is not set")]
+    MissingVariable { key: String, var: String },
+    #[error("{}", list(.0))]
+    Many(Vec<ConfigError>),
+}
+
+fn list(errors: &[ConfigError]) -> String {
+    let mut out = format!("{} problems:", errors.len());
+    for e in errors {
+        out.push_str("\n  - ");
+        out.push_str(&e.to_string());
+    }
+    out
+}
+
+impl Config {
+    /// Reads and validates the file at `path`, taking `${VAR}` from the
+    /// process environment.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_toml(&text, &|name| std::env::var(name).ok()).map_err(|e| match e {
+            ConfigError::Syntax(msg) => ConfigError::Syntax(format!("{}: {msg}", path.display())),
+            other => other,
+        })
+    }
+
+    /// Parses and validates config text; `env` answers `${VAR}` lookups.
+    pub fn from_toml(
+        text: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let raw: RawConfig =
+            toml::from_str(text).map_err(|e| ConfigError::Syntax(e.to_string()))?;
+        let mut v = Validator {
+            env,
+            errors: Vec::new(),
+        };
+        let config = v.config(raw);
+        match (config, v.errors.len()) {
+            (Some(config), 0) => Ok(config),
+            (_, 1) => Err(v.errors.remove(0)),
+            _ => Err(ConfigError::Many(v.errors)),
+        }
+    }
+}
+
+/// Collects every problem while turning raw values into typed ones.
+pub(crate) struct Validator<'a> {
+    env: &'a dyn Fn(&str) -> Option<String>,
+    errors: Vec<ConfigError>,
+}
+
+impl Validator<'_> {
+    fn config(&mut self, raw: RawConfig) -> Option<Config> {
+        let log = LogConfig {
+            format: self
+                .parse_opt("log.format", raw.log.format)
+                .unwrap_or_default(),
+            level: self
+                .string_opt("log.level", raw.log.level)
+                .unwrap_or_else(|| "info".to_owned()),
+        };
+        let listen = self
+            .string_opt("metrics.listen", raw.metrics.listen)
+            .unwrap_or_else(|| DEFAULT_METRICS_LISTEN.to_owned());
+        let listen = self.check(
+            "metrics.listen",
+            listen.parse::<SocketAddr>().map_err(|_| {
+                format!("{listen:?} is not an address like \"127.0.0.1:9187\" or \"0.0.0.0:9187\"")
+            }),
+        );
+        let backlog_interval = self
+            .duration_opt("metrics.backlog_interval", raw.metrics.backlog_interval)
+            .unwrap_or(DEFAULT_BACKLOG_INTERVAL);
+        let drain_timeout = self
+            .duration_opt("shutdown.drain_timeout", raw.shutdown.drain_timeout)
+            .unwrap_or(DEFAULT_DRAIN_TIMEOUT);
+        let rabbitmq = match raw.rabbitmq {
+            Some(r) => self.rabbitmq(r),
+            None => {
+                self.invalid("rabbitmq", "the [rabbitmq] table is missing");
+                None
+            }
+        };
+        let sources = self.sources(raw.sources);
+        Some(Config {
+            log,
+            metrics: MetricsConfig {
+                listen: listen?,
+                backlog_interval,
+            },
+            rabbitmq: rabbitmq?,
+            drain_timeout,
+            sources,
+        })
+    }
+
+    fn invalid(&mut self, key: &str, reason: impl Into<String>) {
+        self.errors.push(ConfigError::Invalid {
+            key: key.to_owned(),
+            reason: reason.into(),
+        });
+    }
+
+    /// Records `result`'s error under `key`; returns the value if there was one.
+    fn check<T>(&mut self, key: &str, result: Result<T, String>) -> Option<T> {
+        result.map_err(|reason| self.invalid(key, reason)).ok()
+    }
+
+    /// Interpolates an optional string value.
+    fn string_opt(&mut self, key: &str, value: Option<String>) -> Option<String> {
+        let value = value?;
+        match interpolate(&value, key, self.env) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                self.errors.push(e);
+                None
+            }
+        }
+    }
+
+    fn parse_opt<T>(&mut self, key: &str, value: Option<String>) -> Option<T>
+    where
+        T: std::str::FromStr<Err = String>,
+    {
+        let value = self.string_opt(key, value)?;
+        self.check(key, value.parse())
+    }
+
+    fn duration_opt(&mut self, key: &str, value: Option<String>) -> Option<Duration> {
+        let value = self.string_opt(key, value)?;
+        self.check(key, parse_duration(&value))
+    }
+
+    /// A secret given either inline (`key`) or as a file (`key_file`), never both.
+    fn secret(
+        &mut self,
+        key: &str,
+        file_key: &str,
+        inline: Option<String>,
+        file: Option<String>,
+    ) -> Option<Secret> {
+        match (inline, file) {
+            (Some(_), Some(_)) => {
+                self.invalid(key, "give the value or its `_file` variant, not both");
+                None
+            }
+            (Some(v), None) => self.string_opt(key, Some(v)).map(Secret::new),
+            (None, Some(path)) => {
+                let path = self.string_opt(file_key, Some(path))?;
+                match std::fs::read_to_string(&path) {
+                    // Mounted secrets usually end in a newline that is not part of the value.
+                    Ok(v) => Some(Secret::new(v.trim_end_matches(['\n', '\r']).to_owned())),
+                    Err(e) => {
+                        self.invalid(file_key, format!("cannot read {path:?}: {e}"));
+                        None
+                    }
+                }
+            }
+            (None, None) => {
+                self.invalid(key, "missing (set it, or its `_file` variant)");
+                None
+            }
+        }
+    }
+}
+
+/// Parses "250ms", "30s", "5m", "7d" and the like.
+pub fn parse_duration(value: &str) -> Result<Duration, String> {
+    humantime::parse_duration(value)
+        .map_err(|e| format!("{value:?} is not a duration like \"500ms\", \"30s\" or \"7d\": {e}"))
+}
+
+/// Bounds for an integer setting, reported in the error.
+pub(crate) fn in_range(value: i64, min: i64, max: i64) -> Result<usize, String> {
+    if (min..=max).contains(&value) {
+        // The range check above makes this conversion lossless.
+        Ok(value as usize)
+    } else {
+        Err(format!("must be between {min} and {max}, got {value}"))
+    }
+}
+
+impl fmt::Display for LogFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,67 @@
+//! The file as serde sees it: unknown keys rejected, strings left raw so
+//! that `${VAR}` works in every string value (durations and enums included).
+
+use serde::Deserialize;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub log: RawLog,
+    #[serde(default)]
+    pub metrics: RawMetrics,
+    pub rabbitmq: Option<RawRabbit>,
+    #[serde(default)]
+    pub shutdown: RawShutdown,
+    #[serde(default, rename = "source")]
+    pub sources: Vec<RawSource>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLog {
+    pub format: Option<String>,
+    pub level: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMetrics {
+    pub listen: Option<String>,
+    pub backlog_interval: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawShutdown {
+    pub drain_timeout: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRabbit {
+    pub url: Option<String>,
+    pub url_file: Option<String>,
+    pub confirm_timeout: Option<String>,
+    pub connection_name: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSource {
+    pub name: Option<String>,
+    pub database_url: Option<String>,
+    pub database_url_file: Option<String>,
+    pub table: Option<String>,
+    pub exchange: Option<String>,
+    pub routing_key: Option<String>,
+    pub batch_size: Option<i64>,
+    pub poll_interval: Option<String>,
+    pub after_publish: Option<String>,
+    pub retention: Option<String>,
+    pub max_in_flight: Option<i64>,
+    pub pool_size: Option<i64>,
+    pub retry_initial: Option<String>,
+    pub retry_max: Option<String>,
+    pub notify_channel: Option<String>,
+}

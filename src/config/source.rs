@@ -1,0 +1,299 @@
+//! One `[[source]]` entry: a service database whose outbox table we relay.
+
+use std::collections::HashSet;
+use std::str::FromStr;
+use std::time::Duration;
+
+use tokio_postgres::config::{Host, SslMode};
+
+use super::raw::RawSource;
+use super::secret::scrub;
+use super::{Secret, Validator, in_range};
+use crate::backoff::Backoff;
+use crate::ident::TableName;
+use crate::template::Template;
+
+pub const DEFAULT_TABLE: &str = "outbox";
+pub const DEFAULT_ROUTING_KEY: &str = "{aggregate_type}.{event_type}";
+pub const DEFAULT_BATCH_SIZE: i64 = 500;
+pub const MAX_BATCH_SIZE: i64 = 10_000;
+pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(1);
+pub const MIN_POLL_INTERVAL: Duration = Duration::from_millis(10);
+pub const DEFAULT_MAX_IN_FLIGHT: i64 = 4;
+pub const DEFAULT_RETRY_INITIAL: Duration = Duration::from_secs(1);
+pub const DEFAULT_RETRY_MAX: Duration = Duration::from_secs(300);
+/// AMQP short strings (exchange names) are at most 255 bytes.
+const MAX_EXCHANGE_BYTES: usize = 255;
+/// PostgreSQL channel names are identifiers: at most 63 bytes.
+const MAX_CHANNEL_BYTES: usize = 63;
+
+/// What happens to a row once the broker has confirmed its message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterPublish {
+    /// `DELETE` the row: the table holds only what is still to be sent.
+    Delete,
+    /// Set `published_at`; rows are removed later by `retention`.
+    Mark,
+}
+
+impl FromStr for AfterPublish {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "delete" => Ok(Self::Delete),
+            "mark" => Ok(Self::Mark),
+            other => Err(format!("must be \"delete\" or \"mark\", got {other:?}")),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct SourceConfig {
+    pub name: String,
+    pub database_url: Secret,
+    /// The parsed connection settings (the password is inside, so this type
+    /// is never logged; use `database_display`).
+    pub database: tokio_postgres::Config,
+    /// `host:port/dbname as user`, safe to log.
+    pub database_display: String,
+    pub table: TableName,
+    pub exchange: String,
+    pub routing_key: Template,
+    pub batch_size: usize,
+    pub poll_interval: Duration,
+    pub after_publish: AfterPublish,
+    pub retention: Option<Duration>,
+    pub max_in_flight: usize,
+    pub pool_size: usize,
+    pub retry: Backoff,
+    pub notify_channel: String,
+}
+
+/// Key paths for one source: `source[2].batch_size (source "billing")`.
+struct Keys {
+    index: usize,
+    name: Option<String>,
+}
+
+impl Keys {
+    fn key(&self, field: &str) -> String {
+        match &self.name {
+            Some(name) => format!("source[{}].{field} (source {name:?})", self.index),
+            None => format!("source[{}].{field}", self.index),
+        }
+    }
+}
+
+impl Validator<'_> {
+    pub(super) fn sources(&mut self, raw: Vec<RawSource>) -> Vec<SourceConfig> {
+        if raw.is_empty() {
+            self.invalid("source", "no [[source]] is configured; add at least one");
+        }
+        let mut seen = HashSet::new();
+        let mut out = Vec::with_capacity(raw.len());
+        for (index, src) in raw.into_iter().enumerate() {
+            let name = self.string_opt(&format!("source[{index}].name"), src.name.clone());
+            if let Some(name) = &name
+                && !seen.insert(name.clone())
+            {
+                self.invalid(
+                    &format!("source[{index}].name"),
+                    format!("duplicate source name {name:?}; names must be unique"),
+                );
+            }
+            if let Some(s) = self.source(Keys { index, name }, src) {
+                out.push(s);
+            }
+        }
+        out
+    }
+
+    fn source(&mut self, keys: Keys, raw: RawSource) -> Option<SourceConfig> {
+        let k = |f: &str| keys.key(f);
+        let name = match &keys.name {
+            None => {
+                self.invalid(&k("name"), "missing; every source needs a unique name");
+                None
+            }
+            Some(n) => self.check(&k("name"), check_name(n)).map(|()| n.clone()),
+        };
+        let url = self.secret(
+            &k("database_url"),
+            &k("database_url_file"),
+            raw.database_url,
+            raw.database_url_file,
+        );
+        let database = url
+            .as_ref()
+            .and_then(|u| self.check(&k("database_url"), parse_pg(u.expose())));
+        let table = self
+            .string_opt(&k("table"), raw.table)
+            .unwrap_or_else(|| DEFAULT_TABLE.to_owned());
+        let table = self.check(&k("table"), TableName::parse(&table));
+        let exchange = self
+            .string_opt(&k("exchange"), raw.exchange)
+            .unwrap_or_default();
+        self.check(&k("exchange"), check_exchange(&exchange));
+        let routing_key = self
+            .string_opt(&k("routing_key"), raw.routing_key)
+            .unwrap_or_else(|| DEFAULT_ROUTING_KEY.to_owned());
+        let routing_key = self.check(
+            &k("routing_key"),
+            Template::parse(&routing_key).map_err(|e| e.to_string()),
+        );
+        let batch_size = self.check(
+            &k("batch_size"),
+            in_range(
+                raw.batch_size.unwrap_or(DEFAULT_BATCH_SIZE),
+                1,
+                MAX_BATCH_SIZE,
+            ),
+        );
+        let poll_interval = self
+            .duration_opt(&k("poll_interval"), raw.poll_interval)
+            .unwrap_or(DEFAULT_POLL_INTERVAL);
+        if poll_interval < MIN_POLL_INTERVAL {
+            self.invalid(
+                &k("poll_interval"),
+                format!("must be at least {MIN_POLL_INTERVAL:?}"),
+            );
+        }
+        let after_publish = self
+            .parse_opt(&k("after_publish"), raw.after_publish)
+            .unwrap_or(AfterPublish::Delete);
+        let retention = self.duration_opt(&k("retention"), raw.retention);
+        if retention.is_some() && after_publish == AfterPublish::Delete {
+            self.invalid(
+                &k("retention"),
+                "only applies with after_publish = \"mark\" (deleted rows need no retention)",
+            );
+        }
+        let max_in_flight = self.check(
+            &k("max_in_flight"),
+            in_range(raw.max_in_flight.unwrap_or(DEFAULT_MAX_IN_FLIGHT), 1, 64),
+        );
+        // One connection per batch in flight, plus one for the backlog query
+        // and retention, so those never wait behind a full pipeline.
+        let default_pool = max_in_flight.unwrap_or(1) as i64 + 1;
+        let pool_size = self.check(
+            &k("pool_size"),
+            in_range(raw.pool_size.unwrap_or(default_pool), 1, 256),
+        );
+        let retry_initial = self
+            .duration_opt(&k("retry_initial"), raw.retry_initial)
+            .unwrap_or(DEFAULT_RETRY_INITIAL);
+        let retry_max = self
+            .duration_opt(&k("retry_max"), raw.retry_max)
+            .unwrap_or(DEFAULT_RETRY_MAX);
+        if retry_initial.is_zero() || retry_initial > retry_max {
+            self.invalid(
+                &k("retry_initial"),
+                format!("must be greater than zero and at most retry_max ({retry_max:?})"),
+            );
+        }
+        let notify_channel = match self.string_opt(&k("notify_channel"), raw.notify_channel) {
+            Some(c) => Some(c),
+            None => table.as_ref().map(default_channel),
+        };
+        if let Some(c) = &notify_channel
+            && (c.is_empty() || c.len() > MAX_CHANNEL_BYTES)
+        {
+            self.invalid(
+                &k("notify_channel"),
+                format!("{c:?} must be 1 to {MAX_CHANNEL_BYTES} bytes (set notify_channel to a shorter name)"),
+            );
+        }
+        let (database, database_display) = database?;
+        Some(SourceConfig {
+            name: name?,
+            database_url: url?,
+            database,
+            database_display,
+            table: table?,
+            exchange,
+            routing_key: routing_key?,
+            batch_size: batch_size?,
+            poll_interval,
+            after_publish,
+            retention,
+            max_in_flight: max_in_flight?,
+            pool_size: pool_size?,
+            retry: crate::backoff::Backoff::new(retry_initial, retry_max),
+            notify_channel: notify_channel?,
+        })
+    }
+}
+
+/// The NOTIFY channel `migrate`'s trigger uses unless `notify_channel` is set.
+pub fn default_channel(table: &TableName) -> String {
+    format!("outboxd.{}.{}", table.schema, table.table)
+}
+
+fn check_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{name:?} must be 1 to 64 characters of ASCII letters, digits, `_`, `-` and `.` \
+             (it becomes a metrics label and a message header)"
+        ))
+    }
+}
+
+/// RabbitMQ's own rule for exchange names.
+fn check_exchange(name: &str) -> Result<(), String> {
+    if name.len() > MAX_EXCHANGE_BYTES {
+        return Err(format!(
+            "is {} bytes long; AMQP allows {MAX_EXCHANGE_BYTES}",
+            name.len()
+        ));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':')))
+    {
+        return Err(format!(
+            "{name:?} contains {c:?}; exchange names may only contain letters, digits, `-`, `_`, `.` and `:`"
+        ));
+    }
+    Ok(())
+}
+
+/// Parses a PostgreSQL URL or key=value string and describes it without secrets.
+pub fn parse_pg(url: &str) -> Result<(tokio_postgres::Config, String), String> {
+    let mut config = tokio_postgres::Config::from_str(url).map_err(|e| {
+        format!(
+            "not a valid PostgreSQL connection string (expected postgres://user@host:5432/dbname): {}",
+            scrub(&e.to_string(), url)
+        )
+    })?;
+    if config.get_hosts().is_empty() {
+        return Err("names no host (expected postgres://user@host:5432/dbname)".to_owned());
+    }
+    if config.get_ssl_mode() == SslMode::Require {
+        return Err(
+            "sslmode=require needs TLS, which this build does not support yet; use sslmode=disable or prefer"
+                .to_owned(),
+        );
+    }
+    if config.get_application_name().is_none() {
+        config.application_name("outboxd");
+    }
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(Duration::from_secs(10));
+    }
+    let host = match &config.get_hosts()[0] {
+        Host::Tcp(h) => h.clone(),
+        Host::Unix(p) => p.display().to_string(),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    let user = config.get_user().unwrap_or("(default user)");
+    let db = config.get_dbname().unwrap_or(user);
+    let display = format!("{host}:{port}/{db} as {user}");
+    Ok((config, display))
+}

@@ -1,0 +1,250 @@
+//! Config loading: every documented default, and every kind of mistake
+//! producing a message that names the key (and the source).
+
+use super::*;
+
+const MINIMAL: &str = r#"
+[rabbitmq]
+url = "amqp://guest:guest@127.0.0.1:5672/%2f"
+
+[[source]]
+name = "orders"
+database_url = "postgres://root@127.0.0.1:5432/orders"
+"#;
+
+fn no_env(_: &str) -> Option<String> {
+    None
+}
+
+fn load(text: &str) -> Result<Config, ConfigError> {
+    Config::from_toml(text, &no_env)
+}
+
+fn err(text: &str) -> String {
+    load(text).unwrap_err().to_string()
+}
+
+#[test]
+fn minimal_config_gets_the_documented_defaults() {
+    let c = load(MINIMAL).unwrap();
+    assert_eq!(c.metrics.listen.to_string(), DEFAULT_METRICS_LISTEN);
+    assert_eq!(c.drain_timeout, DEFAULT_DRAIN_TIMEOUT);
+    assert_eq!(c.log.format, LogFormat::Text);
+    assert_eq!(c.rabbitmq.display, "127.0.0.1:5672// as guest");
+    let s = &c.sources[0];
+    assert_eq!(s.table.to_string(), "public.outbox");
+    assert_eq!(s.exchange, "");
+    assert_eq!(s.routing_key.to_string(), source::DEFAULT_ROUTING_KEY);
+    assert_eq!(s.batch_size, 500);
+    assert_eq!(s.poll_interval, Duration::from_secs(1));
+    assert_eq!(s.after_publish, AfterPublish::Delete);
+    assert_eq!(s.max_in_flight, 4);
+    assert_eq!(s.pool_size, 5);
+    assert_eq!(s.notify_channel, "outboxd.public.outbox");
+    assert_eq!(s.database_display, "127.0.0.1:5432/orders as root");
+}
+
+#[test]
+fn the_bundled_example_config_is_valid() {
+    let text = include_str!("../../config/outboxd.toml");
+    let c = load(text).unwrap();
+    assert!(!c.sources.is_empty());
+}
+
+#[test]
+fn variables_are_substituted_in_every_string() {
+    let text = r#"
+[rabbitmq]
+url = "amqp://guest:${PW}@127.0.0.1:5672/%2f"
+[[source]]
+name = "${NAME}"
+database_url = "postgres://root@127.0.0.1/orders"
+poll_interval = "${POLL}"
+after_publish = "${MODE}"
+"#;
+    let env = |v: &str| match v {
+        "PW" => Some("s3cr\"et".to_owned()),
+        "NAME" => Some("orders".to_owned()),
+        "POLL" => Some("250ms".to_owned()),
+        "MODE" => Some("mark".to_owned()),
+        _ => None,
+    };
+    let c = Config::from_toml(text, &env).unwrap();
+    assert_eq!(
+        c.rabbitmq.url.expose(),
+        "amqp://guest:s3cr\"et@127.0.0.1:5672/%2f"
+    );
+    assert_eq!(c.sources[0].name, "orders");
+    assert_eq!(c.sources[0].poll_interval, Duration::from_millis(250));
+    assert_eq!(c.sources[0].after_publish, AfterPublish::Mark);
+}
+
+#[test]
+fn each_mistake_is_reported_with_its_key() {
+    let cases: [(&str, String, &[&str]); 13] = [
+        // TOML syntax error: line number
+        ("syntax", "[rabbitmq\nurl = 1".to_owned(), &["line 1"]),
+        // unknown key in a source: the key is named
+        (
+            "unknown key",
+            MINIMAL.replace("name = \"orders\"", "name = \"orders\"\nbatchsize = 5"),
+            &["batchsize"],
+        ),
+        // wrong type
+        (
+            "wrong type",
+            MINIMAL.replace(
+                "name = \"orders\"",
+                "name = \"orders\"\nbatch_size = \"many\"",
+            ),
+            &["batch_size"],
+        ),
+        // missing variable: key, source and variable named
+        (
+            "missing var",
+            MINIMAL.replace("root@", "${DB_USER}@"),
+            &["source[0].database_url", "\"orders\"", "DB_USER"],
+        ),
+        // duplicate source names
+        (
+            "duplicate",
+            format!(
+                "{MINIMAL}\n[[source]]\nname = \"orders\"\ndatabase_url = \"postgres://root@h/x\"\n"
+            ),
+            &["source[1].name", "duplicate"],
+        ),
+        // bad database URL, and the URL itself (with its password) is not echoed
+        (
+            "bad pg url",
+            MINIMAL.replace(
+                "postgres://root@127.0.0.1:5432/orders",
+                "postgres://root:hunter2@127.0.0.1:notaport/orders",
+            ),
+            &["source[0].database_url (source \"orders\")"],
+        ),
+        // bad AMQP URL
+        (
+            "bad amqp url",
+            MINIMAL.replace("amqp://guest", "http://guest"),
+            &["rabbitmq.url"],
+        ),
+        // unknown template placeholder
+        (
+            "bad template",
+            MINIMAL.replace(
+                "name = \"orders\"",
+                "name = \"orders\"\nrouting_key = \"{aggregate}.x\"",
+            ),
+            &["source[0].routing_key", "{aggregate}", "{aggregate_type}"],
+        ),
+        // hostile table name
+        (
+            "table injection",
+            MINIMAL.replace(
+                "name = \"orders\"",
+                "name = \"orders\"\ntable = 'outbox\"; DROP TABLE x; --'",
+            ),
+            &["source[0].table", "may only contain"],
+        ),
+        // bad enum value
+        (
+            "after_publish",
+            MINIMAL.replace(
+                "name = \"orders\"",
+                "name = \"orders\"\nafter_publish = \"drop\"",
+            ),
+            &["source[0].after_publish", "\"delete\" or \"mark\""],
+        ),
+        // bad duration
+        (
+            "duration",
+            MINIMAL.replace(
+                "name = \"orders\"",
+                "name = \"orders\"\npoll_interval = \"soon\"",
+            ),
+            &["source[0].poll_interval", "soon"],
+        ),
+        // out-of-range number
+        (
+            "batch size",
+            MINIMAL.replace("name = \"orders\"", "name = \"orders\"\nbatch_size = 0"),
+            &["source[0].batch_size", "between 1 and 10000"],
+        ),
+        // no sources at all
+        (
+            "no sources",
+            "[rabbitmq]\nurl = \"amqp://h\"\n".to_owned(),
+            &["no [[source]]"],
+        ),
+    ];
+    for (what, text, needles) in cases {
+        let msg = err(&text);
+        for needle in needles {
+            assert!(msg.contains(needle), "{what}: {needle:?} not in {msg:?}");
+        }
+        assert!(
+            !msg.contains("hunter2"),
+            "{what}: password leaked in {msg:?}"
+        );
+    }
+}
+
+#[test]
+fn several_problems_are_reported_together() {
+    let text = MINIMAL.replace(
+        "name = \"orders\"",
+        "name = \"orders\"\nbatch_size = -1\nexchange = \"bad exchange\"",
+    );
+    let msg = err(&text);
+    assert!(msg.contains("2 problems"), "{msg}");
+    assert!(
+        msg.contains("batch_size") && msg.contains("exchange"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn secrets_can_come_from_files_but_not_from_both() {
+    let dir = std::env::temp_dir().join(format!("outboxd-secret-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("db_url");
+    std::fs::write(&file, "postgres://root:pw@127.0.0.1/orders\n").unwrap();
+    let text = MINIMAL.replace(
+        "database_url = \"postgres://root@127.0.0.1:5432/orders\"",
+        &format!("database_url_file = {:?}", file.display().to_string()),
+    );
+    let c = load(&text).unwrap();
+    // the trailing newline of the mounted file is not part of the value
+    assert_eq!(
+        c.sources[0].database_url.expose(),
+        "postgres://root:pw@127.0.0.1/orders"
+    );
+    let both = text.replace(
+        "name = \"orders\"",
+        "name = \"orders\"\ndatabase_url = \"postgres://x@y/z\"",
+    );
+    assert!(err(&both).contains("not both"), "{}", err(&both));
+    let missing = MINIMAL.replace(
+        "database_url = \"postgres://root@127.0.0.1:5432/orders\"",
+        "database_url_file = \"/nonexistent/x\"",
+    );
+    assert!(
+        err(&missing).contains("database_url_file"),
+        "{}",
+        err(&missing)
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn secrets_are_not_in_debug_output() {
+    let text = MINIMAL
+        .replace("guest:guest", "guest:hunter2")
+        .replace("root@", "root:hunter3@");
+    let c = load(&text).unwrap();
+    let debug = format!("{:?}", c.rabbitmq) + &format!("{:?}", c.sources[0].database_url);
+    assert!(
+        !debug.contains("hunter2") && !debug.contains("hunter3"),
+        "{debug}"
+    );
+}

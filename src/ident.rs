@@ -1,0 +1,148 @@
+//! PostgreSQL identifiers taken from the config: validated, then always quoted.
+//!
+//! Table names come from a config file, not from rows, but they still never
+//! reach SQL unquoted. Validation is deliberately stricter than PostgreSQL
+//! (plain `[A-Za-z_][A-Za-z0-9_$]*`, at most 63 bytes) so that a typo or an
+//! injection attempt is rejected with a clear message instead of silently
+//! naming some other relation.
+
+use std::fmt;
+
+/// PostgreSQL truncates identifiers longer than this (NAMEDATALEN - 1).
+pub const MAX_IDENT_BYTES: usize = 63;
+
+/// A schema-qualified table name, e.g. `public.outbox`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TableName {
+    pub schema: String,
+    pub table: String,
+}
+
+impl TableName {
+    /// Parses `table` or `schema.table`; the schema defaults to `public`.
+    pub fn parse(input: &str) -> Result<Self, String> {
+        let (schema, table) = match input.split_once('.') {
+            Some((schema, table)) => (schema, table),
+            None => ("public", input),
+        };
+        check_ident(schema).map_err(|e| format!("schema {e}"))?;
+        check_ident(table).map_err(|e| format!("table {e}"))?;
+        Ok(Self {
+            schema: schema.to_owned(),
+            table: table.to_owned(),
+        })
+    }
+
+    /// `"schema"."table"`, safe to splice into SQL.
+    pub fn quoted(&self) -> String {
+        format!("{}.{}", quote_ident(&self.schema), quote_ident(&self.table))
+    }
+
+    /// A name derived from the table, e.g. `outbox_pending_idx`, cut to fit
+    /// PostgreSQL's identifier length at a character boundary.
+    pub fn derived(&self, suffix: &str) -> String {
+        let budget = MAX_IDENT_BYTES.saturating_sub(suffix.len());
+        let mut base = self.table.as_str();
+        while base.len() > budget {
+            let mut cut = budget.min(base.len());
+            while !base.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            base = &base[..cut];
+        }
+        format!("{base}{suffix}")
+    }
+}
+
+impl fmt::Display for TableName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.schema, self.table)
+    }
+}
+
+/// Checks one identifier part; the error says what is wrong with it.
+pub fn check_ident(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("name is empty".to_owned());
+    }
+    if name.len() > MAX_IDENT_BYTES {
+        return Err(format!(
+            "name {name:?} is {} bytes long; PostgreSQL allows {MAX_IDENT_BYTES}",
+            name.len()
+        ));
+    }
+    let mut chars = name.chars();
+    let first_ok = matches!(chars.next(), Some(c) if c == '_' || c.is_ascii_alphabetic());
+    if !first_ok || !chars.all(|c| c == '_' || c == '$' || c.is_ascii_alphanumeric()) {
+        return Err(format!(
+            "name {name:?} may only contain ASCII letters, digits, `_` and `$`, and must not start with a digit"
+        ));
+    }
+    Ok(())
+}
+
+/// Quotes an identifier for SQL: `a"b` becomes `"a""b"`.
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// Quotes a string literal for SQL: `it's` becomes `'it''s'`.
+pub fn quote_literal(value: &str) -> String {
+    format!("'{}'", value.replace('\'', "''"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_plain_and_qualified_names() {
+        let t = TableName::parse("outbox").unwrap();
+        assert_eq!((t.schema.as_str(), t.table.as_str()), ("public", "outbox"));
+        let t = TableName::parse("billing.events_v2").unwrap();
+        assert_eq!(
+            (t.schema.as_str(), t.table.as_str()),
+            ("billing", "events_v2")
+        );
+        assert_eq!(t.quoted(), r#""billing"."events_v2""#);
+    }
+
+    #[test]
+    fn rejects_names_that_are_not_plain_identifiers() {
+        let cases = [
+            // an injection attempt
+            r#"outbox"; DROP TABLE x; --"#,
+            // empty
+            "",
+            // empty table part
+            "public.",
+            // three parts
+            "a.b.c",
+            // starts with a digit
+            "1outbox",
+            // space
+            "out box",
+            // too long
+            &"x".repeat(64),
+        ];
+        for case in cases {
+            assert!(TableName::parse(case).is_err(), "accepted {case:?}");
+        }
+    }
+
+    #[test]
+    fn quoting_doubles_quotes() {
+        assert_eq!(quote_ident(r#"a"b"#), r#""a""b""#);
+        assert_eq!(quote_literal("it's"), "'it''s'");
+    }
+
+    #[test]
+    fn derived_names_fit_in_an_identifier() {
+        let t = TableName::parse(&"t".repeat(63)).unwrap();
+        let d = t.derived("_pending_idx");
+        assert_eq!(d.len(), MAX_IDENT_BYTES);
+        assert!(d.ends_with("_pending_idx"));
+        let t = TableName::parse("outbox").unwrap();
+        assert_eq!(t.derived("_pending_idx"), "outbox_pending_idx");
+    }
+}

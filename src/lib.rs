@@ -1,0 +1,36 @@
+//! outboxd: a transactional outbox relay from PostgreSQL to RabbitMQ.
+//!
+//! A service writes its business change and an outbox row in one
+//! transaction; outboxd forwards each committed row to RabbitMQ and only
+//! then removes it. Delivery is at-least-once, with the row's `dedup_key`
+//! as the AMQP `message_id` so consumers can drop duplicates.
+//!
+//! # One row's way through the relay
+//! | step | what happens | where |
+//! |---|---|---|
+//! | wake-up | NOTIFY from the table's trigger, or the fallback poll | [`source::wakeup`], [`relay::run`] |
+//! | claim | `SELECT … FOR UPDATE SKIP LOCKED` in a transaction held open | [`source::claim`] |
+//! | publish | row → AMQP message, `basic_publish` with `mandatory` | [`message`], `sink/rabbitmq/publish.rs` |
+//! | confirm | only a plain ack counts as delivered | `sink/rabbitmq/confirm.rs` |
+//! | settle | delete or mark delivered rows, reschedule failed ones, commit | [`source::complete`] |
+//!
+//! [`relay`] drives these steps for each source; [`app`] starts one relay
+//! per configured source, the broker connection, and the HTTP endpoints in
+//! [`admin`]. [`config`] loads and validates the TOML file.
+
+pub mod admin;
+pub mod app;
+pub mod backoff;
+pub mod check;
+pub mod cli;
+pub mod config;
+pub mod ident;
+pub mod message;
+pub mod metrics;
+pub mod migrate;
+pub mod relay;
+pub mod shutdown;
+pub mod sink;
+pub mod source;
+pub mod telemetry;
+pub mod template;

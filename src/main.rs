@@ -1,0 +1,84 @@
+//! The `outboxd` binary: parse the command line, load the config, start
+//! logging, dispatch, and map the result to an exit code
+//! (0 ok, 1 failure, 2 bad usage or bad config).
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use outboxd::cli::{Cli, Command};
+use outboxd::config::Config;
+use outboxd::{app, check, migrate, shutdown, telemetry};
+
+const EXIT_FAILURE: u8 = 1;
+const EXIT_CONFIG: u8 = 2;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("outboxd: cannot start the async runtime: {err}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    runtime.block_on(try_main(cli))
+}
+
+async fn try_main(cli: Cli) -> ExitCode {
+    // Signal handlers first: as PID 1, an unhandled SIGTERM is ignored.
+    let drain = match &cli.command {
+        Command::Run(_) => match shutdown::install() {
+            Ok(token) => Some(token),
+            Err(err) => {
+                eprintln!("outboxd: cannot install signal handlers: {err}");
+                return ExitCode::from(EXIT_FAILURE);
+            }
+        },
+        _ => None,
+    };
+    let path = cli.command.config_path().to_owned();
+    let config = match Config::load(&path) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("outboxd: config error: {err}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let format = cli.log_format.unwrap_or(config.log.format);
+    if let Err(err) = telemetry::init(format, &config.log.level) {
+        eprintln!("outboxd: {err}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    match cli.command {
+        Command::Run(_) => {
+            let drain = drain.unwrap_or_default();
+            match app::run(config, drain).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(err) => {
+                    tracing::error!(error = %err, "outboxd cannot run");
+                    ExitCode::from(EXIT_FAILURE)
+                }
+            }
+        }
+        Command::Migrate(_) => match migrate::run(&config).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                tracing::error!(error = %err, "migrate failed");
+                ExitCode::from(EXIT_FAILURE)
+            }
+        },
+        Command::Check(_) => {
+            let failures =
+                check::run(&config, &path.display().to_string(), std::io::stdout()).await;
+            if failures == 0 {
+                ExitCode::SUCCESS
+            } else {
+                eprintln!("outboxd: {failures} check(s) failed");
+                ExitCode::from(EXIT_FAILURE)
+            }
+        }
+    }
+}

@@ -1,0 +1,304 @@
+//! Prometheus metrics on our own registry.
+//!
+//! Names use base units and `_total` on counters; the only labels are
+//! `source` and `reason`, never a row id or an exchange a row chose, so the
+//! series count is fixed by the config. Every series is created at start
+//! (at 0), so dashboards and alerts see it before the first event. The
+//! registry has no prefix: `process_*` keeps its standard names.
+
+use prometheus::core::Collector;
+use prometheus::{
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::sink::FailureReason;
+use crate::sink::rabbitmq::BrokerMetrics;
+
+pub const PUBLISHED: &str = "outboxd_messages_published_total";
+pub const PUBLISH_FAILURES: &str = "outboxd_publish_failures_total";
+pub const PENDING: &str = "outboxd_pending_messages";
+pub const OLDEST_PENDING_AGE: &str = "outboxd_oldest_pending_age_seconds";
+pub const RELAY_LAG: &str = "outboxd_relay_lag_seconds";
+pub const BATCH_SIZE: &str = "outboxd_batch_size";
+pub const SOURCE_UP: &str = "outboxd_source_up";
+pub const SOURCE_ERRORS: &str = "outboxd_source_errors_total";
+pub const BROKER_UP: &str = "outboxd_broker_up";
+pub const BROKER_BLOCKED: &str = "outboxd_broker_blocked";
+pub const BROKER_CONNECTS: &str = "outboxd_broker_connections_total";
+pub const BUILD_INFO: &str = "outboxd_build_info";
+
+/// `reason` values of `outboxd_source_errors_total`.
+pub const SOURCE_ERROR_REASONS: [&str; 3] = ["database", "listener", "backlog_query"];
+
+pub struct Metrics {
+    registry: Registry,
+    published: IntCounterVec,
+    failures: IntCounterVec,
+    pending: IntGaugeVec,
+    oldest: GaugeVec,
+    lag: HistogramVec,
+    batch: HistogramVec,
+    up: IntGaugeVec,
+    errors: IntCounterVec,
+    broker: BrokerMetrics,
+}
+
+/// One source's series, looked up once so the hot path only touches atomics.
+#[derive(Clone)]
+pub struct SourceMetrics {
+    pub published: IntCounter,
+    failures: Vec<(FailureReason, IntCounter)>,
+    pub pending: IntGauge,
+    pub oldest_pending_age: Gauge,
+    pub lag: Histogram,
+    pub batch_size: Histogram,
+    pub up: IntGauge,
+    errors: Vec<(&'static str, IntCounter)>,
+}
+
+impl SourceMetrics {
+    pub fn failure(&self, reason: FailureReason) -> &IntCounter {
+        // Every reason is registered in `Metrics::source`; the fallback is never taken.
+        self.failures
+            .iter()
+            .find(|(r, _)| *r == reason)
+            .map(|(_, c)| c)
+            .unwrap_or(&self.failures[0].1)
+    }
+
+    pub fn error(&self, reason: &str) -> &IntCounter {
+        self.errors
+            .iter()
+            .find(|(r, _)| *r == reason)
+            .map(|(_, c)| c)
+            .unwrap_or(&self.errors[0].1)
+    }
+}
+
+fn register<C: Collector + Clone + 'static>(registry: &Registry, c: C) -> C {
+    // Names are our own constants, registered once each: a clash is a bug
+    // that the unit test below catches.
+    registry
+        .register(Box::new(c.clone()))
+        .expect("metric names are unique constants");
+    c
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let r = Registry::new();
+        let labels = &["source"];
+        let published = register(&r, IntCounterVec::new(
+            Opts::new(PUBLISHED, "Messages confirmed by the broker (plain ack) and removed or marked in the outbox."),
+            labels,
+        ).expect("valid metric"));
+        let failures = register(
+            &r,
+            IntCounterVec::new(
+                Opts::new(
+                    PUBLISH_FAILURES,
+                    "Rows that were not delivered and will be retried, by reason.",
+                ),
+                &["source", "reason"],
+            )
+            .expect("valid metric"),
+        );
+        let pending = register(&r, IntGaugeVec::new(
+            Opts::new(PENDING, "Rows in the outbox not yet published (refreshed every metrics.backlog_interval)."),
+            labels,
+        ).expect("valid metric"));
+        let oldest = register(
+            &r,
+            GaugeVec::new(
+                Opts::new(
+                    OLDEST_PENDING_AGE,
+                    "Age of the oldest unpublished row, 0 when there is none.",
+                ),
+                labels,
+            )
+            .expect("valid metric"),
+        );
+        let lag = register(
+            &r,
+            HistogramVec::new(
+                HistogramOpts::new(
+                    RELAY_LAG,
+                    "Time from a row's created_at to the broker's confirm.",
+                )
+                .buckets(vec![
+                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                    30.0, 60.0, 300.0,
+                ]),
+                labels,
+            )
+            .expect("valid metric"),
+        );
+        let batch = register(
+            &r,
+            HistogramVec::new(
+                HistogramOpts::new(BATCH_SIZE, "Rows per claimed batch.").buckets(vec![
+                    1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0,
+                ]),
+                labels,
+            )
+            .expect("valid metric"),
+        );
+        let up = register(
+            &r,
+            IntGaugeVec::new(
+                Opts::new(
+                    SOURCE_UP,
+                    "1 while the source's database answers, 0 while it does not.",
+                ),
+                labels,
+            )
+            .expect("valid metric"),
+        );
+        let errors = register(
+            &r,
+            IntCounterVec::new(
+                Opts::new(
+                    SOURCE_ERRORS,
+                    "Database errors on a source, by where they happened.",
+                ),
+                &["source", "reason"],
+            )
+            .expect("valid metric"),
+        );
+        let broker = BrokerMetrics {
+            up: register(
+                &r,
+                IntGauge::new(BROKER_UP, "1 while connected to RabbitMQ.").expect("valid metric"),
+            ),
+            blocked: register(
+                &r,
+                IntGauge::new(
+                    BROKER_BLOCKED,
+                    "1 while RabbitMQ blocks publishing (resource alarm).",
+                )
+                .expect("valid metric"),
+            ),
+            connects: register(
+                &r,
+                IntCounter::new(
+                    BROKER_CONNECTS,
+                    "Successful connections to RabbitMQ (more than 1 means reconnects).",
+                )
+                .expect("valid metric"),
+            ),
+        };
+        let build = register(
+            &r,
+            IntGaugeVec::new(
+                Opts::new(BUILD_INFO, "Always 1; the version is in the label."),
+                &["version"],
+            )
+            .expect("valid metric"),
+        );
+        build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        #[cfg(target_os = "linux")]
+        r.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))
+        .expect("process metrics are registered once");
+        Self {
+            registry: r,
+            published,
+            failures,
+            pending,
+            oldest,
+            lag,
+            batch,
+            up,
+            errors,
+            broker,
+        }
+    }
+
+    pub fn broker(&self) -> BrokerMetrics {
+        self.broker.clone()
+    }
+
+    /// Creates (at 0) and returns the series of one source.
+    pub fn source(&self, name: &str) -> SourceMetrics {
+        let l = &[name];
+        SourceMetrics {
+            published: self.published.with_label_values(l),
+            failures: FailureReason::ALL
+                .iter()
+                .map(|r| (*r, self.failures.with_label_values(&[name, r.as_str()])))
+                .collect(),
+            pending: self.pending.with_label_values(l),
+            oldest_pending_age: self.oldest.with_label_values(l),
+            lag: self.lag.with_label_values(l),
+            batch_size: self.batch.with_label_values(l),
+            up: self.up.with_label_values(l),
+            errors: SOURCE_ERROR_REASONS
+                .iter()
+                .map(|r| (*r, self.errors.with_label_values(&[name, r])))
+                .collect(),
+        }
+    }
+
+    /// The text exposition format and its content type.
+    pub fn render(&self) -> (String, String) {
+        let encoder = TextEncoder::new();
+        let mut out = String::new();
+        if let Err(err) = encoder.encode_utf8(&self.registry.gather(), &mut out) {
+            out = format!("# encoding failed: {err}\n");
+        }
+        (out, encoder.format_type().to_owned())
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_series_exists_at_zero_before_any_event() {
+        let m = Metrics::new();
+        let _orders = m.source("orders");
+        let (text, content_type) = m.render();
+        assert!(content_type.starts_with("text/plain"), "{content_type}");
+        for line in [
+            "outboxd_messages_published_total{source=\"orders\"} 0",
+            "outboxd_publish_failures_total{reason=\"returned\",source=\"orders\"} 0",
+            "outboxd_publish_failures_total{reason=\"nacked\",source=\"orders\"} 0",
+            "outboxd_pending_messages{source=\"orders\"} 0",
+            "outboxd_source_up{source=\"orders\"} 0",
+            "outboxd_relay_lag_seconds_count{source=\"orders\"} 0",
+            "outboxd_batch_size_count{source=\"orders\"} 0",
+            "outboxd_broker_up 0",
+            "outboxd_build_info{version=\"",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn counts_land_on_the_right_series() {
+        let m = Metrics::new();
+        let s = m.source("billing");
+        s.failure(FailureReason::Timeout).inc();
+        s.published.inc_by(3);
+        let (text, _) = m.render();
+        assert!(
+            text.contains(
+                "outboxd_publish_failures_total{reason=\"timeout\",source=\"billing\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("outboxd_messages_published_total{source=\"billing\"} 3"),
+            "{text}"
+        );
+    }
+}

@@ -1,0 +1,133 @@
+//! `outboxd migrate`: create the outbox table, its indexes and its NOTIFY
+//! trigger in every source database, from `sql/outbox.sql`.
+//!
+//! The same file works with psql by hand. psql fills in its `:"var"`
+//! placeholders; here we do the same substitution ourselves, with names
+//! from the config that were validated at load and are quoted again here.
+
+use tokio_postgres::NoTls;
+use tracing::info;
+
+use crate::config::{Config, SourceConfig};
+use crate::ident::{quote_ident, quote_literal};
+use crate::telemetry::ErrorChain;
+
+const SQL: &str = include_str!("../sql/outbox.sql");
+
+#[derive(Debug, thiserror::Error)]
+#[error("migrate failed for source {source_name:?} ({database}): {message}")]
+pub struct MigrateError {
+    pub source_name: String,
+    pub database: String,
+    pub message: String,
+}
+
+/// The migration script for one source, with every placeholder filled in.
+pub fn render(source: &SourceConfig) -> String {
+    let t = &source.table;
+    let idents = [
+        ("schema", t.schema.clone()),
+        ("table", t.table.clone()),
+        ("pending_index", t.derived("_pending_idx")),
+        ("published_index", t.derived("_published_idx")),
+        ("notify_trigger", t.derived("_notify")),
+    ];
+    let mut out = String::with_capacity(SQL.len());
+    for line in SQL.lines() {
+        // psql meta-commands (\if, \set) only compute the defaults we fill in here.
+        if line.starts_with('\\') {
+            continue;
+        }
+        let mut line = line.to_owned();
+        for (name, value) in &idents {
+            line = line.replace(&format!(":\"{name}\""), &quote_ident(value));
+        }
+        line = line.replace(":'channel'", &quote_literal(&source.notify_channel));
+        out.push_str(&line);
+        out.push('\n');
+    }
+    out
+}
+
+pub async fn run(config: &Config) -> Result<(), MigrateError> {
+    for source in &config.sources {
+        migrate_one(source).await?;
+        info!(
+            source = %source.name,
+            database = %source.database_display,
+            table = %source.table,
+            channel = %source.notify_channel,
+            "outbox table, indexes and trigger are in place"
+        );
+    }
+    Ok(())
+}
+
+async fn migrate_one(source: &SourceConfig) -> Result<(), MigrateError> {
+    let fail = |message: String| MigrateError {
+        source_name: source.name.clone(),
+        database: source.database_display.clone(),
+        message,
+    };
+    let (mut client, connection) = source
+        .database
+        .connect(NoTls)
+        .await
+        .map_err(|e| fail(format!("cannot connect: {}", ErrorChain(&e))))?;
+    let driver = tokio::spawn(connection);
+    let result = async {
+        let tx = client.transaction().await?;
+        tx.batch_execute(&render(source)).await?;
+        tx.commit().await
+    }
+    .await
+    .map_err(|e| fail(ErrorChain(&e).to_string()));
+    drop(client);
+    // The connection task ends once the client is dropped.
+    let _ = driver.await;
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn source(table: &str, channel: Option<&str>) -> SourceConfig {
+        let mut text = format!(
+            "[rabbitmq]\nurl = \"amqp://127.0.0.1\"\n[[source]]\nname = \"s\"\ndatabase_url = \"postgres://u@h/db\"\ntable = \"{table}\"\n"
+        );
+        if let Some(c) = channel {
+            text.push_str(&format!("notify_channel = \"{c}\"\n"));
+        }
+        let config = Config::from_toml(&text, &|_| None).unwrap();
+        config.sources.into_iter().next().unwrap()
+    }
+
+    #[test]
+    fn fills_every_placeholder() {
+        let sql = render(&source("billing.events", None));
+        assert!(!sql.contains(":\""), "{sql}");
+        assert!(!sql.contains(":'"), "{sql}");
+        assert!(!sql.contains("\\if"), "{sql}");
+        assert!(
+            sql.contains(r#"CREATE TABLE IF NOT EXISTS "billing"."events" ("#),
+            "{sql}"
+        );
+        assert!(
+            sql.contains(r#"CREATE INDEX IF NOT EXISTS "events_pending_idx""#),
+            "{sql}"
+        );
+        assert!(
+            sql.contains(r#""billing".outboxd_notify('outboxd.billing.events')"#),
+            "{sql}"
+        );
+        // `::text` casts are not mistaken for placeholders
+        assert!(sql.contains("gen_random_uuid()::text"), "{sql}");
+    }
+
+    #[test]
+    fn quotes_the_channel_as_a_literal() {
+        let sql = render(&source("outbox", Some("it's")));
+        assert!(sql.contains("outboxd_notify('it''s')"), "{sql}");
+    }
+}

@@ -1,0 +1,339 @@
+//! The per-source loop: wake-up, claim, publish, confirm, settle.
+//!
+//! One [`run`] task per source schedules batches; each batch runs as its
+//! own task ([`batch`]) on its own pooled connection and its own channel,
+//! and up to `max_in_flight` of them run at once. Under low load a single
+//! row is claimed and sent the moment its NOTIFY arrives; under backlog
+//! every batch comes back full, so the loop keeps the pipeline full until a
+//! claim comes back short.
+//!
+//! Every outcome of a batch is decided in one `match` in [`Loop::settled`]:
+//! a database error pauses the source with backoff (rows stay in the table),
+//! a broker outage pauses it until the broker is back (rows untouched), and
+//! row failures were already recorded on the rows by the batch itself.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::backoff::Backoff;
+use crate::message::{OutboxRow, Routing};
+use crate::sink::rabbitmq::Broker;
+use crate::sink::{Failure, FailureReason, Outcome};
+use crate::source::complete::{self, Failed};
+use crate::source::{DbError, Source, claim, step};
+
+/// Pause after database errors: quick first retry, at most every 30 s.
+const DB_RETRY: Backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
+
+/// What one batch came to.
+#[derive(Debug)]
+pub enum BatchEnd {
+    /// The claim found nothing due.
+    Empty,
+    /// Rows were claimed and settled (delivered ones removed, failed ones
+    /// rescheduled) and the transaction committed.
+    Settled {
+        claimed: usize,
+        delivered: usize,
+        failed: usize,
+    },
+    /// The database failed; the transaction is rolled back, rows unchanged
+    /// (or, after a confirm, sent again later: at-least-once).
+    Db(DbError),
+    /// No broker connection or channel: nothing was sent, rows unchanged.
+    BrokerDown(String),
+}
+
+/// Runs one batch to its end. Never panics on row content.
+pub async fn batch(source: Arc<Source>) -> BatchEnd {
+    match batch_inner(&source).await {
+        Ok(end) => end,
+        Err(err) => BatchEnd::Db(err),
+    }
+}
+
+async fn batch_inner(source: &Source) -> Result<BatchEnd, DbError> {
+    let cfg = &source.config;
+    let mut client = step("get a connection", source.pool.get()).await?;
+    let tx = step("begin", client.transaction()).await?;
+    let stmt = step("prepare claim", tx.prepare_cached(&source.queries.claim)).await?;
+    let limit = cfg.batch_size as i64;
+    let rows = step("claim", tx.query(&stmt, &[&limit])).await?;
+    if rows.is_empty() {
+        step("rollback", tx.rollback()).await?;
+        return Ok(BatchEnd::Empty);
+    }
+    let rows = rows
+        .iter()
+        .map(claim::decode)
+        .collect::<Result<Vec<OutboxRow>, _>>()
+        .map_err(|e| DbError::Failed {
+            step: "decode claimed rows (does the table match sql/outbox.sql?)",
+            message: crate::telemetry::ErrorChain(&e).to_string(),
+        })?;
+    source.metrics.batch_size.observe(rows.len() as f64);
+
+    let routing = Routing {
+        source: &cfg.name,
+        exchange: &cfg.exchange,
+        routing_key: &cfg.routing_key,
+    };
+    let messages = rows
+        .iter()
+        .map(|row| {
+            row.to_outbound(&routing)
+                .map_err(|bad| Failure::new(FailureReason::BadRow, bad.to_string()))
+        })
+        .collect();
+    let outcomes = match source.publisher.send(messages).await {
+        Ok(outcomes) => outcomes,
+        Err(unavailable) => {
+            // Nothing went out: give the rows back as they were.
+            step("rollback", tx.rollback()).await?;
+            return Ok(BatchEnd::BrokerDown(unavailable.0));
+        }
+    };
+
+    let confirmed_at = SystemTime::now();
+    let mut delivered = Vec::with_capacity(rows.len());
+    let mut failed = Failed::default();
+    for (row, outcome) in rows.iter().zip(&outcomes) {
+        match outcome {
+            Outcome::Delivered => {
+                delivered.push(row.id);
+                source.metrics.lag.observe(row.age_at(confirmed_at));
+            }
+            Outcome::Failed(f) => {
+                let attempt = u32::try_from(row.attempts).unwrap_or(0).saturating_add(1);
+                let delay = cfg.retry.jittered(attempt);
+                failed.push(
+                    row.id,
+                    &f.to_string(),
+                    i64::try_from(delay.as_millis()).unwrap_or(i64::MAX),
+                );
+                source.metrics.failure(f.reason).inc();
+            }
+        }
+    }
+    log_failures(source, &rows, &outcomes);
+    let settled = async {
+        complete::settle(&tx, &source.queries.complete, &delivered, &failed).await?;
+        tx.commit().await
+    };
+    if let Err(err) = step("settle and commit", settled).await {
+        if !delivered.is_empty() {
+            warn!(
+                source = %cfg.name,
+                rows = delivered.len(),
+                "rows were confirmed by the broker but could not be removed; they will be sent again (duplicates)"
+            );
+        }
+        return Err(err);
+    }
+    source.metrics.published.inc_by(delivered.len() as u64);
+    Ok(BatchEnd::Settled {
+        claimed: rows.len(),
+        delivered: delivered.len(),
+        failed: failed.ids.len(),
+    })
+}
+
+/// One line per failed row for failures that belong to the row (bad row,
+/// returned, missing exchange); one line per reason for the rest, which
+/// usually hit a whole batch at once. Never the payload.
+fn log_failures(source: &Source, rows: &[OutboxRow], outcomes: &[Outcome]) {
+    let mut by_reason: Vec<(FailureReason, usize, i64, &str)> = Vec::new();
+    for (row, outcome) in rows.iter().zip(outcomes) {
+        let Outcome::Failed(f) = outcome else {
+            continue;
+        };
+        match f.reason {
+            FailureReason::BadRow | FailureReason::Returned | FailureReason::ExchangeNotFound => {
+                warn!(
+                    source = %source.config.name,
+                    row_id = row.id,
+                    event_type = %row.event_type,
+                    attempt = row.attempts + 1,
+                    reason = %f.reason,
+                    error = %f.detail,
+                    "row not delivered; will retry with backoff"
+                );
+            }
+            FailureReason::Nacked | FailureReason::Timeout | FailureReason::Connection => {
+                match by_reason.iter_mut().find(|(r, ..)| *r == f.reason) {
+                    Some(entry) => entry.1 += 1,
+                    None => by_reason.push((f.reason, 1, row.id, &f.detail)),
+                }
+            }
+        }
+    }
+    for (reason, count, first_id, detail) in by_reason {
+        warn!(
+            source = %source.config.name,
+            rows = count,
+            first_row_id = first_id,
+            %reason,
+            error = %detail,
+            "rows not delivered; will retry with backoff"
+        );
+    }
+}
+
+/// The scheduling state of one source's loop.
+struct Loop {
+    source: Arc<Source>,
+    broker: Arc<Broker>,
+    tasks: JoinSet<BatchEnd>,
+    /// A wake-up or poll said rows may be due.
+    due: bool,
+    /// The last batch came back full: keep the pipeline full.
+    backlog: bool,
+    draining: bool,
+    db_failures: u32,
+    /// No claims before this instant (after a database error).
+    paused_until: Option<Instant>,
+}
+
+/// Runs the source until a drain completes or `abort` fires.
+///
+/// `drain`: stop taking wake-ups, but keep claiming while claims come back
+/// full, then return once nothing is in flight. `abort`: drop whatever is
+/// in flight (its transactions roll back, its rows stay) and return.
+pub async fn run(
+    source: Arc<Source>,
+    broker: Arc<Broker>,
+    drain: CancellationToken,
+    abort: CancellationToken,
+) {
+    let mut state = Loop {
+        source: source.clone(),
+        broker: broker.clone(),
+        tasks: JoinSet::new(),
+        due: true,
+        backlog: false,
+        draining: false,
+        db_failures: 0,
+        paused_until: None,
+    };
+    let mut poll = tokio::time::interval(source.config.poll_interval);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let max = source.config.max_in_flight;
+    info!(
+        source = %source.config.name,
+        database = %source.config.database_display,
+        table = %source.config.table,
+        "relay started"
+    );
+    loop {
+        source.health.beat();
+        let paused = state.paused_until.is_some_and(|t| Instant::now() < t);
+        if !paused && broker.is_up() {
+            while state.tasks.len() < max && (state.due || state.backlog) {
+                state.tasks.spawn(batch(source.clone()));
+                state.due = false;
+                if !state.backlog {
+                    break;
+                }
+            }
+        }
+        if state.draining
+            && state.tasks.is_empty()
+            && (!(state.due || state.backlog) || !broker.is_up())
+        {
+            info!(source = %source.config.name, "drained; relay stopped");
+            break;
+        }
+        let pause = state.paused_until;
+        tokio::select! {
+            biased;
+            _ = abort.cancelled() => {
+                let n = state.tasks.len();
+                state.tasks.abort_all();
+                while state.tasks.join_next().await.is_some() {}
+                warn!(source = %source.config.name, batches = n, "drain time is up; in-flight batches rolled back, their rows stay in the outbox");
+                break;
+            }
+            Some(joined) = state.tasks.join_next(), if !state.tasks.is_empty() => match joined {
+                Ok(end) => state.settled(end),
+                Err(join_error) => {
+                    // A batch task panicked: a bug, but its transaction is
+                    // gone with it and its rows are intact; carry on.
+                    error!(source = %source.config.name, error = %join_error, "batch task failed unexpectedly; its rows will be claimed again");
+                    state.due = true;
+                }
+            },
+            _ = drain.cancelled(), if !state.draining => {
+                state.draining = true;
+                // One more claim takes whatever was committed before the signal.
+                state.due = true;
+                info!(source = %source.config.name, "draining: publishing what is committed, then stopping");
+            }
+            _ = source.wake.notified(), if !state.draining => state.due = true,
+            _ = poll.tick(), if !state.draining => state.due = true,
+            _ = broker.wait_up(&abort), if !broker.is_up() && !state.draining => {}
+            _ = tokio::time::sleep_until(pause.unwrap_or_else(Instant::now)), if pause.is_some() => {
+                state.paused_until = None;
+            }
+        }
+    }
+}
+
+impl Loop {
+    /// The one place that decides what a finished batch means for the source.
+    fn settled(&mut self, end: BatchEnd) {
+        let source = self.source.clone();
+        let name = &source.config.name;
+        match end {
+            BatchEnd::Empty => {
+                self.db_ok();
+                self.backlog = false;
+            }
+            BatchEnd::Settled {
+                claimed,
+                delivered,
+                failed,
+            } => {
+                self.db_ok();
+                debug!(source = %name, claimed, delivered, failed, "batch settled");
+                self.backlog = claimed >= self.source.config.batch_size;
+            }
+            BatchEnd::Db(err) => {
+                self.db_failures += 1;
+                self.backlog = false;
+                self.due = !self.draining;
+                let delay = DB_RETRY.jittered(self.db_failures.min(20));
+                self.paused_until = Some(Instant::now() + delay);
+                self.source.metrics.error("database").inc();
+                self.source.metrics.up.set(0);
+                let was_up = self.source.health.set_db_up(false, Some(err.to_string()));
+                if was_up || self.db_failures == 1 {
+                    warn!(source = %name, error = %err, retry_in = ?delay, "source database failed; rows stay in the outbox, retrying");
+                } else {
+                    debug!(source = %name, error = %err, attempt = self.db_failures, retry_in = ?delay, "source database still failing");
+                }
+                if self.draining {
+                    warn!(source = %name, "cannot drain while the database fails; stopping with rows left for the next start");
+                }
+            }
+            BatchEnd::BrokerDown(reason) => {
+                self.backlog = false;
+                self.due = !self.draining;
+                self.broker.report_failure();
+                debug!(source = %name, %reason, "broker unavailable; waiting for it before claiming again");
+            }
+        }
+    }
+
+    fn db_ok(&mut self) {
+        self.db_failures = 0;
+        self.source.metrics.up.set(1);
+        if !self.source.health.set_db_up(true, None) {
+            info!(source = %self.source.config.name, "source database reachable");
+        }
+    }
+}

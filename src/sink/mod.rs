@@ -1,0 +1,92 @@
+//! Where rows go: the broker side of the relay.
+//!
+//! # Contract
+//! The relay hands a batch of messages to [`rabbitmq::Publisher::send`] and
+//! gets back one [`Outcome`] per message, in the same order. Only
+//! [`Outcome::Delivered`] lets a row leave the outbox, and it is returned
+//! only for a plain broker ack (`Confirmation::Ack(None)`) of a message
+//! published with `mandatory` set. A nack, a returned (unroutable) message,
+//! a confirm that does not arrive in time and a connection lost mid-batch are
+//! all failures with a [`FailureReason`]. Delivery is at-least-once: a
+//! message whose ack was lost is sent again, so consumers must expect
+//! duplicates and drop them by `message_id`.
+
+pub mod rabbitmq;
+
+use std::fmt;
+
+/// Why a row was not delivered; also the `reason` label of
+/// `outboxd_publish_failures_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FailureReason {
+    /// The broker answered with basic.nack.
+    Nacked,
+    /// The message was returned as unroutable (mandatory, no binding matched).
+    Returned,
+    /// No confirm arrived within `rabbitmq.confirm_timeout`.
+    Timeout,
+    /// The channel or connection failed while the message was in flight.
+    Connection,
+    /// The target exchange does not exist (checked before publishing).
+    ExchangeNotFound,
+    /// The row cannot be expressed as an AMQP message.
+    BadRow,
+}
+
+impl FailureReason {
+    pub const ALL: [FailureReason; 6] = [
+        FailureReason::Nacked,
+        FailureReason::Returned,
+        FailureReason::Timeout,
+        FailureReason::Connection,
+        FailureReason::ExchangeNotFound,
+        FailureReason::BadRow,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureReason::Nacked => "nacked",
+            FailureReason::Returned => "returned",
+            FailureReason::Timeout => "timeout",
+            FailureReason::Connection => "connection",
+            FailureReason::ExchangeNotFound => "exchange_not_found",
+            FailureReason::BadRow => "bad_row",
+        }
+    }
+}
+
+impl fmt::Display for FailureReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A failed delivery: the reason class plus a human-readable detail that is
+/// stored in the row's `last_error` (never the payload).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    pub reason: FailureReason,
+    pub detail: String,
+}
+
+impl Failure {
+    pub fn new(reason: FailureReason, detail: impl Into<String>) -> Self {
+        Self {
+            reason,
+            detail: detail.into(),
+        }
+    }
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.reason, self.detail)
+    }
+}
+
+/// What happened to one message of a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Delivered,
+    Failed(Failure),
+}

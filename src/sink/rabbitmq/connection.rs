@@ -1,0 +1,195 @@
+//! One AMQP connection for the whole process, kept up by a supervisor task.
+//!
+//! lapin's own auto-recovery is young, so we reconnect ourselves: the
+//! supervisor connects with backoff, publishes the live connection through a
+//! `watch` channel, and drops it as soon as lapin reports an error, the
+//! connection stops being connected, or a publisher nudges it after a
+//! failure. Sources never claim rows while no connection is published, so a
+//! broker outage costs no database work and no retry attempts.
+
+use std::future::poll_fn;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_core::Stream;
+use lapin::uri::AMQPUri;
+use lapin::{Connection, ConnectionProperties, Event};
+use prometheus::{IntCounter, IntGauge};
+use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::backoff::Backoff;
+use crate::config::RabbitConfig;
+use crate::telemetry::ErrorChain;
+
+/// Reconnect delays: quick first retry, then at most every 30 s.
+const RECONNECT: Backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
+/// A connect that takes longer than this is abandoned and retried.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Heartbeat asked for when the URL does not set one: a silently dead peer
+/// (a cut cable, a frozen proxy) is noticed within about twice this.
+const DEFAULT_HEARTBEAT_SECS: u16 = 10;
+/// How often the supervisor double-checks the connection state on its own.
+const STATUS_CHECK: Duration = Duration::from_secs(1);
+
+#[derive(Clone)]
+pub struct BrokerMetrics {
+    pub up: IntGauge,
+    pub blocked: IntGauge,
+    pub connects: IntCounter,
+}
+
+pub struct Broker {
+    config: RabbitConfig,
+    current: watch::Sender<Option<Arc<Connection>>>,
+    nudge: Notify,
+    metrics: BrokerMetrics,
+}
+
+impl Broker {
+    pub fn new(config: RabbitConfig, metrics: BrokerMetrics) -> Arc<Self> {
+        metrics.up.set(0);
+        metrics.blocked.set(0);
+        Arc::new(Self {
+            config,
+            current: watch::Sender::new(None),
+            nudge: Notify::new(),
+            metrics,
+        })
+    }
+
+    /// Connects once, without retrying (used by `check` and by the supervisor).
+    pub async fn connect(config: &RabbitConfig) -> Result<Connection, lapin::Error> {
+        // The URL was validated when the config loaded; parse errors cannot
+        // happen here, but are mapped rather than unwrapped all the same.
+        let mut uri: AMQPUri = config
+            .url
+            .expose()
+            .parse()
+            .map_err(|_| lapin::Error::from(std::io::Error::other("invalid AMQP URL")))?;
+        if uri.query.heartbeat.is_none() {
+            uri.query.heartbeat = Some(DEFAULT_HEARTBEAT_SECS);
+        }
+        let props = ConnectionProperties::default()
+            .with_connection_name(config.connection_name.clone().into());
+        match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect_uri(uri, props)).await {
+            Ok(result) => result,
+            Err(_) => Err(lapin::Error::from(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no answer within {CONNECT_TIMEOUT:?}"),
+            ))),
+        }
+    }
+
+    /// The live connection, if there is one.
+    pub fn connection(&self) -> Option<Arc<Connection>> {
+        self.current.borrow().clone()
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.current.borrow().is_some()
+    }
+
+    /// Waits until a connection is published (or `stop` fires).
+    pub async fn wait_up(&self, stop: &CancellationToken) {
+        let mut rx = self.current.subscribe();
+        tokio::select! {
+            _ = stop.cancelled() => {}
+            _ = rx.wait_for(Option::is_some) => {}
+        }
+    }
+
+    /// Tells the supervisor that something failed on the connection, so it
+    /// re-checks at once instead of at its next periodic check.
+    pub fn report_failure(&self) {
+        self.nudge.notify_one();
+    }
+
+    /// Keeps a connection up until `stop` fires, then closes it cleanly.
+    pub async fn run(self: Arc<Self>, stop: CancellationToken) {
+        let mut failures = 0u32;
+        while !stop.is_cancelled() {
+            let attempt = tokio::select! {
+                _ = stop.cancelled() => break,
+                r = Self::connect(&self.config) => r,
+            };
+            match attempt {
+                Ok(conn) => {
+                    failures = 0;
+                    self.metrics.connects.inc();
+                    info!(broker = %self.config.display, "connected to rabbitmq");
+                    self.watch(Arc::new(conn), &stop).await;
+                }
+                Err(err) => {
+                    failures += 1;
+                    let delay = RECONNECT.jittered(failures);
+                    warn!(
+                        broker = %self.config.display,
+                        error = %ErrorChain(&err),
+                        attempt = failures,
+                        retry_in = ?delay,
+                        "cannot connect to rabbitmq"
+                    );
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        }
+        self.metrics.up.set(0);
+    }
+
+    /// Publishes `conn` and returns when it has failed (or on `stop`, after closing it).
+    async fn watch(&self, conn: Arc<Connection>, stop: &CancellationToken) {
+        let mut events = Box::pin(conn.events_listener());
+        self.metrics.blocked.set(0);
+        self.metrics.up.set(1);
+        self.current.send_replace(Some(conn.clone()));
+        let mut ticker = tokio::time::interval(STATUS_CHECK);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => {
+                    self.current.send_replace(None);
+                    self.metrics.up.set(0);
+                    if let Err(err) = conn.close(200, "outboxd shutting down".into()).await {
+                        warn!(error = %ErrorChain(&err), "closing the rabbitmq connection failed");
+                    }
+                    return;
+                }
+                event = poll_fn(|cx| events.as_mut().poll_next(cx)) => match event {
+                    Some(Event::Error(err)) => {
+                        warn!(broker = %self.config.display, error = %ErrorChain(&err), "rabbitmq connection failed; reconnecting");
+                        break;
+                    }
+                    Some(Event::ConnectionBlocked(reason)) => {
+                        self.metrics.blocked.set(1);
+                        warn!(%reason, "rabbitmq blocked publishing (resource alarm); waiting for it to clear");
+                    }
+                    Some(Event::ConnectionUnblocked) => {
+                        self.metrics.blocked.set(0);
+                        info!("rabbitmq unblocked publishing");
+                    }
+                    Some(_) => {}
+                    None => break,
+                },
+                _ = self.nudge.notified() => {
+                    if !conn.status().connected() {
+                        warn!(broker = %self.config.display, "rabbitmq connection is gone; reconnecting");
+                        break;
+                    }
+                }
+                _ = ticker.tick() => {
+                    if !conn.status().connected() {
+                        warn!(broker = %self.config.display, "rabbitmq connection is gone; reconnecting");
+                        break;
+                    }
+                }
+            }
+        }
+        self.current.send_replace(None);
+        self.metrics.up.set(0);
+        self.metrics.blocked.set(0);
+    }
+}

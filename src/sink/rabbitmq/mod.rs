@@ -1,0 +1,12 @@
+//! RabbitMQ over AMQP 0-9-1 with publisher confirms (lapin).
+//!
+//! `connection.rs` keeps one connection up for the whole process,
+//! `publish.rs` sends a batch on a channel of its own, `confirm.rs` turns
+//! the broker's answers into [`super::Outcome`]s.
+
+mod confirm;
+mod connection;
+mod publish;
+
+pub use connection::{Broker, BrokerMetrics};
+pub use publish::{BrokerUnavailable, Publisher, exchange_exists};

@@ -1,0 +1,71 @@
+//! What `/healthz` and `/readyz` know about a source, updated by its tasks.
+
+use std::sync::Mutex;
+use std::sync::PoisonError;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+pub struct SourceHealth {
+    pub name: String,
+    started: Instant,
+    /// Milliseconds since `started` at the relay loop's last turn.
+    beat_ms: AtomicU64,
+    db_up: AtomicBool,
+    listening: AtomicBool,
+    last_error: Mutex<Option<String>>,
+}
+
+impl SourceHealth {
+    pub fn new(name: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+            started: Instant::now(),
+            beat_ms: AtomicU64::new(0),
+            db_up: AtomicBool::new(false),
+            listening: AtomicBool::new(false),
+            last_error: Mutex::new(None),
+        }
+    }
+
+    /// Called by the relay loop on every turn.
+    pub fn beat(&self) {
+        let ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.beat_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Time since the relay loop last turned.
+    pub fn since_beat(&self) -> Duration {
+        let beat = Duration::from_millis(self.beat_ms.load(Ordering::Relaxed));
+        self.started.elapsed().saturating_sub(beat)
+    }
+
+    /// Records the database as reachable or not; returns the previous state.
+    pub fn set_db_up(&self, up: bool, error: Option<String>) -> bool {
+        if let Some(e) = error {
+            *self
+                .last_error
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = Some(e);
+        }
+        self.db_up.swap(up, Ordering::Relaxed)
+    }
+
+    pub fn db_up(&self) -> bool {
+        self.db_up.load(Ordering::Relaxed)
+    }
+
+    pub fn set_listening(&self, listening: bool) {
+        self.listening.store(listening, Ordering::Relaxed);
+    }
+
+    pub fn listening(&self) -> bool {
+        self.listening.load(Ordering::Relaxed)
+    }
+
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}

@@ -1,0 +1,96 @@
+//! The database side of one source: its pool, its wake-ups, the claim and
+//! completion statements, and the background upkeep (backlog gauge, retention).
+
+pub mod backlog;
+pub mod claim;
+pub mod complete;
+pub mod health;
+pub mod pool;
+pub mod retention;
+pub mod wakeup;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use deadpool_postgres::Pool;
+use tokio::sync::Notify;
+
+use crate::config::SourceConfig;
+use crate::metrics::SourceMetrics;
+use crate::sink::rabbitmq::Publisher;
+pub use health::SourceHealth;
+
+/// Statement timeout we apply on our side to every database round trip, so a
+/// silently dead connection cannot wedge a batch forever.
+pub const DB_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// SQL text for one source, built once from its (validated, quoted) table name.
+pub struct Queries {
+    pub claim: String,
+    pub complete: complete::Sql,
+    pub backlog: String,
+}
+
+/// Everything one source's tasks share.
+pub struct Source {
+    pub config: SourceConfig,
+    pub pool: Pool,
+    pub publisher: Publisher,
+    pub metrics: SourceMetrics,
+    pub health: Arc<SourceHealth>,
+    pub queries: Queries,
+    /// Woken by NOTIFY (through the listener) and read by the relay loop.
+    pub wake: Notify,
+}
+
+impl Source {
+    pub fn new(
+        config: SourceConfig,
+        pool: Pool,
+        publisher: Publisher,
+        metrics: SourceMetrics,
+    ) -> Self {
+        let queries = Queries {
+            claim: claim::sql(&config.table),
+            complete: complete::Sql::new(&config.table, config.after_publish),
+            backlog: backlog::sql(&config.table),
+        };
+        metrics.up.set(0);
+        Self {
+            health: Arc::new(SourceHealth::new(&config.name)),
+            config,
+            pool,
+            publisher,
+            metrics,
+            queries,
+            wake: Notify::new(),
+        }
+    }
+}
+
+/// A database step that failed, with the step named for the log.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("{step}: {message}")]
+    Failed { step: &'static str, message: String },
+    #[error("{step}: no answer within {DB_TIMEOUT:?}")]
+    TimedOut { step: &'static str },
+}
+
+/// Runs one database step with [`DB_TIMEOUT`] and names it in any error.
+pub async fn step<T, E>(
+    step: &'static str,
+    fut: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, DbError>
+where
+    E: std::error::Error,
+{
+    match tokio::time::timeout(DB_TIMEOUT, fut).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(DbError::Failed {
+            step,
+            message: crate::telemetry::ErrorChain(&e).to_string(),
+        }),
+        Err(_) => Err(DbError::TimedOut { step }),
+    }
+}

@@ -1,0 +1,41 @@
+//! The connection pool for claim and completion (never for LISTEN: deadpool
+//! drives its connections with `connection.await`, which drops notifications).
+
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio_postgres::NoTls;
+
+use crate::config::SourceConfig;
+
+/// How long a batch waits for a free connection before it counts as a database error.
+const WAIT_TIMEOUT: Duration = Duration::from_secs(30);
+const CREATE_TIMEOUT: Duration = Duration::from_secs(10);
+const RECYCLE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Builds the pool; no connection is opened until the first batch needs one,
+/// so a database that is down at start only delays that source.
+pub fn build(config: &SourceConfig) -> Result<Pool, String> {
+    let manager = Manager::from_config(
+        config.database.clone(),
+        NoTls,
+        ManagerConfig {
+            // `Fast` only checks that the connection is not closed; a dead
+            // one fails its next query, which the relay retries anyway.
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(manager)
+        .max_size(config.pool_size)
+        .wait_timeout(Some(WAIT_TIMEOUT))
+        .create_timeout(Some(CREATE_TIMEOUT))
+        .recycle_timeout(Some(RECYCLE_TIMEOUT))
+        .runtime(Runtime::Tokio1)
+        .build()
+        .map_err(|e| {
+            format!(
+                "cannot build the connection pool for source {:?}: {e}",
+                config.name
+            )
+        })
+}

@@ -1,0 +1,80 @@
+//! Step 1: wake-ups. A dedicated connection LISTENs on the source's channel
+//! and turns each notification into a wake-up of the relay loop; the relay
+//! also polls every `poll_interval`, because a notification sent while this
+//! connection is down is lost for good.
+//!
+//! deadpool drives pooled connections with `connection.await`, which throws
+//! notifications away, so this connection is opened with tokio-postgres
+//! directly and driven with `poll_message`.
+
+use std::future::poll_fn;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::Source;
+use crate::backoff::Backoff;
+use crate::ident::quote_ident;
+use crate::telemetry::ErrorChain;
+
+const RECONNECT: Backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
+
+/// Keeps a LISTEN connection up until `stop` fires.
+pub async fn run(source: Arc<Source>, stop: CancellationToken) {
+    let name = source.config.name.clone();
+    let mut failures = 0u32;
+    while !stop.is_cancelled() {
+        let error = tokio::select! {
+            _ = stop.cancelled() => break,
+            e = listen(&source) => e,
+        };
+        source.health.set_listening(false);
+        failures += 1;
+        source.metrics.error("listener").inc();
+        let delay = RECONNECT.jittered(failures.min(20));
+        warn!(source = %name, error = %error, retry_in = ?delay, "notification listener lost; polling every poll_interval until it is back");
+        // Whatever was notified while we were away is found by the next claim.
+        source.wake.notify_one();
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+    source.health.set_listening(false);
+}
+
+/// Connects, LISTENs and forwards notifications; returns why it stopped.
+async fn listen(source: &Source) -> String {
+    let (client, mut connection) = match source.config.database.connect(NoTls).await {
+        Ok(pair) => pair,
+        Err(e) => return format!("cannot connect: {}", ErrorChain(&e)),
+    };
+    let listen_sql = format!("LISTEN {}", quote_ident(&source.config.notify_channel));
+    let mut listen = Box::pin(client.batch_execute(&listen_sql));
+    let mut listening = false;
+    loop {
+        tokio::select! {
+            // The connection must be polled for the LISTEN itself to complete.
+            message = poll_fn(|cx| connection.poll_message(cx)) => match message {
+                Some(Ok(AsyncMessage::Notification(_))) => source.wake.notify_one(),
+                Some(Ok(AsyncMessage::Notice(notice))) => debug!(source = %source.config.name, %notice, "notice on the listener"),
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return format!("connection failed: {}", ErrorChain(&e)),
+                None => return "connection closed by the server".to_owned(),
+            },
+            result = &mut listen, if !listening => match result {
+                Ok(()) => {
+                    listening = true;
+                    source.health.set_listening(true);
+                    info!(source = %source.config.name, channel = %source.config.notify_channel, "listening for notifications");
+                    // Rows committed before LISTEN took effect sent no wake-up we saw.
+                    source.wake.notify_one();
+                }
+                Err(e) => return format!("LISTEN failed: {}", ErrorChain(&e)),
+            },
+        }
+    }
+}
