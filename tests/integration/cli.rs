@@ -1,0 +1,159 @@
+//! The command line: bad configs fail with the key named, `migrate` is
+//! idempotent, `check` reports each problem, secrets stay out of output.
+
+use std::time::Duration;
+
+use crate::support::broker::TestBroker;
+use crate::support::db::TestDb;
+use crate::support::relay::{Relay, SourceSpec, config, run_to_end, simple_config};
+use crate::support::{AMQP_URL, unique};
+
+const OK_SOURCE: &str = "[rabbitmq]\nurl = \"amqp://guest:guest@127.0.0.1:5672/%2f\"\n[[source]]\nname = \"orders\"\ndatabase_url = \"postgres://root@127.0.0.1/x\"\n";
+
+#[test]
+fn bad_configs_exit_non_zero_naming_the_key_and_the_source() {
+    let cases: [(&str, String, &[&str]); 8] = [
+        ("syntax", "[rabbitmq\n".into(), &["line 1"]),
+        ("unknown key", format!("{OK_SOURCE}batchsize = 3\n"), &["batchsize"]),
+        ("wrong type", format!("{OK_SOURCE}batch_size = \"x\"\n"), &["batch_size"]),
+        (
+            "missing variable",
+            OK_SOURCE.replace("root@", "${OUTBOXD_TEST_UNSET_VAR}@"),
+            &["OUTBOXD_TEST_UNSET_VAR", "source[0].database_url", "\"orders\""],
+        ),
+        (
+            "duplicate name",
+            format!("{OK_SOURCE}[[source]]\nname = \"orders\"\ndatabase_url = \"postgres://root@h/y\"\n"),
+            &["source[1].name", "duplicate"],
+        ),
+        ("bad url", OK_SOURCE.replace("postgres://root@127.0.0.1/x", "mysql:/x"), &["source[0].database_url"]),
+        (
+            "bad template",
+            format!("{OK_SOURCE}routing_key = \"{{nope}}\"\n"),
+            &["source[0].routing_key", "{nope}"],
+        ),
+        (
+            "hostile table",
+            format!("{OK_SOURCE}table = 'outbox\"; DROP TABLE x; --'\n"),
+            &["source[0].table", "\"orders\""],
+        ),
+    ];
+    for (what, text, needles) in cases {
+        for cmd in ["run", "check", "migrate"] {
+            let (code, _, stderr) = run_to_end(&[cmd], &text);
+            assert_eq!(code, Some(2), "{what} / {cmd}: exit code, stderr: {stderr}");
+            for needle in needles {
+                assert!(stderr.contains(needle), "{what} / {cmd}: {needle:?} not in {stderr:?}");
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn migrate_twice_changes_nothing() {
+    let db = TestDb::empty("obx_migrate").await;
+    let cfg = simple_config(&db.url, "");
+    let snapshot = || async {
+        let rows = db
+            .client
+            .query(
+                "SELECT 'col ' || column_name || ' ' || data_type || ' ' || coalesce(column_default, '') FROM information_schema.columns WHERE table_name = 'outbox' \
+                 UNION ALL SELECT 'idx ' || indexdef FROM pg_indexes WHERE tablename = 'outbox' \
+                 UNION ALL SELECT 'trg ' || tgname || ' ' || encode(tgargs, 'hex') FROM pg_trigger WHERE NOT tgisinternal \
+                 UNION ALL SELECT 'fn ' || p.oid || ' ' || md5(prosrc) FROM pg_proc p WHERE proname = 'outboxd_notify' \
+                 ORDER BY 1",
+                &[],
+            )
+            .await
+            .unwrap();
+        rows.iter().map(|r| r.get::<_, String>(0)).collect::<Vec<_>>()
+    };
+    let (code, _, err) = run_to_end(&["migrate"], &cfg);
+    assert_eq!(code, Some(0), "{err}");
+    let first = snapshot().await;
+    assert!(first.iter().any(|l| l.starts_with("trg outbox_notify")), "{first:?}");
+    assert_eq!(first.iter().filter(|l| l.starts_with("col ")).count(), 14, "{first:?}");
+    let (code, _, err) = run_to_end(&["migrate"], &cfg);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(snapshot().await, first, "a second migrate changed the schema");
+}
+
+#[tokio::test]
+async fn check_passes_on_a_good_setup_and_names_each_problem_otherwise() {
+    let good = TestDb::migrated("obx_check_ok").await;
+    let bare = TestDb::empty("obx_check_bare").await;
+    let broker = TestBroker::new("#").await;
+    let cfg = config(
+        AMQP_URL,
+        &[SourceSpec::new("good", &good.url, &broker.exchange)],
+    );
+    let (code, out, err) = run_to_end(&["check"], &cfg);
+    assert_eq!(code, Some(0), "stdout: {out}\nstderr: {err}");
+    assert!(!out.contains("FAIL"), "{out}");
+    assert!(out.contains("ok   source good table"), "{out}");
+
+    let missing_exchange = unique("obx.nope");
+    let cfg = config(
+        AMQP_URL,
+        &[
+            SourceSpec::new("good", &good.url, &missing_exchange),
+            SourceSpec::new("bare", &bare.url, &broker.exchange),
+        ],
+    );
+    let (code, out, _) = run_to_end(&["check"], &cfg);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("FAIL source good exchange"), "{out}");
+    assert!(out.contains(&missing_exchange), "{out}");
+    assert!(out.contains("FAIL source bare table") && out.contains("outboxd migrate"), "{out}");
+}
+
+#[tokio::test]
+async fn check_names_a_missing_privilege() {
+    let db = TestDb::migrated("obx_check_priv").await;
+    let broker = TestBroker::new("#").await;
+    let role = unique("obx_role");
+    db.client
+        .batch_execute(&format!("CREATE ROLE {role} LOGIN; GRANT SELECT, UPDATE ON outbox TO {role};"))
+        .await
+        .unwrap();
+    let url = format!("postgres://{role}@127.0.0.1:5432/{}", db.name);
+    let (code, out, _) = run_to_end(&["check"], &simple_config(&url, &broker.exchange));
+    db.client
+        .batch_execute(&format!("REVOKE ALL ON outbox FROM {role}; DROP OWNED BY {role}; DROP ROLE {role};"))
+        .await
+        .unwrap();
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("FAIL source orders privileges") && out.contains("DELETE"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_never_appear_in_logs_or_check_output() {
+    const PASSWORD: &str = "pw-hunter2-secret";
+    let db = TestDb::migrated("obx_secret").await;
+    let mut broker = TestBroker::new("#").await;
+    // Trust auth ignores the password, so the URL works and carries a secret.
+    let url = format!("postgres://root:{PASSWORD}@127.0.0.1:5432/{}", db.name);
+    let dead = format!("postgres://root:{PASSWORD}@127.0.0.1:1/none");
+    let cfg = config(
+        AMQP_URL,
+        &[
+            SourceSpec::new("orders", &url, &broker.exchange),
+            SourceSpec::new("dead", &dead, &broker.exchange),
+        ],
+    );
+    let relay = Relay::start(&cfg).await;
+    db.insert_one("OrderCreated", "", "").await;
+    broker.next(Duration::from_secs(20)).await.expect("message");
+    relay
+        .wait_metric("outboxd_source_up{source=\"orders\"}", 1.0, Duration::from_secs(20))
+        .await;
+    let _ = relay.readyz().await;
+    let (_, out, err) = run_to_end(&["check"], &cfg);
+    let (_, _, bad) = run_to_end(&["run"], &cfg.replace("127.0.0.1:1/none", "127.0.0.1:notaport/none"));
+    let mut all = relay.logs().join("\n");
+    all.push_str(&out);
+    all.push_str(&err);
+    all.push_str(&bad);
+    assert!(all.contains("dead"), "the dead source was logged about");
+    assert!(!all.contains(PASSWORD), "the password leaked");
+}

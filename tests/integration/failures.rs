@@ -1,0 +1,209 @@
+//! A row the broker does not take (returned, nacked, missing exchange, bad
+//! content) stays in the table with its attempts and last error, is retried
+//! with backoff, and does not hold up other rows.
+
+use std::time::Duration;
+
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::ExchangeKind;
+
+use crate::support::broker::TestBroker;
+use crate::support::db::TestDb;
+use crate::support::relay::{Relay, simple_config};
+use crate::support::{eventually, unique};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// Waits until row `id` has failed at least `n` times with an error containing `needle`.
+async fn wait_attempts(db: &TestDb, id: i64, n: i32, needle: &str) -> String {
+    eventually(&format!("row {id} to fail {n} times with {needle:?}"), WAIT, || async {
+        match db.row_state(id).await {
+            Some((attempts, Some(err), false)) if attempts >= n && err.contains(needle) => Some(err),
+            _ => None,
+        }
+    })
+    .await
+}
+
+async fn bind(broker: &TestBroker, queue: &str, key: &str) {
+    broker
+        .channel
+        .queue_bind(
+            queue.into(),
+            broker.exchange.as_str().into(),
+            key.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bind");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unroutable_row_is_retried_until_a_queue_is_bound_while_others_flow() {
+    let db = TestDb::migrated("obx_returned").await;
+    let mut broker = TestBroker::new("order.#").await;
+    let relay = Relay::start(&simple_config(&db.url, &broker.exchange)).await;
+
+    let stuck = db.insert_one("X", "routing_key", "'nowhere'").await;
+    let err = wait_attempts(&db, stuck, 2, "NO_ROUTE").await;
+    assert!(err.starts_with("returned"), "{err}");
+    // Other rows are not held up by the failing one.
+    db.insert_one("OrderCreated", "", "").await;
+    let m = broker.next(WAIT).await.expect("a routable row still flows");
+    assert_eq!(m.routing_key, "order.OrderCreated");
+    let returned = relay
+        .metric("outboxd_publish_failures_total{reason=\"returned\",source=\"orders\"}")
+        .await
+        .unwrap_or(0.0);
+    assert!(returned >= 2.0, "returned failures counted: {returned}");
+    assert!(
+        !relay.log_lines_with("row not delivered").is_empty(),
+        "a log line names the failed row"
+    );
+
+    // Fix the topology: the retry delivers it, and only then is it removed.
+    bind(&broker, &broker.queue.clone(), "nowhere").await;
+    let m = broker.next(WAIT).await.expect("the retried row arrives");
+    assert_eq!(m.headers.get("x-outbox-id"), Some(&AMQPValue::LongLongInt(stuck)));
+    eventually("the row to be deleted", WAIT, || async {
+        db.row_state(stuck).await.is_none().then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nacked_row_stays_and_is_retried() {
+    let db = TestDb::migrated("obx_nack").await;
+    // A queue that rejects every publish: the broker nacks.
+    let mut args = FieldTable::default();
+    args.insert("x-max-length".into(), AMQPValue::LongLongInt(0));
+    args.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString(LongString::from("reject-publish".as_bytes().to_vec())),
+    );
+    let mut broker = TestBroker::with_queue_args("#", args).await;
+    let relay = Relay::start(&simple_config(&db.url, &broker.exchange)).await;
+
+    let id = db.insert_one("OrderCreated", "", "").await;
+    let err = wait_attempts(&db, id, 2, "nacked").await;
+    assert!(err.starts_with("nacked"), "{err}");
+    let nacked = relay
+        .metric("outboxd_publish_failures_total{reason=\"nacked\",source=\"orders\"}")
+        .await
+        .unwrap_or(0.0);
+    assert!(nacked >= 2.0, "nacks counted: {nacked}");
+
+    // Bind a normal queue next to the full one, then drop the full one (in
+    // that order: the exchange is auto-delete). The next retry is delivered.
+    let full = broker.queue.clone();
+    let fresh = unique("obx.q");
+    broker
+        .channel
+        .queue_declare(
+            fresh.as_str().into(),
+            QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() },
+            FieldTable::default(),
+        )
+        .await
+        .expect("declare queue");
+    bind(&broker, &fresh, "#").await;
+    broker
+        .channel
+        .queue_delete(full.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .expect("delete queue");
+    broker.queue = fresh;
+    let m = broker.next(WAIT).await.expect("the retried row arrives");
+    assert_eq!(m.headers.get("x-outbox-id"), Some(&AMQPValue::LongLongInt(id)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_naming_a_missing_exchange_does_not_block_its_batch() {
+    let db = TestDb::migrated("obx_noexch").await;
+    let mut broker = TestBroker::new("#").await;
+    let missing = unique("obx.missing");
+    // The bad row and 50 good ones commit together, so they share a batch.
+    let tx_sql = format!(
+        "BEGIN; \
+         INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload, exchange) VALUES ('order', 'o-x', 'X', '{{}}', '{missing}'); \
+         INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) SELECT 'order', 'o-' || g, 'OrderCreated', '{{}}' FROM generate_series(1, 50) g; \
+         COMMIT;"
+    );
+    db.client.batch_execute(&tx_sql).await.expect("insert batch");
+    let relay = Relay::start(&simple_config(&db.url, &broker.exchange)).await;
+
+    let got = broker.collect(50, WAIT).await;
+    assert_eq!(got.len(), 50, "the 50 good rows arrive");
+    let bad_id: i64 = db
+        .client
+        .query_one("SELECT id FROM outbox WHERE event_type = 'X'", &[])
+        .await
+        .expect("the bad row is still there")
+        .get(0);
+    let err = wait_attempts(&db, bad_id, 1, "does not exist").await;
+    assert!(err.starts_with("exchange_not_found"), "{err}");
+    assert!(
+        relay
+            .metric("outboxd_publish_failures_total{reason=\"exchange_not_found\",source=\"orders\"}")
+            .await
+            .unwrap_or(0.0)
+            >= 1.0
+    );
+
+    // Create the exchange and bind our queue to it: the row goes out.
+    broker
+        .channel
+        .exchange_declare(
+            missing.as_str().into(),
+            ExchangeKind::Fanout,
+            ExchangeDeclareOptions { auto_delete: true, ..Default::default() },
+            FieldTable::default(),
+        )
+        .await
+        .expect("declare exchange");
+    broker
+        .channel
+        .queue_bind(
+            broker.queue.as_str().into(),
+            missing.as_str().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bind");
+    let m = broker.next(WAIT).await.expect("the row arrives once its exchange exists");
+    assert_eq!(m.exchange, missing);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_row_is_kept_with_a_reason_naming_it_and_others_flow() {
+    let db = TestDb::migrated("obx_badrow").await;
+    let mut broker = TestBroker::new("#").await;
+    let relay = Relay::start(&simple_config(&db.url, &broker.exchange)).await;
+
+    let long_key = db.insert_one("OrderCreated", "dedup_key", "repeat('k', 300)").await;
+    let nested = db.insert_one("OrderCreated", "headers", r#"'{"deep": {"a": 1}}'"#).await;
+    let good = db.insert_one("OrderCreated", "", "").await;
+
+    let m = broker.next(WAIT).await.expect("the good row arrives");
+    assert_eq!(m.headers.get("x-outbox-id"), Some(&AMQPValue::LongLongInt(good)));
+    let err = wait_attempts(&db, long_key, 1, "dedup_key is 300 bytes").await;
+    assert!(err.starts_with("bad_row"), "{err}");
+    wait_attempts(&db, nested, 1, "header \"deep\" is an object").await;
+    let logged: Vec<i64> = relay
+        .log_lines_with("row not delivered")
+        .iter()
+        .filter_map(|l| l["row_id"].as_i64())
+        .collect();
+    assert!(logged.contains(&long_key) && logged.contains(&nested), "log lines name the rows: {logged:?}");
+    assert!(
+        relay
+            .metric("outboxd_publish_failures_total{reason=\"bad_row\",source=\"orders\"}")
+            .await
+            .unwrap_or(0.0)
+            >= 2.0
+    );
+}

@@ -1,0 +1,15 @@
+//! Integration tests: the real `outboxd` binary against the real PostgreSQL
+//! and RabbitMQ. Each test has its own database, exchange and queue, so
+//! they run in parallel. One file per promised behaviour.
+
+mod support;
+
+mod cli;
+mod crash;
+mod delivery;
+mod failures;
+mod outage;
+mod rollback;
+mod shutdown;
+mod sources;
+mod wakeup;

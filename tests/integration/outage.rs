@@ -1,0 +1,91 @@
+//! The broker or a database going away and coming back (connections cut by
+//! a proxy, the shared services untouched): the relay logs it, flips its
+//! gauges and /readyz, reconnects, loses nothing and never exits.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use crate::support::broker::TestBroker;
+use crate::support::db::TestDb;
+use crate::support::proxy::Proxy;
+use crate::support::relay::{Relay, SourceSpec, config};
+use crate::support::{AMQP_HOST, AMQP_URL, PG_HOST, eventually};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+async fn all_arrive(broker: &mut TestBroker, keys: &[String]) {
+    let got = broker.collect(keys.len() * 2, Duration::from_secs(3)).await;
+    let ids: HashSet<String> = got.iter().filter_map(|m| m.message_id.clone()).collect();
+    let missing = keys.iter().filter(|k| !ids.contains(*k)).count();
+    assert_eq!(missing, 0, "{missing} of {} rows never arrived", keys.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_outage_flips_gauges_and_readiness_and_loses_nothing() {
+    let db = TestDb::migrated("obx_brokerdown").await;
+    let mut broker = TestBroker::new("#").await;
+    let proxy = Proxy::start(AMQP_HOST).await;
+    let url = format!("amqp://guest:guest@{}/%2f", proxy.addr);
+    let cfg = config(&url, &[SourceSpec::new("orders", &db.url, &broker.exchange)]);
+    let mut relay = Relay::start(&cfg).await;
+    relay.wait_ready(200, WAIT).await;
+    let mut keys = db.insert_rows(500, 100).await;
+    eventually("the first rows to go out", WAIT, || async {
+        (db.count().await < 500).then_some(())
+    })
+    .await;
+
+    proxy.cut();
+    relay.wait_metric("outboxd_broker_up", 0.0, WAIT).await;
+    relay.wait_ready(503, WAIT).await;
+    let (_, body) = relay.readyz().await;
+    assert_eq!(body["broker_up"], false, "{body}");
+    keys.extend(db.insert_rows(500, 100).await);
+
+    proxy.restore();
+    relay.wait_metric("outboxd_broker_up", 1.0, WAIT).await;
+    relay.wait_ready(200, WAIT).await;
+    eventually("an empty table", WAIT, || async { (db.count().await == 0).then_some(()) }).await;
+    all_arrive(&mut broker, &keys).await;
+    assert!(relay.wait_exit(Duration::ZERO).await.is_none(), "the relay never exits");
+    let connects = relay.metric("outboxd_broker_connections_total").await.unwrap_or(0.0);
+    assert!(connects >= 2.0, "it reconnected ({connects} connections)");
+    assert!(!relay.log_lines_with("rabbitmq").is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_outage_flips_gauges_and_readiness_and_loses_nothing() {
+    let db = TestDb::migrated("obx_dbdown").await;
+    let mut broker = TestBroker::new("#").await;
+    let proxy = Proxy::start(PG_HOST).await;
+    let via_proxy = format!("postgres://root@{}/{}", proxy.addr, db.name);
+    let cfg = config(AMQP_URL, &[SourceSpec::new("orders", &via_proxy, &broker.exchange)]);
+    let mut relay = Relay::start(&cfg).await;
+    relay.wait_ready(200, WAIT).await;
+    let mut keys = db.insert_rows(500, 100).await;
+    eventually("the first rows to go out", WAIT, || async {
+        (db.count().await < 500).then_some(())
+    })
+    .await;
+
+    proxy.cut();
+    relay.wait_metric("outboxd_source_up{source=\"orders\"}", 0.0, WAIT).await;
+    relay.wait_ready(503, WAIT).await;
+    let (_, body) = relay.readyz().await;
+    assert_eq!(body["sources"][0]["database_up"], false, "{body}");
+    assert!(body["sources"][0]["last_error"].is_string(), "{body}");
+    // Producers write to the database directly; only the relay's path is cut.
+    keys.extend(db.insert_rows(500, 100).await);
+
+    proxy.restore();
+    relay.wait_metric("outboxd_source_up{source=\"orders\"}", 1.0, WAIT).await;
+    relay.wait_ready(200, WAIT).await;
+    eventually("an empty table", WAIT, || async { (db.count().await == 0).then_some(()) }).await;
+    all_arrive(&mut broker, &keys).await;
+    assert!(relay.wait_exit(Duration::ZERO).await.is_none(), "the relay never exits");
+    // The listener came back too: an idle insert is found by NOTIFY again.
+    eventually("the listener to reconnect", WAIT, || async {
+        (relay.readyz().await.1["sources"][0]["listening"] == true).then_some(())
+    })
+    .await;
+}
