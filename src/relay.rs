@@ -232,7 +232,7 @@ pub async fn run(
     loop {
         source.health.beat();
         let paused = state.paused_until.is_some_and(|t| Instant::now() < t);
-        if !paused && broker.is_up() {
+        if !paused && broker.can_publish() {
             while state.tasks.len() < max && (state.due || state.backlog) {
                 state.tasks.spawn(batch(source.clone()));
                 state.due = false;
@@ -243,7 +243,7 @@ pub async fn run(
         }
         if state.draining
             && state.tasks.is_empty()
-            && (!(state.due || state.backlog) || !broker.is_up())
+            && (!(state.due || state.backlog) || !broker.can_publish())
         {
             info!(source = %source.config.name, "drained; relay stopped");
             break;
@@ -275,7 +275,7 @@ pub async fn run(
             }
             _ = source.wake.notified(), if !state.draining => state.due = true,
             _ = poll.tick(), if !state.draining => state.due = true,
-            _ = broker.wait_up(&abort), if !broker.is_up() && !state.draining => {}
+            _ = broker.wait_publishable(&abort), if !broker.can_publish() && !state.draining => {}
             _ = tokio::time::sleep_until(pause.unwrap_or_else(Instant::now)), if pause.is_some() => {
                 state.paused_until = None;
             }

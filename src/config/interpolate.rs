@@ -2,8 +2,10 @@
 //!
 //! Substitution happens after TOML parsing, on each string value, so a
 //! variable holding quotes or newlines cannot change the structure of the
-//! file. `$${` is a literal `${`. A variable that is not set is an error that
-//! names both the variable and the config key it was found in.
+//! file. `${VAR:-default}` uses `default` when `VAR` is unset or empty (the
+//! default cannot contain `}`). `$${` is a literal `${`. A variable that is
+//! not set and has no default is an error that names both the variable and
+//! the config key it was found in.
 
 use super::ConfigError;
 
@@ -30,7 +32,10 @@ pub fn interpolate(
                 key: key.to_owned(),
                 reason: "unclosed `${` (write `$${` for a literal `${`)".to_owned(),
             })?;
-            let name = &body[..end];
+            let (name, default) = match body[..end].split_once(":-") {
+                Some((name, default)) => (name, Some(default)),
+                None => (&body[..end], None),
+            };
             if !is_var_name(name) {
                 return Err(ConfigError::Invalid {
                     key: key.to_owned(),
@@ -39,10 +44,17 @@ pub fn interpolate(
                     ),
                 });
             }
-            let value = lookup(name).ok_or_else(|| ConfigError::MissingVariable {
-                key: key.to_owned(),
-                var: name.to_owned(),
-            })?;
+            let value = match (lookup(name).filter(|v| !v.is_empty()), default) {
+                (Some(v), _) => v,
+                (None, Some(d)) => d.to_owned(),
+                (None, None) if lookup(name).is_some() => String::new(),
+                (None, None) => {
+                    return Err(ConfigError::MissingVariable {
+                        key: key.to_owned(),
+                        var: name.to_owned(),
+                    });
+                }
+            };
             out.push_str(&value);
             rest = &body[end + 1..];
         } else {
@@ -90,6 +102,12 @@ mod tests {
             ("$${USER}", "${USER}"),
             // trailing dollar
             ("x$", "x$"),
+            // a default is used only when the variable is unset or empty
+            ("${NOPE:-fallback}", "fallback"),
+            ("${EMPTY:-fallback}", "fallback"),
+            ("${USER:-fallback}", "alice"),
+            // a default may hold URL punctuation
+            ("${NOPE:-amqp://g:g@h:5672/%2f}", "amqp://g:g@h:5672/%2f"),
         ];
         for (input, want) in cases {
             assert_eq!(

@@ -14,19 +14,37 @@ const OK_SOURCE: &str = "[rabbitmq]\nurl = \"amqp://guest:guest@127.0.0.1:5672/%
 fn bad_configs_exit_non_zero_naming_the_key_and_the_source() {
     let cases: [(&str, String, &[&str]); 8] = [
         ("syntax", "[rabbitmq\n".into(), &["line 1"]),
-        ("unknown key", format!("{OK_SOURCE}batchsize = 3\n"), &["batchsize"]),
-        ("wrong type", format!("{OK_SOURCE}batch_size = \"x\"\n"), &["batch_size"]),
+        (
+            "unknown key",
+            format!("{OK_SOURCE}batchsize = 3\n"),
+            &["batchsize"],
+        ),
+        (
+            "wrong type",
+            format!("{OK_SOURCE}batch_size = \"x\"\n"),
+            &["batch_size"],
+        ),
         (
             "missing variable",
             OK_SOURCE.replace("root@", "${OUTBOXD_TEST_UNSET_VAR}@"),
-            &["OUTBOXD_TEST_UNSET_VAR", "source[0].database_url", "\"orders\""],
+            &[
+                "OUTBOXD_TEST_UNSET_VAR",
+                "source[0].database_url",
+                "\"orders\"",
+            ],
         ),
         (
             "duplicate name",
-            format!("{OK_SOURCE}[[source]]\nname = \"orders\"\ndatabase_url = \"postgres://root@h/y\"\n"),
+            format!(
+                "{OK_SOURCE}[[source]]\nname = \"orders\"\ndatabase_url = \"postgres://root@h/y\"\n"
+            ),
             &["source[1].name", "duplicate"],
         ),
-        ("bad url", OK_SOURCE.replace("postgres://root@127.0.0.1/x", "mysql:/x"), &["source[0].database_url"]),
+        (
+            "bad url",
+            OK_SOURCE.replace("postgres://root@127.0.0.1/x", "mysql:/x"),
+            &["source[0].database_url"],
+        ),
         (
             "bad template",
             format!("{OK_SOURCE}routing_key = \"{{nope}}\"\n"),
@@ -43,7 +61,10 @@ fn bad_configs_exit_non_zero_naming_the_key_and_the_source() {
             let (code, _, stderr) = run_to_end(&[cmd], &text);
             assert_eq!(code, Some(2), "{what} / {cmd}: exit code, stderr: {stderr}");
             for needle in needles {
-                assert!(stderr.contains(needle), "{what} / {cmd}: {needle:?} not in {stderr:?}");
+                assert!(
+                    stderr.contains(needle),
+                    "{what} / {cmd}: {needle:?} not in {stderr:?}"
+                );
             }
         }
     }
@@ -66,16 +87,29 @@ async fn migrate_twice_changes_nothing() {
             )
             .await
             .unwrap();
-        rows.iter().map(|r| r.get::<_, String>(0)).collect::<Vec<_>>()
+        rows.iter()
+            .map(|r| r.get::<_, String>(0))
+            .collect::<Vec<_>>()
     };
     let (code, _, err) = run_to_end(&["migrate"], &cfg);
     assert_eq!(code, Some(0), "{err}");
     let first = snapshot().await;
-    assert!(first.iter().any(|l| l.starts_with("trg outbox_notify")), "{first:?}");
-    assert_eq!(first.iter().filter(|l| l.starts_with("col ")).count(), 14, "{first:?}");
+    assert!(
+        first.iter().any(|l| l.starts_with("trg outbox_notify")),
+        "{first:?}"
+    );
+    assert_eq!(
+        first.iter().filter(|l| l.starts_with("col ")).count(),
+        14,
+        "{first:?}"
+    );
     let (code, _, err) = run_to_end(&["migrate"], &cfg);
     assert_eq!(code, Some(0), "{err}");
-    assert_eq!(snapshot().await, first, "a second migrate changed the schema");
+    assert_eq!(
+        snapshot().await,
+        first,
+        "a second migrate changed the schema"
+    );
 }
 
 #[tokio::test]
@@ -104,7 +138,10 @@ async fn check_passes_on_a_good_setup_and_names_each_problem_otherwise() {
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("FAIL source good exchange"), "{out}");
     assert!(out.contains(&missing_exchange), "{out}");
-    assert!(out.contains("FAIL source bare table") && out.contains("outboxd migrate"), "{out}");
+    assert!(
+        out.contains("FAIL source bare table") && out.contains("outboxd migrate"),
+        "{out}"
+    );
 }
 
 #[tokio::test]
@@ -113,17 +150,24 @@ async fn check_names_a_missing_privilege() {
     let broker = TestBroker::new("#").await;
     let role = unique("obx_role");
     db.client
-        .batch_execute(&format!("CREATE ROLE {role} LOGIN; GRANT SELECT, UPDATE ON outbox TO {role};"))
+        .batch_execute(&format!(
+            "CREATE ROLE {role} LOGIN; GRANT SELECT, UPDATE ON outbox TO {role};"
+        ))
         .await
         .unwrap();
     let url = format!("postgres://{role}@127.0.0.1:5432/{}", db.name);
     let (code, out, _) = run_to_end(&["check"], &simple_config(&url, &broker.exchange));
     db.client
-        .batch_execute(&format!("REVOKE ALL ON outbox FROM {role}; DROP OWNED BY {role}; DROP ROLE {role};"))
+        .batch_execute(&format!(
+            "REVOKE ALL ON outbox FROM {role}; DROP OWNED BY {role}; DROP ROLE {role};"
+        ))
         .await
         .unwrap();
     assert_eq!(code, Some(1), "{out}");
-    assert!(out.contains("FAIL source orders privileges") && out.contains("DELETE"), "{out}");
+    assert!(
+        out.contains("FAIL source orders privileges") && out.contains("DELETE"),
+        "{out}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -145,11 +189,18 @@ async fn secrets_never_appear_in_logs_or_check_output() {
     db.insert_one("OrderCreated", "", "").await;
     broker.next(Duration::from_secs(20)).await.expect("message");
     relay
-        .wait_metric("outboxd_source_up{source=\"orders\"}", 1.0, Duration::from_secs(20))
+        .wait_metric(
+            "outboxd_source_up{source=\"orders\"}",
+            1.0,
+            Duration::from_secs(20),
+        )
         .await;
     let _ = relay.readyz().await;
     let (_, out, err) = run_to_end(&["check"], &cfg);
-    let (_, _, bad) = run_to_end(&["run"], &cfg.replace("127.0.0.1:1/none", "127.0.0.1:notaport/none"));
+    let (_, _, bad) = run_to_end(
+        &["run"],
+        &cfg.replace("127.0.0.1:1/none", "127.0.0.1:notaport/none"),
+    );
     let mut all = relay.logs().join("\n");
     all.push_str(&out);
     all.push_str(&err);

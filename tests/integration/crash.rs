@@ -19,13 +19,17 @@ async fn kill_9_mid_flow_then_restart_publishes_every_committed_row() {
     let cfg = simple_config(&db.url, &broker.exchange);
 
     let mut relay = Relay::start(&cfg).await;
-    eventually("some rows to be published", Duration::from_secs(60), || async {
-        let n = relay
-            .metric("outboxd_messages_published_total{source=\"orders\"}")
-            .await
-            .unwrap_or(0.0);
-        (n >= 2000.0).then_some(())
-    })
+    eventually(
+        "some rows to be published",
+        Duration::from_secs(60),
+        || async {
+            let n = relay
+                .metric("outboxd_messages_published_total{source=\"orders\"}")
+                .await
+                .unwrap_or(0.0);
+            (n >= 2000.0).then_some(())
+        },
+    )
     .await;
     relay.kill9();
     let left = db.count().await;
@@ -40,12 +44,25 @@ async fn kill_9_mid_flow_then_restart_publishes_every_committed_row() {
     let got = broker.collect(ROWS * 2, Duration::from_secs(3)).await;
     let mut seen: HashMap<String, usize> = HashMap::new();
     for m in &got {
-        *seen.entry(m.message_id.clone().expect("message_id")).or_default() += 1;
+        *seen
+            .entry(m.message_id.clone().expect("message_id"))
+            .or_default() += 1;
     }
     let missing: Vec<&String> = keys.iter().filter(|k| !seen.contains_key(*k)).collect();
-    assert!(missing.is_empty(), "{} rows never arrived, e.g. {:?}", missing.len(), missing.first());
+    assert!(
+        missing.is_empty(),
+        "{} rows never arrived, e.g. {:?}",
+        missing.len(),
+        missing.first()
+    );
     let duplicates = got.len() - seen.len();
-    println!("kill -9 after >=2000 published, {left} rows left: {} messages for {ROWS} rows, {duplicates} duplicates", got.len());
+    println!(
+        "kill -9 after >=2000 published, {left} rows left: {} messages for {ROWS} rows, {duplicates} duplicates",
+        got.len()
+    );
     // In flight at most max_in_flight (4) batches of batch_size (500).
-    assert!(duplicates <= 4 * 500, "duplicates {duplicates} exceed what can be in flight");
+    assert!(
+        duplicates <= 4 * 500,
+        "duplicates {duplicates} exceed what can be in flight"
+    );
 }

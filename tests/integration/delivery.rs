@@ -33,11 +33,20 @@ async fn a_committed_row_arrives_with_the_documented_message_and_leaves_the_tabl
     assert_eq!(m.content_type.as_deref(), Some("application/json"));
     assert_eq!(m.delivery_mode, Some(2));
     assert_eq!(m.app_id.as_deref(), Some("outboxd"));
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
     let ts = m.timestamp.expect("timestamp is set");
-    assert!(ts <= now && now - ts < 60, "timestamp {ts} is created_at, not {now}");
+    assert!(
+        ts <= now && now - ts < 60,
+        "timestamp {ts} is created_at, not {now}"
+    );
     assert_eq!(m.body, br#"{"k":"v"}"#, "payload is sent as compact JSON");
-    assert_eq!(m.headers.get("x-outbox-id"), Some(&AMQPValue::LongLongInt(id)));
+    assert_eq!(
+        m.headers.get("x-outbox-id"),
+        Some(&AMQPValue::LongLongInt(id))
+    );
     assert_eq!(m.header_str("x-outbox-source").as_deref(), Some("orders"));
     assert_eq!(m.header_str("x-aggregate-type").as_deref(), Some("order"));
     assert_eq!(m.header_str("x-aggregate-id").as_deref(), Some("o-1"));
@@ -50,7 +59,11 @@ async fn a_committed_row_arrives_with_the_documented_message_and_leaves_the_tabl
     })
     .await;
     relay
-        .wait_metric("outboxd_messages_published_total{source=\"orders\"}", 1.0, WAIT)
+        .wait_metric(
+            "outboxd_messages_published_total{source=\"orders\"}",
+            1.0,
+            WAIT,
+        )
         .await;
 }
 
@@ -67,13 +80,23 @@ async fn a_backlog_drains_completely_in_several_batches() {
 
     let got = broker.collect(keys.len(), WAIT).await;
     let ids: HashSet<String> = got.iter().filter_map(|m| m.message_id.clone()).collect();
-    assert_eq!(ids, keys.iter().cloned().collect::<HashSet<_>>(), "every row arrives, by dedup key");
-    eventually("an empty table", WAIT, || async { (db.count().await == 0).then_some(()) }).await;
+    assert_eq!(
+        ids,
+        keys.iter().cloned().collect::<HashSet<_>>(),
+        "every row arrives, by dedup key"
+    );
+    eventually("an empty table", WAIT, || async {
+        (db.count().await == 0).then_some(())
+    })
+    .await;
     let batches = relay
         .metric("outboxd_batch_size_count{source=\"orders\"}")
         .await
         .unwrap_or(0.0);
-    assert!(batches >= 15.0, "3000 rows at batch_size 200 take at least 15 batches, saw {batches}");
+    assert!(
+        batches >= 15.0,
+        "3000 rows at batch_size 200 take at least 15 batches, saw {batches}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -95,11 +118,21 @@ async fn mark_mode_sets_published_at_and_never_sends_the_row_again() {
     // A second row goes out; the marked one does not go out again.
     let second = db.insert_one("OrderShipped", "", "").await;
     let m = broker.next(WAIT).await.expect("second message");
-    assert_eq!(m.headers.get("x-outbox-id"), Some(&AMQPValue::LongLongInt(second)));
+    assert_eq!(
+        m.headers.get("x-outbox-id"),
+        Some(&AMQPValue::LongLongInt(second))
+    );
     relay
-        .wait_metric("outboxd_messages_published_total{source=\"orders\"}", 2.0, WAIT)
+        .wait_metric(
+            "outboxd_messages_published_total{source=\"orders\"}",
+            2.0,
+            WAIT,
+        )
         .await;
-    assert!(broker.next(Duration::from_millis(500)).await.is_none(), "a marked row is sent once");
+    assert!(
+        broker.next(Duration::from_millis(500)).await.is_none(),
+        "a marked row is sent once"
+    );
     assert_eq!(db.count().await, 2, "mark keeps both rows");
 }
 
@@ -116,10 +149,16 @@ async fn a_rows_exchange_and_routing_key_override_the_source_defaults() {
         &format!("'{}', 'custom.key'", other.exchange),
     )
     .await;
-    let m = other.next(WAIT).await.expect("message on the row's exchange");
+    let m = other
+        .next(WAIT)
+        .await
+        .expect("message on the row's exchange");
     assert_eq!(m.routing_key, "custom.key");
     assert_eq!(m.exchange, other.exchange);
     db.insert_one("OrderCreated", "", "").await;
-    let m = default_broker.next(WAIT).await.expect("message on the default exchange");
+    let m = default_broker
+        .next(WAIT)
+        .await
+        .expect("message on the default exchange");
     assert_eq!(m.routing_key, "order.OrderCreated");
 }

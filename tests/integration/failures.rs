@@ -4,9 +4,11 @@
 
 use std::time::Duration;
 
-use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions};
-use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::ExchangeKind;
+use lapin::options::{
+    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString};
 
 use crate::support::broker::TestBroker;
 use crate::support::db::TestDb;
@@ -17,12 +19,18 @@ const WAIT: Duration = Duration::from_secs(20);
 
 /// Waits until row `id` has failed at least `n` times with an error containing `needle`.
 async fn wait_attempts(db: &TestDb, id: i64, n: i32, needle: &str) -> String {
-    eventually(&format!("row {id} to fail {n} times with {needle:?}"), WAIT, || async {
-        match db.row_state(id).await {
-            Some((attempts, Some(err), false)) if attempts >= n && err.contains(needle) => Some(err),
-            _ => None,
-        }
-    })
+    eventually(
+        &format!("row {id} to fail {n} times with {needle:?}"),
+        WAIT,
+        || async {
+            match db.row_state(id).await {
+                Some((attempts, Some(err), false)) if attempts >= n && err.contains(needle) => {
+                    Some(err)
+                }
+                _ => None,
+            }
+        },
+    )
     .await
 }
 
@@ -66,7 +74,10 @@ async fn an_unroutable_row_is_retried_until_a_queue_is_bound_while_others_flow()
     // Fix the topology: the retry delivers it, and only then is it removed.
     bind(&broker, &broker.queue.clone(), "nowhere").await;
     let m = broker.next(WAIT).await.expect("the retried row arrives");
-    assert_eq!(m.headers.get("x-outbox-id"), Some(&AMQPValue::LongLongInt(stuck)));
+    assert_eq!(
+        m.headers.get("x-outbox-id"),
+        Some(&AMQPValue::LongLongInt(stuck))
+    );
     eventually("the row to be deleted", WAIT, || async {
         db.row_state(stuck).await.is_none().then_some(())
     })
@@ -103,7 +114,11 @@ async fn a_nacked_row_stays_and_is_retried() {
         .channel
         .queue_declare(
             fresh.as_str().into(),
-            QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() },
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            },
             FieldTable::default(),
         )
         .await
@@ -116,7 +131,10 @@ async fn a_nacked_row_stays_and_is_retried() {
         .expect("delete queue");
     broker.queue = fresh;
     let m = broker.next(WAIT).await.expect("the retried row arrives");
-    assert_eq!(m.headers.get("x-outbox-id"), Some(&AMQPValue::LongLongInt(id)));
+    assert_eq!(
+        m.headers.get("x-outbox-id"),
+        Some(&AMQPValue::LongLongInt(id))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -131,7 +149,10 @@ async fn a_row_naming_a_missing_exchange_does_not_block_its_batch() {
          INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) SELECT 'order', 'o-' || g, 'OrderCreated', '{{}}' FROM generate_series(1, 50) g; \
          COMMIT;"
     );
-    db.client.batch_execute(&tx_sql).await.expect("insert batch");
+    db.client
+        .batch_execute(&tx_sql)
+        .await
+        .expect("insert batch");
     let relay = Relay::start(&simple_config(&db.url, &broker.exchange)).await;
 
     let got = broker.collect(50, WAIT).await;
@@ -146,7 +167,9 @@ async fn a_row_naming_a_missing_exchange_does_not_block_its_batch() {
     assert!(err.starts_with("exchange_not_found"), "{err}");
     assert!(
         relay
-            .metric("outboxd_publish_failures_total{reason=\"exchange_not_found\",source=\"orders\"}")
+            .metric(
+                "outboxd_publish_failures_total{reason=\"exchange_not_found\",source=\"orders\"}"
+            )
             .await
             .unwrap_or(0.0)
             >= 1.0
@@ -158,7 +181,10 @@ async fn a_row_naming_a_missing_exchange_does_not_block_its_batch() {
         .exchange_declare(
             missing.as_str().into(),
             ExchangeKind::Fanout,
-            ExchangeDeclareOptions { auto_delete: true, ..Default::default() },
+            ExchangeDeclareOptions {
+                auto_delete: true,
+                ..Default::default()
+            },
             FieldTable::default(),
         )
         .await
@@ -174,7 +200,10 @@ async fn a_row_naming_a_missing_exchange_does_not_block_its_batch() {
         )
         .await
         .expect("bind");
-    let m = broker.next(WAIT).await.expect("the row arrives once its exchange exists");
+    let m = broker
+        .next(WAIT)
+        .await
+        .expect("the row arrives once its exchange exists");
     assert_eq!(m.exchange, missing);
 }
 
@@ -184,12 +213,19 @@ async fn a_bad_row_is_kept_with_a_reason_naming_it_and_others_flow() {
     let mut broker = TestBroker::new("#").await;
     let relay = Relay::start(&simple_config(&db.url, &broker.exchange)).await;
 
-    let long_key = db.insert_one("OrderCreated", "dedup_key", "repeat('k', 300)").await;
-    let nested = db.insert_one("OrderCreated", "headers", r#"'{"deep": {"a": 1}}'"#).await;
+    let long_key = db
+        .insert_one("OrderCreated", "dedup_key", "repeat('k', 300)")
+        .await;
+    let nested = db
+        .insert_one("OrderCreated", "headers", r#"'{"deep": {"a": 1}}'"#)
+        .await;
     let good = db.insert_one("OrderCreated", "", "").await;
 
     let m = broker.next(WAIT).await.expect("the good row arrives");
-    assert_eq!(m.headers.get("x-outbox-id"), Some(&AMQPValue::LongLongInt(good)));
+    assert_eq!(
+        m.headers.get("x-outbox-id"),
+        Some(&AMQPValue::LongLongInt(good))
+    );
     let err = wait_attempts(&db, long_key, 1, "dedup_key is 300 bytes").await;
     assert!(err.starts_with("bad_row"), "{err}");
     wait_attempts(&db, nested, 1, "header \"deep\" is an object").await;
@@ -198,7 +234,10 @@ async fn a_bad_row_is_kept_with_a_reason_naming_it_and_others_flow() {
         .iter()
         .filter_map(|l| l["row_id"].as_i64())
         .collect();
-    assert!(logged.contains(&long_key) && logged.contains(&nested), "log lines name the rows: {logged:?}");
+    assert!(
+        logged.contains(&long_key) && logged.contains(&nested),
+        "log lines name the rows: {logged:?}"
+    );
     assert!(
         relay
             .metric("outboxd_publish_failures_total{reason=\"bad_row\",source=\"orders\"}")

@@ -26,7 +26,10 @@ async fn a_broker_outage_flips_gauges_and_readiness_and_loses_nothing() {
     let mut broker = TestBroker::new("#").await;
     let proxy = Proxy::start(AMQP_HOST).await;
     let url = format!("amqp://guest:guest@{}/%2f", proxy.addr);
-    let cfg = config(&url, &[SourceSpec::new("orders", &db.url, &broker.exchange)]);
+    let cfg = config(
+        &url,
+        &[SourceSpec::new("orders", &db.url, &broker.exchange)],
+    );
     let mut relay = Relay::start(&cfg).await;
     relay.wait_ready(200, WAIT).await;
     let mut keys = db.insert_rows(500, 100).await;
@@ -45,10 +48,19 @@ async fn a_broker_outage_flips_gauges_and_readiness_and_loses_nothing() {
     proxy.restore();
     relay.wait_metric("outboxd_broker_up", 1.0, WAIT).await;
     relay.wait_ready(200, WAIT).await;
-    eventually("an empty table", WAIT, || async { (db.count().await == 0).then_some(()) }).await;
+    eventually("an empty table", WAIT, || async {
+        (db.count().await == 0).then_some(())
+    })
+    .await;
     all_arrive(&mut broker, &keys).await;
-    assert!(relay.wait_exit(Duration::ZERO).await.is_none(), "the relay never exits");
-    let connects = relay.metric("outboxd_broker_connections_total").await.unwrap_or(0.0);
+    assert!(
+        relay.wait_exit(Duration::ZERO).await.is_none(),
+        "the relay never exits"
+    );
+    let connects = relay
+        .metric("outboxd_broker_connections_total")
+        .await
+        .unwrap_or(0.0);
     assert!(connects >= 2.0, "it reconnected ({connects} connections)");
     assert!(!relay.log_lines_with("rabbitmq").is_empty());
 }
@@ -59,7 +71,10 @@ async fn a_database_outage_flips_gauges_and_readiness_and_loses_nothing() {
     let mut broker = TestBroker::new("#").await;
     let proxy = Proxy::start(PG_HOST).await;
     let via_proxy = format!("postgres://root@{}/{}", proxy.addr, db.name);
-    let cfg = config(AMQP_URL, &[SourceSpec::new("orders", &via_proxy, &broker.exchange)]);
+    let cfg = config(
+        AMQP_URL,
+        &[SourceSpec::new("orders", &via_proxy, &broker.exchange)],
+    );
     let mut relay = Relay::start(&cfg).await;
     relay.wait_ready(200, WAIT).await;
     let mut keys = db.insert_rows(500, 100).await;
@@ -69,7 +84,9 @@ async fn a_database_outage_flips_gauges_and_readiness_and_loses_nothing() {
     .await;
 
     proxy.cut();
-    relay.wait_metric("outboxd_source_up{source=\"orders\"}", 0.0, WAIT).await;
+    relay
+        .wait_metric("outboxd_source_up{source=\"orders\"}", 0.0, WAIT)
+        .await;
     relay.wait_ready(503, WAIT).await;
     let (_, body) = relay.readyz().await;
     assert_eq!(body["sources"][0]["database_up"], false, "{body}");
@@ -78,11 +95,19 @@ async fn a_database_outage_flips_gauges_and_readiness_and_loses_nothing() {
     keys.extend(db.insert_rows(500, 100).await);
 
     proxy.restore();
-    relay.wait_metric("outboxd_source_up{source=\"orders\"}", 1.0, WAIT).await;
+    relay
+        .wait_metric("outboxd_source_up{source=\"orders\"}", 1.0, WAIT)
+        .await;
     relay.wait_ready(200, WAIT).await;
-    eventually("an empty table", WAIT, || async { (db.count().await == 0).then_some(()) }).await;
+    eventually("an empty table", WAIT, || async {
+        (db.count().await == 0).then_some(())
+    })
+    .await;
     all_arrive(&mut broker, &keys).await;
-    assert!(relay.wait_exit(Duration::ZERO).await.is_none(), "the relay never exits");
+    assert!(
+        relay.wait_exit(Duration::ZERO).await.is_none(),
+        "the relay never exits"
+    );
     // The listener came back too: an idle insert is found by NOTIFY again.
     eventually("the listener to reconnect", WAIT, || async {
         (relay.readyz().await.1["sources"][0]["listening"] == true).then_some(())

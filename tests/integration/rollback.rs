@@ -16,7 +16,9 @@ async fn rows_of_rolled_back_or_open_transactions_are_not_published() {
     let _relay = Relay::start(&simple_config(&db.url, &broker.exchange)).await;
 
     let insert = |event: &str| {
-        format!("INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) VALUES ('order', 'o-1', '{event}', '{{}}')")
+        format!(
+            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) VALUES ('order', 'o-1', '{event}', '{{}}')"
+        )
     };
     // A transaction that rolls back.
     let rolled = db.connect().await;
@@ -37,7 +39,10 @@ async fn rows_of_rolled_back_or_open_transactions_are_not_published() {
     assert_eq!(first.kind.as_deref(), Some("Committed"));
 
     open.batch_execute("COMMIT").await.unwrap();
-    let second = broker.next(WAIT).await.expect("the row arrives after its commit");
+    let second = broker
+        .next(WAIT)
+        .await
+        .expect("the row arrives after its commit");
     assert_eq!(second.kind.as_deref(), Some("OpenThenCommitted"));
 
     // A marker committed last: once it is in, everything before it was processed.

@@ -15,7 +15,10 @@ async fn sigterm_on_an_idle_relay_exits_zero() {
     let mut relay = Relay::start(&simple_config(&db.url, &broker.exchange)).await;
     relay.wait_ready(200, Duration::from_secs(20)).await;
     relay.signal("-TERM");
-    let status = relay.wait_exit(Duration::from_secs(10)).await.expect("exits within the drain timeout");
+    let status = relay
+        .wait_exit(Duration::from_secs(10))
+        .await
+        .expect("exits within the drain timeout");
     assert_eq!(status.code(), Some(0));
     assert!(!relay.log_lines_with("outboxd stopped").is_empty());
 }
@@ -33,7 +36,10 @@ async fn sigterm_under_load_exits_zero_and_loses_nothing() {
     .await;
     relay.signal("-TERM");
     // drain_timeout is 5 s in the test config, plus a few seconds to wind down.
-    let status = relay.wait_exit(Duration::from_secs(15)).await.expect("exits in bounded time");
+    let status = relay
+        .wait_exit(Duration::from_secs(15))
+        .await
+        .expect("exits in bounded time");
     assert_eq!(status.code(), Some(0));
 
     // Nothing lost: every row was either delivered or is still in the table.
@@ -47,7 +53,14 @@ async fn sigterm_under_load_exits_zero_and_loses_nothing() {
         .collect();
     let got = broker.collect(ROWS * 2, Duration::from_secs(2)).await;
     let sent: HashSet<String> = got.iter().filter_map(|m| m.message_id.clone()).collect();
-    let lost = keys.iter().filter(|k| !left.contains(*k) && !sent.contains(*k)).count();
+    let lost = keys
+        .iter()
+        .filter(|k| !left.contains(*k) && !sent.contains(*k))
+        .count();
     assert_eq!(lost, 0, "rows neither delivered nor left in the table");
-    println!("SIGTERM under load: {} delivered, {} left for the next start", sent.len(), left.len());
+    println!(
+        "SIGTERM under load: {} delivered, {} left for the next start",
+        sent.len(),
+        left.len()
+    );
 }

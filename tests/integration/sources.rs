@@ -29,14 +29,28 @@ async fn a_dead_source_does_not_stall_the_live_ones() {
     a.insert_rows(100, 10).await;
     b.insert_rows(100, 10).await;
     let got = broker.collect(200, WAIT).await;
-    let from = |s: &str| got.iter().filter(|m| m.header_str("x-outbox-source").as_deref() == Some(s)).count();
-    assert_eq!((from("alpha"), from("beta")), (100, 100), "both live sources delivered everything");
+    let from = |s: &str| {
+        got.iter()
+            .filter(|m| m.header_str("x-outbox-source").as_deref() == Some(s))
+            .count()
+    };
+    assert_eq!(
+        (from("alpha"), from("beta")),
+        (100, 100),
+        "both live sources delivered everything"
+    );
 
-    relay.wait_metric("outboxd_source_up{source=\"alpha\"}", 1.0, WAIT).await;
-    relay.wait_metric("outboxd_source_up{source=\"dead\"}", 0.0, WAIT).await;
+    relay
+        .wait_metric("outboxd_source_up{source=\"alpha\"}", 1.0, WAIT)
+        .await;
+    relay
+        .wait_metric("outboxd_source_up{source=\"dead\"}", 0.0, WAIT)
+        .await;
     let (code, body) = eventually("the dead source's error in /readyz", WAIT, || async {
         let (code, body) = relay.readyz().await;
-        body["sources"][0]["last_error"].is_string().then_some((code, body))
+        body["sources"][0]["last_error"]
+            .is_string()
+            .then_some((code, body))
     })
     .await;
     assert_eq!(code, 503, "{body}");

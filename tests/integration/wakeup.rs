@@ -18,23 +18,33 @@ async fn an_idle_relay_publishes_a_new_row_long_before_its_poll_interval() {
     );
     let relay = Relay::start(&cfg).await;
     // Idle: connected, listening, first (empty) claim done.
-    eventually("the relay to be ready and listening", Duration::from_secs(20), || async {
-        let (code, body) = relay.readyz().await;
-        (code == 200 && body["sources"][0]["listening"] == true).then_some(())
-    })
+    eventually(
+        "the relay to be ready and listening",
+        Duration::from_secs(20),
+        || async {
+            let (code, body) = relay.readyz().await;
+            (code == 200 && body["sources"][0]["listening"] == true).then_some(())
+        },
+    )
     .await;
 
     let mut latencies = Vec::new();
     for _ in 0..5 {
         let start = Instant::now();
         db.insert_one("OrderCreated", "", "").await;
-        broker.next(Duration::from_secs(20)).await.expect("message arrives");
+        broker
+            .next(Duration::from_secs(20))
+            .await
+            .expect("message arrives");
         latencies.push(start.elapsed());
     }
     println!("insert to consumer, idle relay, debug build: {latencies:?}");
     let worst = latencies.iter().max().copied().unwrap_or_default();
     // The poll would take 60 s; only the notification explains faster delivery.
-    assert!(worst < Duration::from_secs(10), "woken by NOTIFY, not by the poll: {latencies:?}");
+    assert!(
+        worst < Duration::from_secs(10),
+        "woken by NOTIFY, not by the poll: {latencies:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -51,5 +61,8 @@ async fn without_the_trigger_the_fallback_poll_still_delivers() {
     );
     let _relay = Relay::start(&cfg).await;
     db.insert_one("OrderCreated", "", "").await;
-    broker.next(Duration::from_secs(20)).await.expect("the poll finds the row");
+    broker
+        .next(Duration::from_secs(20))
+        .await
+        .expect("the poll finds the row");
 }

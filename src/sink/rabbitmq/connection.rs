@@ -40,9 +40,17 @@ pub struct BrokerMetrics {
     pub connects: IntCounter,
 }
 
+/// What sources need to know about the broker.
+#[derive(Clone, Default)]
+struct State {
+    connection: Option<Arc<Connection>>,
+    /// The broker has blocked publishing (resource alarm).
+    blocked: bool,
+}
+
 pub struct Broker {
     config: RabbitConfig,
-    current: watch::Sender<Option<Arc<Connection>>>,
+    current: watch::Sender<State>,
     nudge: Notify,
     metrics: BrokerMetrics,
 }
@@ -53,7 +61,7 @@ impl Broker {
         metrics.blocked.set(0);
         Arc::new(Self {
             config,
-            current: watch::Sender::new(None),
+            current: watch::Sender::new(State::default()),
             nudge: Notify::new(),
             metrics,
         })
@@ -84,20 +92,41 @@ impl Broker {
 
     /// The live connection, if there is one.
     pub fn connection(&self) -> Option<Arc<Connection>> {
-        self.current.borrow().clone()
+        self.current.borrow().connection.clone()
     }
 
+    /// Connected (possibly blocked).
     pub fn is_up(&self) -> bool {
-        self.current.borrow().is_some()
+        self.current.borrow().connection.is_some()
     }
 
-    /// Waits until a connection is published (or `stop` fires).
-    pub async fn wait_up(&self, stop: &CancellationToken) {
+    /// Connected and not blocked by a resource alarm: new batches may start.
+    pub fn can_publish(&self) -> bool {
+        let s = self.current.borrow();
+        s.connection.is_some() && !s.blocked
+    }
+
+    /// Waits until [`Broker::can_publish`] (or `stop` fires).
+    pub async fn wait_publishable(&self, stop: &CancellationToken) {
         let mut rx = self.current.subscribe();
         tokio::select! {
             _ = stop.cancelled() => {}
-            _ = rx.wait_for(Option::is_some) => {}
+            _ = rx.wait_for(|s| s.connection.is_some() && !s.blocked) => {}
         }
+    }
+
+    fn set_blocked(&self, blocked: bool) {
+        self.metrics.blocked.set(i64::from(blocked));
+        self.current.send_modify(|s| s.blocked = blocked);
+    }
+
+    fn set_connection(&self, connection: Option<Arc<Connection>>) {
+        self.metrics.up.set(i64::from(connection.is_some()));
+        self.metrics.blocked.set(0);
+        self.current.send_replace(State {
+            connection,
+            blocked: false,
+        });
     }
 
     /// Tells the supervisor that something failed on the connection, so it
@@ -144,15 +173,12 @@ impl Broker {
     /// Publishes `conn` and returns when it has failed (or on `stop`, after closing it).
     async fn watch(&self, conn: Arc<Connection>, stop: &CancellationToken) {
         let mut events = Box::pin(conn.events_listener());
-        self.metrics.blocked.set(0);
-        self.metrics.up.set(1);
-        self.current.send_replace(Some(conn.clone()));
+        self.set_connection(Some(conn.clone()));
         let mut ticker = tokio::time::interval(STATUS_CHECK);
         loop {
             tokio::select! {
                 _ = stop.cancelled() => {
-                    self.current.send_replace(None);
-                    self.metrics.up.set(0);
+                    self.set_connection(None);
                     if let Err(err) = conn.close(200, "outboxd shutting down".into()).await {
                         warn!(error = %ErrorChain(&err), "closing the rabbitmq connection failed");
                     }
@@ -164,11 +190,11 @@ impl Broker {
                         break;
                     }
                     Some(Event::ConnectionBlocked(reason)) => {
-                        self.metrics.blocked.set(1);
-                        warn!(%reason, "rabbitmq blocked publishing (resource alarm); waiting for it to clear");
+                        self.set_blocked(true);
+                        warn!(%reason, "rabbitmq blocked publishing (resource alarm); no new batches until it clears");
                     }
                     Some(Event::ConnectionUnblocked) => {
-                        self.metrics.blocked.set(0);
+                        self.set_blocked(false);
                         info!("rabbitmq unblocked publishing");
                     }
                     Some(_) => {}
@@ -188,8 +214,6 @@ impl Broker {
                 }
             }
         }
-        self.current.send_replace(None);
-        self.metrics.up.set(0);
-        self.metrics.blocked.set(0);
+        self.set_connection(None);
     }
 }

@@ -147,7 +147,12 @@ impl TestBroker {
             headers: p
                 .headers()
                 .as_ref()
-                .map(|h| h.inner().iter().map(|(k, v)| (k.to_string(), v.clone())).collect())
+                .map(|h| {
+                    h.inner()
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.clone()))
+                        .collect()
+                })
                 .unwrap_or_default(),
             body: delivery.data.clone(),
         })

@@ -78,7 +78,11 @@ impl TestDb {
             "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload{sep}{extra_cols}) \
              VALUES ('order', 'o-1', '{event_type}', '{{\"k\": \"v\"}}'{sep}{extra_vals}) RETURNING id"
         );
-        self.client.query_one(&sql, &[]).await.expect("insert one").get(0)
+        self.client
+            .query_one(&sql, &[])
+            .await
+            .expect("insert one")
+            .get(0)
     }
 
     pub async fn count(&self) -> i64 {
@@ -107,7 +111,9 @@ impl Drop for TestDb {
         // Drop cannot be async; a short-lived thread with its own runtime does it.
         let name = self.name.clone();
         let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build();
             if let Ok(rt) = rt {
                 rt.block_on(async {
                     if let Ok((client, conn)) =
@@ -115,7 +121,9 @@ impl Drop for TestDb {
                     {
                         tokio::spawn(conn);
                         let _ = client
-                            .batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+                            .batch_execute(&format!(
+                                "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
+                            ))
                             .await;
                     }
                 });

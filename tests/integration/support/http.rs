@@ -14,7 +14,10 @@ pub async fn get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     stream.read_to_end(&mut response).await.ok()?;
     let text = String::from_utf8_lossy(&response).into_owned();
     let status = text.split_whitespace().nth(1)?.parse().ok()?;
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
     Some((status, body))
 }
 

@@ -58,7 +58,10 @@ pub fn config(amqp_url: &str, sources: &[SourceSpec]) -> String {
 
 /// The usual single-source config against the real broker.
 pub fn simple_config(database_url: &str, exchange: &str) -> String {
-    config(AMQP_URL, &[SourceSpec::new("orders", database_url, exchange)])
+    config(
+        AMQP_URL,
+        &[SourceSpec::new("orders", database_url, exchange)],
+    )
 }
 
 /// Writes `text` to a temporary file that lives as long as the value.
@@ -160,7 +163,10 @@ impl Relay {
     }
 
     pub async fn metrics(&self) -> String {
-        http::get(self.admin, "/metrics").await.map(|(_, b)| b).unwrap_or_default()
+        http::get(self.admin, "/metrics")
+            .await
+            .map(|(_, b)| b)
+            .unwrap_or_default()
     }
 
     pub async fn metric(&self, series: &str) -> Option<f64> {
@@ -176,7 +182,9 @@ impl Relay {
     }
 
     pub async fn readyz(&self) -> (u16, serde_json::Value) {
-        let (code, body) = http::get(self.admin, "/readyz").await.expect("readyz answers");
+        let (code, body) = http::get(self.admin, "/readyz")
+            .await
+            .expect("readyz answers");
         (code, serde_json::from_str(&body).expect("readyz is JSON"))
     }
 
