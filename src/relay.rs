@@ -59,8 +59,20 @@ pub async fn batch(source: Arc<Source>) -> BatchEnd {
 
 async fn batch_inner(source: &Source) -> Result<BatchEnd, DbError> {
     let cfg = &source.config;
+    let started = std::time::Instant::now();
     let mut client = step("get a connection", source.pool.get()).await?;
     let tx = step("begin", client.transaction()).await?;
+    // An outbox table's statistics are nearly always stale (it fills and
+    // empties between autovacuum runs). With stale stats the planner picks a
+    // bitmap scan that reads and sorts every pending row to return the
+    // first few hundred: measured at 250 ms for 40k pending rows instead of
+    // 10 ms. Without the sort, the only plan left walks the pending index in
+    // id order and stops at LIMIT.
+    step(
+        "plan setting",
+        tx.batch_execute("SET LOCAL enable_sort = off"),
+    )
+    .await?;
     let stmt = step("prepare claim", tx.prepare_cached(&source.queries.claim)).await?;
     let limit = cfg.batch_size as i64;
     let rows = step("claim", tx.query(&stmt, &[&limit])).await?;
@@ -90,6 +102,7 @@ async fn batch_inner(source: &Source) -> Result<BatchEnd, DbError> {
                 .map_err(|bad| Failure::new(FailureReason::BadRow, bad.to_string()))
         })
         .collect();
+    let claimed_in = started.elapsed();
     let outcomes = match source.publisher.send(messages).await {
         Ok(outcomes) => outcomes,
         Err(unavailable) => {
@@ -100,6 +113,7 @@ async fn batch_inner(source: &Source) -> Result<BatchEnd, DbError> {
     };
 
     let confirmed_at = SystemTime::now();
+    let sent_in = started.elapsed() - claimed_in;
     let mut delivered = Vec::with_capacity(rows.len());
     let mut failed = Failed::default();
     for (row, outcome) in rows.iter().zip(&outcomes) {
@@ -136,6 +150,14 @@ async fn batch_inner(source: &Source) -> Result<BatchEnd, DbError> {
         return Err(err);
     }
     source.metrics.published.inc_by(delivered.len() as u64);
+    debug!(
+        source = %cfg.name,
+        rows = rows.len(),
+        claim_ms = claimed_in.as_secs_f64() * 1e3,
+        publish_confirm_ms = sent_in.as_secs_f64() * 1e3,
+        settle_ms = (started.elapsed() - claimed_in - sent_in).as_secs_f64() * 1e3,
+        "batch timings"
+    );
     Ok(BatchEnd::Settled {
         claimed: rows.len(),
         delivered: delivered.len(),

@@ -10,13 +10,15 @@
 //! its neighbours.
 
 use std::collections::{HashMap, HashSet};
+use std::future::{Future, poll_fn};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::{FieldTable, ShortString};
-use lapin::{Channel, Connection, ErrorKind, ExchangeKind};
+use lapin::{Channel, Connection, ErrorKind, ExchangeKind, PublisherConfirm};
 
 use super::confirm;
 use super::connection::Broker;
@@ -65,58 +67,27 @@ impl Publisher {
         let channel = self.channel(&conn).await?;
 
         let mut outcomes = Vec::with_capacity(messages.len());
-        let mut pending = Vec::with_capacity(messages.len());
-        let mut broken: Option<String> = None;
+        let mut to_send = Vec::with_capacity(messages.len());
         for (index, message) in messages.into_iter().enumerate() {
-            let message = match message {
-                Ok(m) => m,
-                Err(failure) => {
-                    outcomes.push(Outcome::Failed(failure));
-                    continue;
+            match message {
+                Err(failure) => outcomes.push(Outcome::Failed(failure)),
+                Ok(m) if missing.contains(&m.exchange) => {
+                    outcomes.push(Outcome::Failed(Failure::new(
+                        FailureReason::ExchangeNotFound,
+                        format!("exchange {:?} does not exist", m.exchange.as_str()),
+                    )));
                 }
-            };
-            if missing.contains(&message.exchange) {
-                outcomes.push(Outcome::Failed(Failure::new(
-                    FailureReason::ExchangeNotFound,
-                    format!("exchange {:?} does not exist", message.exchange.as_str()),
-                )));
-                continue;
-            }
-            if let Some(err) = &broken {
-                outcomes.push(Outcome::Failed(Failure::new(
-                    FailureReason::Connection,
-                    err.clone(),
-                )));
-                continue;
-            }
-            // Until its confirm arrives, a message counts as not confirmed.
-            outcomes.push(Outcome::Failed(Failure::new(
-                FailureReason::Timeout,
-                "not confirmed",
-            )));
-            let options = BasicPublishOptions {
-                mandatory: true,
-                immediate: false,
-            };
-            match channel
-                .basic_publish(
-                    message.exchange,
-                    message.routing_key,
-                    options,
-                    &message.body,
-                    message.properties,
-                )
-                .await
-            {
-                Ok(confirm) => pending.push((index, confirm)),
-                Err(err) => {
-                    let detail = format!("publish failed: {}", ErrorChain(&err));
-                    outcomes[index] =
-                        Outcome::Failed(Failure::new(FailureReason::Connection, detail.clone()));
-                    broken = Some(detail);
+                Ok(m) => {
+                    // Until its confirm arrives, a message counts as not confirmed.
+                    outcomes.push(Outcome::Failed(Failure::new(
+                        FailureReason::Timeout,
+                        "not confirmed",
+                    )));
+                    to_send.push((index, m));
                 }
             }
         }
+        let (pending, broken) = publish_in_order(&channel, to_send, &mut outcomes).await;
         let healthy = confirm::collect(pending, self.confirm_timeout, &mut outcomes).await;
         if broken.is_none() && healthy && channel.status().connected() {
             self.idle
@@ -203,6 +174,89 @@ impl Publisher {
     }
 }
 
+/// Publishes every message with `mandatory` set, in order, without waiting
+/// for each write before starting the next.
+///
+/// `basic_publish` queues its frames (and takes its delivery tag) on its
+/// first poll, then waits for lapin's I/O loop to write them. Awaiting each
+/// in turn would cost one I/O-loop round trip per message, so every future
+/// is polled once in row order (which fixes the order on the wire), and
+/// then all are driven together. Writes finish in order, so after the first
+/// pass only the oldest unfinished one needs polling. Returns the pending
+/// confirms and, if a publish failed, why (the messages that failed are
+/// marked in `outcomes`).
+async fn publish_in_order(
+    channel: &Channel,
+    messages: Vec<(usize, Outbound)>,
+    outcomes: &mut [Outcome],
+) -> (Vec<(usize, PublisherConfirm)>, Option<String>) {
+    let options = BasicPublishOptions {
+        mandatory: true,
+        immediate: false,
+    };
+    let mut indices = Vec::with_capacity(messages.len());
+    let mut bodies = Vec::with_capacity(messages.len());
+    let mut heads = Vec::with_capacity(messages.len());
+    for (index, m) in messages {
+        indices.push(index);
+        bodies.push(m.body);
+        heads.push((m.exchange, m.routing_key, m.properties));
+    }
+    let mut futures: Vec<_> = heads
+        .into_iter()
+        .zip(&bodies)
+        .map(|((exchange, routing_key, properties), body)| {
+            Box::pin(channel.basic_publish(exchange, routing_key, options, body, properties))
+        })
+        .collect();
+    let mut results: Vec<Option<lapin::Result<PublisherConfirm>>> =
+        Vec::with_capacity(futures.len());
+    results.resize_with(futures.len(), || None);
+    let mut first_pass = true;
+    let mut next = 0;
+    poll_fn(|cx| {
+        let start = if first_pass { 0 } else { next };
+        for i in start..futures.len() {
+            if results[i].is_some() {
+                continue;
+            }
+            match futures[i].as_mut().poll(cx) {
+                Poll::Ready(r) => results[i] = Some(r),
+                Poll::Pending if first_pass => {}
+                Poll::Pending => break,
+            }
+        }
+        first_pass = false;
+        while next < results.len() && results[next].is_some() {
+            next += 1;
+        }
+        if next == results.len() {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    })
+    .await;
+    drop(futures);
+
+    let mut pending = Vec::with_capacity(indices.len());
+    let mut broken = None;
+    for (index, result) in indices.into_iter().zip(results) {
+        match result {
+            Some(Ok(confirm)) => pending.push((index, confirm)),
+            Some(Err(err)) => {
+                let detail = format!("publish failed: {}", ErrorChain(&err));
+                outcomes[index] =
+                    Outcome::Failed(Failure::new(FailureReason::Connection, detail.clone()));
+                broken.get_or_insert(detail);
+            }
+            // poll_fn above returns only once every result is in.
+            None => {}
+        }
+    }
+    (pending, broken)
+}
+
 /// Passive declare on a channel of its own (a 404 closes the channel).
 pub async fn exchange_exists(
     conn: &Connection,
@@ -225,7 +279,12 @@ pub async fn exchange_exists(
         )
         .await
     {
-        Ok(()) => Ok(true),
+        Ok(()) => {
+            // Close it ourselves rather than on drop, so a connection closed
+            // right after (as `check` does) does not race the channel close.
+            let _ = probe.close(200, "OK".into()).await;
+            Ok(true)
+        }
         Err(err) if is_not_found(&err) => Ok(false),
         Err(err) => Err(BrokerUnavailable(format!(
             "cannot check exchange {:?}: {}",
