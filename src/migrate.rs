@@ -78,7 +78,8 @@ async fn migrate_one(source: &SourceConfig) -> Result<(), MigrateError> {
     let result = async {
         let tx = client.transaction().await?;
         // "already exists, skipping" notices are the expected case on a re-run.
-        tx.batch_execute("SET LOCAL client_min_messages = warning").await?;
+        tx.batch_execute("SET LOCAL client_min_messages = warning")
+            .await?;
         tx.batch_execute(&render(source)).await?;
         tx.commit().await
     }
