@@ -15,6 +15,7 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use tokio::sync::oneshot;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -49,15 +50,38 @@ pub enum BatchEnd {
     BrokerDown(String),
 }
 
-/// Runs one batch to its end. Never panics on row content.
-pub async fn batch(source: Arc<Source>) -> BatchEnd {
-    match batch_inner(&source).await {
-        Ok(end) => end,
-        Err(err) => BatchEnd::Db(err),
-    }
+/// What a batch reports as soon as its claim is done, before publishing:
+/// the loop starts the next claim right after the rows this one took.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Claimed {
+    pub rows: usize,
+    pub max_id: i64,
 }
 
-async fn batch_inner(source: &Source) -> Result<BatchEnd, DbError> {
+/// Runs one batch to its end, claiming rows with `id > after_id`. Sends
+/// [`Claimed`] on `claimed` once the claim is done (rows = 0 if it failed).
+/// Never panics on row content.
+pub async fn batch(
+    source: Arc<Source>,
+    after_id: i64,
+    claimed: oneshot::Sender<Claimed>,
+) -> BatchEnd {
+    let mut claimed = Some(claimed);
+    let end = match batch_inner(&source, after_id, &mut claimed).await {
+        Ok(end) => end,
+        Err(err) => BatchEnd::Db(err),
+    };
+    if let Some(tx) = claimed {
+        let _ = tx.send(Claimed::default());
+    }
+    end
+}
+
+async fn batch_inner(
+    source: &Source,
+    after_id: i64,
+    claimed: &mut Option<oneshot::Sender<Claimed>>,
+) -> Result<BatchEnd, DbError> {
     let cfg = &source.config;
     let started = std::time::Instant::now();
     let mut client = step("get a connection", source.pool.get()).await?;
@@ -75,7 +99,17 @@ async fn batch_inner(source: &Source) -> Result<BatchEnd, DbError> {
     .await?;
     let stmt = step("prepare claim", tx.prepare_cached(&source.queries.claim)).await?;
     let limit = cfg.batch_size as i64;
-    let rows = step("claim", tx.query(&stmt, &[&limit])).await?;
+    let rows = step("claim", tx.query(&stmt, &[&limit, &after_id])).await?;
+    if let Some(tx) = claimed.take() {
+        let max_id = rows
+            .last()
+            .and_then(|r| r.try_get::<_, i64>(0).ok())
+            .unwrap_or(after_id);
+        let _ = tx.send(Claimed {
+            rows: rows.len(),
+            max_id,
+        });
+    }
     if rows.is_empty() {
         step("rollback", tx.rollback()).await?;
         return Ok(BatchEnd::Empty);
@@ -213,8 +247,18 @@ struct Loop {
     tasks: JoinSet<BatchEnd>,
     /// A wake-up or poll said rows may be due.
     due: bool,
-    /// The last batch came back full: keep the pipeline full.
+    /// The last claim came back full: keep the pipeline full.
     backlog: bool,
+    /// The claim report of the batch that is claiming now. One claim runs
+    /// at a time, so pipelined claims never walk each other's locked rows.
+    claiming: Option<oneshot::Receiver<Claimed>>,
+    /// While batches are in flight, the next claim starts after this id
+    /// (the highest id claimed in this run) instead of at the table's head.
+    frontier: i64,
+    /// The next claim starts at the head of the table: it finds rows that a
+    /// claim after the frontier cannot (retries come due, late commits of
+    /// lower ids). Set by every poll tick and after errors.
+    full_scan: bool,
     draining: bool,
     db_failures: u32,
     /// No claims before this instant (after a database error).
@@ -238,6 +282,9 @@ pub async fn run(
         tasks: JoinSet::new(),
         due: true,
         backlog: false,
+        claiming: None,
+        frontier: 0,
+        full_scan: true,
         draining: false,
         db_failures: 0,
         paused_until: None,
@@ -254,14 +301,21 @@ pub async fn run(
     loop {
         source.health.beat();
         let paused = state.paused_until.is_some_and(|t| Instant::now() < t);
-        if !paused && broker.can_publish() {
-            while state.tasks.len() < max && (state.due || state.backlog) {
-                state.tasks.spawn(batch(source.clone()));
-                state.due = false;
-                if !state.backlog {
-                    break;
-                }
+        if !paused
+            && broker.can_publish()
+            && state.claiming.is_none()
+            && state.tasks.len() < max
+            && (state.due || state.backlog)
+        {
+            if state.tasks.is_empty() {
+                state.frontier = 0;
             }
+            let after = if state.full_scan { 0 } else { state.frontier };
+            state.full_scan = false;
+            state.due = false;
+            let (tx, rx) = oneshot::channel();
+            state.claiming = Some(rx);
+            state.tasks.spawn(batch(source.clone(), after, tx));
         }
         if state.draining
             && state.tasks.is_empty()
@@ -280,6 +334,13 @@ pub async fn run(
                 warn!(source = %source.config.name, batches = n, "drain time is up; in-flight batches rolled back, their rows stay in the outbox");
                 break;
             }
+            report = claim_report(&mut state.claiming), if state.claiming.is_some() => {
+                state.claiming = None;
+                state.backlog = report.rows >= source.config.batch_size;
+                if state.backlog {
+                    state.frontier = state.frontier.max(report.max_id);
+                }
+            }
             Some(joined) = state.tasks.join_next(), if !state.tasks.is_empty() => match joined {
                 Ok(end) => state.settled(end),
                 Err(join_error) => {
@@ -287,6 +348,7 @@ pub async fn run(
                     // gone with it and its rows are intact; carry on.
                     error!(source = %source.config.name, error = %join_error, "batch task failed unexpectedly; its rows will be claimed again");
                     state.due = true;
+                    state.full_scan = true;
                 }
             },
             _ = drain.cancelled(), if !state.draining => {
@@ -296,12 +358,23 @@ pub async fn run(
                 info!(source = %source.config.name, "draining: publishing what is committed, then stopping");
             }
             _ = source.wake.notified(), if !state.draining => state.due = true,
-            _ = poll.tick(), if !state.draining => state.due = true,
+            _ = poll.tick(), if !state.draining => {
+                state.due = true;
+                state.full_scan = true;
+            }
             _ = broker.wait_publishable(&abort), if !broker.can_publish() && !state.draining => {}
             _ = tokio::time::sleep_until(pause.unwrap_or_else(Instant::now)), if pause.is_some() => {
                 state.paused_until = None;
             }
         }
+    }
+}
+
+/// The claim report, or an empty one if the batch ended without sending it.
+async fn claim_report(claiming: &mut Option<oneshot::Receiver<Claimed>>) -> Claimed {
+    match claiming {
+        Some(rx) => rx.await.unwrap_or_default(),
+        None => std::future::pending().await,
     }
 }
 
@@ -311,10 +384,7 @@ impl Loop {
         let source = self.source.clone();
         let name = &source.config.name;
         match end {
-            BatchEnd::Empty => {
-                self.db_ok();
-                self.backlog = false;
-            }
+            BatchEnd::Empty => self.db_ok(),
             BatchEnd::Settled {
                 claimed,
                 delivered,
@@ -322,11 +392,11 @@ impl Loop {
             } => {
                 self.db_ok();
                 debug!(source = %name, claimed, delivered, failed, "batch settled");
-                self.backlog = claimed >= self.source.config.batch_size;
             }
             BatchEnd::Db(err) => {
                 self.db_failures += 1;
                 self.backlog = false;
+                self.full_scan = true;
                 self.due = !self.draining;
                 let delay = DB_RETRY.jittered(self.db_failures.min(20));
                 self.paused_until = Some(Instant::now() + delay);
@@ -344,6 +414,7 @@ impl Loop {
             }
             BatchEnd::BrokerDown(reason) => {
                 self.backlog = false;
+                self.full_scan = true;
                 self.due = !self.draining;
                 self.broker.report_failure();
                 debug!(source = %name, %reason, "broker unavailable; waiting for it before claiming again");

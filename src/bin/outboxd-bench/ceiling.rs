@@ -1,0 +1,170 @@
+//! The broker's ceiling: raw lapin publishing of the same messages (512-byte
+//! persistent bodies, mandatory, confirms, the relay's properties), with no
+//! database in the loop. Several pipelining shapes are tried; the best is
+//! the ceiling the drain is compared with.
+
+use std::future::{Future, poll_fn};
+use std::task::Poll;
+use std::time::Instant;
+
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueuePurgeOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{BasicProperties, Confirmation};
+
+use crate::Options;
+use crate::env::{Env, PAYLOAD_BYTES, QueueType};
+use crate::report::{Report, median};
+
+/// (channels, messages per chunk): each channel publishes a chunk, waits for
+/// its confirms, and starts the next; `channels` chunks are in flight.
+const SHAPES: [(usize, usize); 4] = [(1, 1000), (4, 250), (4, 500), (4, 1000)];
+
+pub async fn run(
+    env: &Env,
+    queue: QueueType,
+    o: &Options,
+    report: &mut Report,
+) -> Result<f64, String> {
+    let (ch, name) = env.declare(queue).await?;
+    let n = o.rows;
+    let mut best: Option<((usize, usize), Vec<f64>)> = None;
+    for shape in SHAPES {
+        let mut samples = Vec::new();
+        for _ in 0..o.repeats {
+            let broker0 = crate::env::cpu_of("beam.smp");
+            let started = std::time::Instant::now();
+            let rate = publish(env, &name, n, shape).await?;
+            println!(
+                "{{\"probe\":\"ceiling {} {}ch x {} CPU\",\"broker_cores\":{:.2}}}",
+                queue.name(),
+                shape.0,
+                shape.1,
+                (crate::env::cpu_of("beam.smp") - broker0) / started.elapsed().as_secs_f64()
+            );
+            ch.queue_purge(name.as_str().into(), QueuePurgeOptions::default())
+                .await
+                .map_err(|e| e.to_string())?;
+            samples.push(rate);
+        }
+        println!(
+            "{{\"probe\":\"ceiling {} {}ch x {}\",\"median_msgs_per_s\":{:.0}}}",
+            queue.name(),
+            shape.0,
+            shape.1,
+            median(&samples)
+        );
+        if best
+            .as_ref()
+            .is_none_or(|(_, b)| median(&samples) > median(b))
+        {
+            best = Some((shape, samples));
+        }
+    }
+    env.undeclare(&ch, &name).await;
+    let ((channels, chunk), samples) = best.ok_or("no ceiling measured")?;
+    Ok(report.add(
+        format!(
+            "ceiling {} (raw lapin, {channels} ch x {chunk})",
+            queue.name()
+        ),
+        "msg/s",
+        samples,
+        format!("{n} msgs, {PAYLOAD_BYTES} B, persistent, confirms"),
+    ))
+}
+
+fn properties(i: usize) -> BasicProperties {
+    let mut headers = FieldTable::default();
+    let s = |v: &str| AMQPValue::LongString(LongString::from(v.as_bytes().to_vec()));
+    headers.insert("x-outbox-source".into(), s("bench"));
+    headers.insert("x-outbox-id".into(), AMQPValue::LongLongInt(i as i64));
+    headers.insert("x-aggregate-type".into(), s("order"));
+    headers.insert("x-aggregate-id".into(), s("o-1"));
+    BasicProperties::default()
+        .with_message_id(format!("ceiling-{i}").into())
+        .with_type("OrderCreated".into())
+        .with_content_type("application/json".into())
+        .with_delivery_mode(2)
+        .with_timestamp(1)
+        .with_app_id("outboxd".into())
+        .with_headers(headers)
+}
+
+/// Publishes `n` messages in the given shape; returns messages per second.
+async fn publish(
+    env: &Env,
+    exchange: &str,
+    n: usize,
+    (channels, chunk): (usize, usize),
+) -> Result<f64, String> {
+    let body = format!(
+        "{{\"seq\":0,\"pad\":\"{}\"}}",
+        "x".repeat(PAYLOAD_BYTES - 20)
+    )
+    .into_bytes();
+    let mut tasks = tokio::task::JoinSet::new();
+    let started = Instant::now();
+    for c in 0..channels {
+        let ch = env.amqp.create_channel().await.map_err(|e| e.to_string())?;
+        ch.confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(|e| e.to_string())?;
+        let share = n / channels + usize::from(c < n % channels);
+        let body = body.clone();
+        let exchange = exchange.to_owned();
+        tasks.spawn(async move {
+            let mut sent = 0;
+            while sent < share {
+                let k = chunk.min(share - sent);
+                let opts = BasicPublishOptions {
+                    mandatory: true,
+                    immediate: false,
+                };
+                let mut futs: Vec<_> = (0..k)
+                    .map(|i| {
+                        Box::pin(ch.basic_publish(
+                            exchange.as_str().into(),
+                            "bench".into(),
+                            opts,
+                            &body,
+                            properties(sent + i),
+                        ))
+                    })
+                    .collect();
+                let mut done: Vec<Option<lapin::Result<lapin::PublisherConfirm>>> =
+                    (0..k).map(|_| None).collect();
+                poll_fn(|cx| {
+                    let mut pending = false;
+                    for (f, d) in futs.iter_mut().zip(done.iter_mut()) {
+                        if d.is_none() {
+                            match f.as_mut().poll(cx) {
+                                Poll::Ready(r) => *d = Some(r),
+                                Poll::Pending => pending = true,
+                            }
+                        }
+                    }
+                    if pending {
+                        Poll::Pending
+                    } else {
+                        Poll::Ready(())
+                    }
+                })
+                .await;
+                drop(futs);
+                for d in done.into_iter().flatten() {
+                    let confirm = d.map_err(|e| e.to_string())?;
+                    match confirm.await.map_err(|e| e.to_string())? {
+                        Confirmation::Ack(None) => {}
+                        other => return Err(format!("ceiling publish not acked: {other:?}")),
+                    }
+                }
+                sent += k;
+            }
+            Ok::<_, String>(())
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.map_err(|e| e.to_string())??;
+    }
+    Ok(n as f64 / started.elapsed().as_secs_f64())
+}

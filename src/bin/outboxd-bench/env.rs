@@ -1,0 +1,379 @@
+//! The local services and the relay binary, with create/cleanup helpers.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use lapin::options::{
+    ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
+use tokio_postgres::{Client, NoTls};
+
+pub const PG: &str = "postgres://root@127.0.0.1:5432";
+pub const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+/// Payload size of the drain and ceiling messages.
+pub const PAYLOAD_BYTES: usize = 512;
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub enum QueueType {
+    Classic,
+    Quorum,
+}
+
+impl QueueType {
+    pub fn name(self) -> &'static str {
+        match self {
+            QueueType::Classic => "classic",
+            QueueType::Quorum => "quorum",
+        }
+    }
+}
+
+pub struct Env {
+    pub admin: Client,
+    pub amqp: Connection,
+    pub relay_bin: PathBuf,
+    pg_version: String,
+}
+
+pub fn unique(prefix: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{prefix}_{}_{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+pub async fn pg(url: &str) -> Result<Client, String> {
+    let (client, conn) = tokio_postgres::connect(url, NoTls)
+        .await
+        .map_err(|e| format!("cannot connect to {url}: {e}"))?;
+    tokio::spawn(conn);
+    Ok(client)
+}
+
+impl Env {
+    pub async fn new() -> Result<Self, String> {
+        let relay_bin = std::env::current_exe()
+            .map_err(|e| e.to_string())?
+            .with_file_name("outboxd");
+        if !relay_bin.exists() {
+            return Err(format!(
+                "{} not found; build it first (scripts/bench.sh does: cargo build --release --bins)",
+                relay_bin.display()
+            ));
+        }
+        let admin = pg(&format!("{PG}/postgres")).await?;
+        let amqp = Connection::connect(AMQP, ConnectionProperties::default())
+            .await
+            .map_err(|e| format!("cannot connect to RabbitMQ: {e}"))?;
+        let pg_version: String = admin
+            .query_one("SHOW server_version", &[])
+            .await
+            .map_err(|e| e.to_string())?
+            .get(0);
+        Ok(Self {
+            admin,
+            amqp,
+            relay_bin,
+            pg_version,
+        })
+    }
+
+    pub fn describe(&self) -> String {
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0);
+        let rmq = self.amqp.status().vhost();
+        format!(
+            "{cores} cores, PostgreSQL {}, RabbitMQ on 127.0.0.1 (vhost {rmq}), relay {}",
+            self.pg_version,
+            self.relay_bin.display()
+        )
+    }
+
+    pub async fn create_db(&self, prefix: &str) -> Result<(String, String), String> {
+        let name = unique(prefix);
+        self.admin
+            .batch_execute(&format!("CREATE DATABASE \"{name}\""))
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok((name.clone(), format!("{PG}/{name}")))
+    }
+
+    pub async fn drop_db(&self, name: &str) {
+        let _ = self
+            .admin
+            .batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+            .await;
+    }
+
+    /// Creates the outbox table with outboxd's own migration.
+    pub async fn migrate(&self, url: &str) -> Result<(), String> {
+        let text = format!(
+            "[rabbitmq]\nurl = \"{AMQP}\"\n[[source]]\nname = \"b\"\ndatabase_url = \"{url}\"\n"
+        );
+        let config =
+            outboxd::config::Config::from_toml(&text, &|_| None).map_err(|e| e.to_string())?;
+        outboxd::migrate::run(&config)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// Inserts `n` rows with ~512-byte payloads.
+    pub async fn fill(&self, url: &str, n: usize) -> Result<(), String> {
+        let c = pg(url).await?;
+        let pad = PAYLOAD_BYTES as i32 - 25;
+        c.execute(
+            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
+             SELECT 'order', 'o-' || (g % 1000), 'OrderCreated', jsonb_build_object('seq', g, 'pad', repeat('x', $2)) \
+             FROM generate_series(1, $1::int) g",
+            &[&(n as i32), &pad],
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        c.batch_execute("VACUUM ANALYZE outbox")
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(())
+    }
+
+    /// A topic exchange and a durable queue of `kind` bound with "#".
+    pub async fn declare(&self, kind: QueueType) -> Result<(Channel, String), String> {
+        let ch = self
+            .amqp
+            .create_channel()
+            .await
+            .map_err(|e| e.to_string())?;
+        let name = unique("bench");
+        ch.exchange_declare(
+            name.as_str().into(),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        let mut args = FieldTable::default();
+        if kind == QueueType::Quorum {
+            args.insert(
+                "x-queue-type".into(),
+                AMQPValue::LongString(LongString::from(b"quorum".to_vec())),
+            );
+        }
+        let durable = QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        ch.queue_declare(name.as_str().into(), durable, args)
+            .await
+            .map_err(|e| e.to_string())?;
+        ch.queue_bind(
+            name.as_str().into(),
+            name.as_str().into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        Ok((ch, name))
+    }
+
+    pub async fn message_count(&self, kind: QueueType, queue: &str) -> Result<u32, String> {
+        let ch = self
+            .amqp
+            .create_channel()
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut args = FieldTable::default();
+        if kind == QueueType::Quorum {
+            args.insert(
+                "x-queue-type".into(),
+                AMQPValue::LongString(LongString::from(b"quorum".to_vec())),
+            );
+        }
+        let passive = QueueDeclareOptions {
+            passive: true,
+            durable: true,
+            ..Default::default()
+        };
+        let q = ch
+            .queue_declare(queue.into(), passive, args)
+            .await
+            .map_err(|e| e.to_string())?;
+        let _ = ch.close(200, "OK".into()).await;
+        Ok(q.message_count())
+    }
+
+    pub async fn undeclare(&self, ch: &Channel, name: &str) {
+        let _ = ch
+            .queue_delete(name.into(), QueueDeleteOptions::default())
+            .await;
+        let _ = ch
+            .exchange_delete(name.into(), ExchangeDeleteOptions::default())
+            .await;
+    }
+
+    pub async fn spawn_relay(&self, config: &str) -> Result<Relay, String> {
+        let path = std::env::temp_dir().join(format!("{}.toml", unique("outboxd-bench")));
+        std::fs::write(&path, config).map_err(|e| e.to_string())?;
+        let mut child = Command::new(&self.relay_bin)
+            .args(["run", "--log-format", "json", "-c"])
+            .arg(&path)
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", self.relay_bin.display()))?;
+        let admin: Arc<Mutex<Option<SocketAddr>>> = Arc::default();
+        let found = admin.clone();
+        let stderr = child.stderr.take().ok_or("no stderr")?;
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                    if v["message"] == "outboxd running" {
+                        *found.lock().unwrap_or_else(|e| e.into_inner()) =
+                            v["admin"].as_str().and_then(|a| a.parse().ok());
+                    }
+                    if v["level"] == "ERROR" || v["level"] == "WARN" {
+                        eprintln!("relay: {line}");
+                    }
+                }
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(addr) = *admin.lock().unwrap_or_else(|e| e.into_inner()) {
+                return Ok(Relay {
+                    child,
+                    admin: addr,
+                    config: path,
+                });
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                return Err("the relay did not start within 30 s".into());
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+pub struct Relay {
+    child: Child,
+    pub admin: SocketAddr,
+    config: PathBuf,
+}
+
+impl Relay {
+    /// User + system CPU seconds so far.
+    pub fn cpu_seconds(&self) -> f64 {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
+        // Fields after the ")" that ends the command name; utime and stime are the 12th and 13th.
+        let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+        let f: Vec<&str> = after.split_whitespace().collect();
+        let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        (ticks(11) + ticks(12)) / 100.0
+    }
+
+    /// Resident set size in MB.
+    pub fn rss_mb(&self) -> f64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+            .map(|kb| kb / 1024.0)
+            .unwrap_or(f64::NAN)
+    }
+
+    pub async fn metrics(&self) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let Ok(mut s) = tokio::net::TcpStream::connect(self.admin).await else {
+            return String::new();
+        };
+        let req = format!(
+            "GET /metrics HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+            self.admin
+        );
+        if s.write_all(req.as_bytes()).await.is_err() {
+            return String::new();
+        }
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out).await;
+        out
+    }
+
+    pub async fn stop(mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        for _ in 0..200 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.config);
+    }
+}
+
+/// Total user+system CPU seconds of every process whose command name is `comm`
+/// (e.g. "beam.smp", "postgres"), read from /proc.
+pub fn cpu_of(comm: &str) -> f64 {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0.0;
+    };
+    let mut total = 0.0;
+    for entry in dir.flatten() {
+        let name = entry.file_name();
+        if !name.to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        let Some((head, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        if head.split_once('(').map(|(_, c)| c) != Some(comm) {
+            continue;
+        }
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        total += (ticks(11) + ticks(12)) / 100.0;
+    }
+    total
+}
+
+/// The sample of `series` (exact name and labels) in a metrics text.
+pub fn sample(metrics: &str, series: &str) -> Option<f64> {
+    metrics.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+/// One-source relay config for the bench.
+pub fn relay_config(url: &str, exchange: &str, extra: &str) -> String {
+    format!(
+        "[log]\nlevel = \"warn,outboxd::app=info\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n[rabbitmq]\nurl = \"{AMQP}\"\n\
+         [[source]]\nname = \"bench\"\ndatabase_url = \"{url}\"\nexchange = \"{exchange}\"\n{extra}\n"
+    )
+}

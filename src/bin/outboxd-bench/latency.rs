@@ -1,0 +1,247 @@
+//! Latency: producers commit single-row transactions at a steady rate; we
+//! measure commit to consumer receipt (exactly, in this process) and commit
+//! to broker confirm (from the relay's `outboxd_relay_lag_seconds`
+//! histogram, interpolated within its buckets).
+
+use std::collections::HashMap;
+use std::future::poll_fn;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_core::Stream;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions};
+use lapin::types::FieldTable;
+
+use crate::Options;
+use crate::env::{Env, QueueType, pg, relay_config};
+use crate::report::{Report, quantile};
+
+/// (rows per second, seconds, producer connections)
+const RATES: [(u32, u64, usize); 4] = [(10, 5, 1), (100, 10, 1), (1000, 6, 4), (5000, 4, 8)];
+
+type Receipts = Arc<Mutex<HashMap<i64, Instant>>>;
+
+pub async fn run(env: &Env, o: &Options, report: &mut Report) -> Result<(), String> {
+    let (db, url) = env.create_db("bench_latency").await?;
+    env.migrate(&url).await?;
+    let (ch, exchange) = env.declare(QueueType::Classic).await?;
+    let relay = env
+        .spawn_relay(&relay_config(&url, &exchange, &o.source_extra))
+        .await?;
+
+    let receipts: Receipts = Arc::default();
+    let consumer_ch = env.amqp.create_channel().await.map_err(|e| e.to_string())?;
+    let consumer = consumer_ch
+        .basic_consume(
+            exchange.as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    let sink = receipts.clone();
+    let consumer_task = tokio::spawn(async move {
+        let mut consumer = Box::pin(consumer);
+        while let Some(Ok(d)) = poll_fn(|cx| Pin::new(&mut consumer).poll_next(cx)).await {
+            let now = Instant::now();
+            if let Some(seq) = serde_json::from_slice::<serde_json::Value>(&d.data)
+                .ok()
+                .and_then(|v| v["seq"].as_i64())
+            {
+                sink.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(seq, now);
+            }
+            let _ = d.ack(BasicAckOptions::default()).await;
+        }
+    });
+
+    let mut next_seq = 0i64;
+    for (rate, secs, conns) in RATES {
+        let mut p50s = Vec::new();
+        let mut p99s = Vec::new();
+        let mut maxes = Vec::new();
+        let mut confirm_p50 = Vec::new();
+        let mut confirm_p99 = Vec::new();
+        let mut achieved = Vec::new();
+        for _ in 0..o.repeats {
+            let before = histogram(&relay.metrics().await);
+            let (commits, real_rate) = produce(&url, rate, secs, conns, &mut next_seq).await?;
+            // Wait (bounded) for every row to reach the consumer.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let lat = loop {
+                let got = receipts.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                if commits.keys().all(|s| got.contains_key(s)) || Instant::now() > deadline {
+                    let mut lat: Vec<f64> = commits
+                        .iter()
+                        .filter_map(|(s, c)| {
+                            got.get(s)
+                                .map(|r| r.saturating_duration_since(*c).as_secs_f64() * 1e3)
+                        })
+                        .collect();
+                    lat.sort_by(f64::total_cmp);
+                    if lat.len() < commits.len() {
+                        return Err(format!(
+                            "{} of {} rows did not arrive within 30 s",
+                            commits.len() - lat.len(),
+                            commits.len()
+                        ));
+                    }
+                    break lat;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            };
+            let after = histogram(&relay.metrics().await);
+            let delta: Vec<(f64, f64)> = after
+                .iter()
+                .zip(&before)
+                .map(|((le, a), (_, b))| (*le, a - b))
+                .collect();
+            p50s.push(quantile(&lat, 0.5));
+            p99s.push(quantile(&lat, 0.99));
+            maxes.push(lat.last().copied().unwrap_or(f64::NAN));
+            confirm_p50.push(hist_quantile(&delta, 0.5) * 1e3);
+            confirm_p99.push(hist_quantile(&delta, 0.99) * 1e3);
+            achieved.push(real_rate);
+        }
+        let label = if rate <= 10 {
+            "idle (10 rows/s)".to_owned()
+        } else {
+            format!("{rate} rows/s")
+        };
+        let note = format!(
+            "producers reached {:.0} rows/s",
+            crate::report::median(&achieved)
+        );
+        report.add(
+            format!("latency {label}: commit→confirm p50"),
+            "ms",
+            confirm_p50,
+            note.clone(),
+        );
+        report.add(
+            format!("latency {label}: commit→confirm p99"),
+            "ms",
+            confirm_p99,
+            "from the relay's histogram",
+        );
+        report.add(
+            format!("latency {label}: commit→consumer p50"),
+            "ms",
+            p50s,
+            note,
+        );
+        report.add(
+            format!("latency {label}: commit→consumer p99"),
+            "ms",
+            p99s,
+            "",
+        );
+        report.add(
+            format!("latency {label}: commit→consumer max"),
+            "ms",
+            maxes,
+            "",
+        );
+    }
+    report.add(
+        "relay RSS, one source, after latency runs",
+        "MB",
+        vec![relay.rss_mb()],
+        "steady state",
+    );
+    consumer_task.abort();
+    relay.stop().await;
+    env.undeclare(&ch, &exchange).await;
+    env.drop_db(&db).await;
+    Ok(())
+}
+
+/// Commits `rate` single-row transactions per second for `secs` seconds over
+/// `conns` connections; returns each row's commit instant by seq, and the rate reached.
+async fn produce(
+    url: &str,
+    rate: u32,
+    secs: u64,
+    conns: usize,
+    next_seq: &mut i64,
+) -> Result<(HashMap<i64, Instant>, f64), String> {
+    let total = i64::from(rate) * secs as i64;
+    let first = *next_seq;
+    *next_seq += total;
+    let start = Instant::now() + Duration::from_millis(50);
+    let interval = Duration::from_secs_f64(1.0 / f64::from(rate));
+    let mut workers = tokio::task::JoinSet::new();
+    for w in 0..conns {
+        let client = pg(url).await?;
+        workers.spawn(async move {
+            let stmt = client
+                .prepare("INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) VALUES ('order', 'o-1', 'OrderCreated', jsonb_build_object('seq', $1::bigint))")
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut out = Vec::new();
+            let mut i = w as i64;
+            while i < total {
+                tokio::time::sleep_until((start + interval * i as u32).into()).await;
+                client.execute(&stmt, &[&(first + i)]).await.map_err(|e| e.to_string())?;
+                out.push((first + i, Instant::now()));
+                i += conns as i64;
+            }
+            Ok::<_, String>(out)
+        });
+    }
+    let mut commits = HashMap::new();
+    while let Some(r) = workers.join_next().await {
+        commits.extend(r.map_err(|e| e.to_string())??);
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    Ok((commits, total as f64 / elapsed))
+}
+
+/// Cumulative (le, count) pairs of the lag histogram of source "bench".
+fn histogram(metrics: &str) -> Vec<(f64, f64)> {
+    metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("outboxd_relay_lag_seconds_bucket{") && l.contains("source=\"bench\"")
+        })
+        .filter_map(|l| {
+            let le = l.split("le=\"").nth(1)?.split('"').next()?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            let v = l.rsplit(' ').next()?.parse().ok()?;
+            Some((le, v))
+        })
+        .collect()
+}
+
+/// Quantile from cumulative buckets, linear within the bucket (Prometheus' method).
+fn hist_quantile(buckets: &[(f64, f64)], q: f64) -> f64 {
+    let total = buckets.last().map(|b| b.1).unwrap_or(0.0);
+    if total <= 0.0 {
+        return f64::NAN;
+    }
+    let rank = q * total;
+    let mut prev = (0.0, 0.0);
+    for &(le, count) in buckets {
+        if count >= rank {
+            if le.is_infinite() {
+                return prev.0;
+            }
+            let width = count - prev.1;
+            let frac = if width > 0.0 {
+                (rank - prev.1) / width
+            } else {
+                0.0
+            };
+            return prev.0 + (le - prev.0) * frac;
+        }
+        prev = (le, count);
+    }
+    prev.0
+}

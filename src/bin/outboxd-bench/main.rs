@@ -1,0 +1,122 @@
+//! outboxd-bench: measures outboxd against the broker's own ceiling, in one run.
+//!
+//!   scripts/bench.sh [--quick] [--only ceiling,drain,latency,overhead,footprint]
+//!
+//! It creates its own databases, exchanges and queues on the local
+//! PostgreSQL and RabbitMQ, runs the release `outboxd` next to its own
+//! executable, removes what it created, and prints a table plus one JSON
+//! line per figure. Every figure is repeated (3 times by default) and
+//! reported as the median with the min-max spread: the machines are
+//! shared and noisy, so ratios measured in the same run are what count.
+
+mod ceiling;
+mod drain;
+mod env;
+mod footprint;
+mod latency;
+mod overhead;
+mod report;
+
+use std::collections::BTreeSet;
+
+use report::Report;
+
+pub struct Options {
+    pub repeats: usize,
+    /// Rows per drain run (100k by default).
+    pub rows: usize,
+    pub only: Option<BTreeSet<String>>,
+    /// Extra `key = value` lines for the relay's `[[source]]` (from `--set`).
+    pub source_extra: String,
+}
+
+impl Options {
+    fn parse() -> Result<Self, String> {
+        let mut o = Options {
+            repeats: 3,
+            rows: 100_000,
+            only: None,
+            source_extra: String::new(),
+        };
+        let mut args = std::env::args().skip(1);
+        while let Some(a) = args.next() {
+            match a.as_str() {
+                "--quick" => {
+                    o.repeats = 1;
+                    o.rows = 20_000;
+                }
+                "--repeats" => o.repeats = next_num(&mut args, "--repeats")?,
+                "--rows" => o.rows = next_num(&mut args, "--rows")?,
+                "--only" => {
+                    let v = args.next().ok_or("--only needs a list")?;
+                    o.only = Some(v.split(',').map(str::to_owned).collect());
+                }
+                "--set" => {
+                    let kv = args.next().ok_or("--set needs key=value")?;
+                    let (k, v) = kv.split_once('=').ok_or("--set needs key=value")?;
+                    o.source_extra.push_str(&format!("{k} = {v}\n"));
+                }
+                "-h" | "--help" => {
+                    println!(
+                        "usage: outboxd-bench [--quick] [--repeats N] [--rows N] [--only ceiling,drain,latency,overhead,footprint] [--set source_key=toml_value ...]"
+                    );
+                    std::process::exit(0);
+                }
+                other => return Err(format!("unknown argument {other:?} (try --help)")),
+            }
+        }
+        Ok(o)
+    }
+
+    pub fn wants(&self, part: &str) -> bool {
+        self.only.as_ref().is_none_or(|s| s.contains(part))
+    }
+}
+
+fn next_num(args: &mut impl Iterator<Item = String>, flag: &str) -> Result<usize, String> {
+    args.next()
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| format!("{flag} needs a number"))
+}
+
+#[tokio::main]
+async fn main() {
+    let options = match Options::parse() {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("outboxd-bench: {e}");
+            std::process::exit(2);
+        }
+    };
+    if let Err(e) = run(&options).await {
+        eprintln!("outboxd-bench: {e}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(o: &Options) -> Result<(), String> {
+    let env = env::Env::new().await?;
+    let mut report = Report::new();
+    println!("# outboxd-bench: {}", env.describe());
+    let mut ceilings = std::collections::HashMap::new();
+    for queue in [env::QueueType::Classic, env::QueueType::Quorum] {
+        if o.wants("ceiling") || o.wants("drain") {
+            let c = ceiling::run(&env, queue, o, &mut report).await?;
+            ceilings.insert(queue, c);
+        }
+        if o.wants("drain") {
+            drain::run(&env, queue, o, ceilings[&queue], &mut report).await?;
+        }
+    }
+    if o.wants("latency") {
+        latency::run(&env, o, &mut report).await?;
+    }
+    if o.wants("overhead") {
+        overhead::run(&env, o, &mut report).await?;
+    }
+    if o.wants("footprint") {
+        footprint::run(&env, o, &mut report).await?;
+    }
+    report.print_table();
+    Ok(())
+}
