@@ -12,6 +12,7 @@ use lapin::types::ShortString;
 use tokio_postgres::{Client, NoTls};
 
 use crate::config::{AfterPublish, Config, SourceConfig};
+use crate::ident::{quote_ident, quote_literal};
 use crate::sink::rabbitmq::{Broker, exchange_exists};
 use crate::telemetry::ErrorChain;
 
@@ -240,22 +241,47 @@ async fn check_table<W: Write>(
         );
     }
 
-    let triggers = client
+    // The trigger function migrate creates has the channel built in.
+    let bodies = client
         .query(
-            "SELECT tgargs FROM pg_trigger WHERE tgrelid = to_regclass($1::text) AND NOT tgisinternal",
+            "SELECT p.prosrc FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid \
+             WHERE t.tgrelid = to_regclass($1::text) AND NOT t.tgisinternal",
             &[&t.quoted()],
         )
         .await?;
-    let channel = source.notify_channel.as_bytes();
-    let notifies = triggers.iter().any(|row| {
-        let args: Vec<u8> = row.get(0);
-        args.split(|b| *b == 0).any(|arg| arg == channel)
-    });
-    if notifies {
+    let channel = quote_literal(&source.notify_channel);
+    let notifies = bodies
+        .iter()
+        .any(|row| row.get::<_, String>(0).contains(&channel));
+    let wakeup = format!(
+        "{}.{}",
+        quote_ident(&t.schema),
+        quote_ident(&t.derived("_wakeup"))
+    );
+    let flag = client
+        .query_one(
+            "SELECT to_regclass($1::text) IS NOT NULL AND has_table_privilege($1::text, 'UPDATE')",
+            &[&wakeup],
+        )
+        .await?
+        .get::<_, bool>(0);
+    if notifies && flag {
         r.line(
             Level::Ok,
             &what("trigger"),
-            &format!("inserts notify channel {:?}", source.notify_channel),
+            &format!(
+                "inserts notify channel {:?} when the relay is idle",
+                source.notify_channel
+            ),
+        );
+    } else if notifies {
+        r.line(
+            Level::Warn,
+            &what("trigger"),
+            &format!(
+                "cannot update the wake-up flag {wakeup} (missing, or no UPDATE privilege); rows are found by polling every {:?} only",
+                source.poll_interval
+            ),
         );
     } else {
         r.line(

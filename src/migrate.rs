@@ -25,12 +25,15 @@ pub struct MigrateError {
 /// The migration script for one source, with every placeholder filled in.
 pub fn render(source: &SourceConfig) -> String {
     let t = &source.table;
-    let idents = [
+    let vars = [
         ("schema", t.schema.clone()),
         ("table", t.table.clone()),
         ("pending_index", t.derived("_pending_idx")),
         ("published_index", t.derived("_published_idx")),
         ("notify_trigger", t.derived("_notify")),
+        ("notify_function", t.derived("_notify_fn")),
+        ("wakeup_table", t.derived("_wakeup")),
+        ("channel", source.notify_channel.clone()),
     ];
     let mut out = String::with_capacity(SQL.len());
     for line in SQL.lines() {
@@ -39,10 +42,10 @@ pub fn render(source: &SourceConfig) -> String {
             continue;
         }
         let mut line = line.to_owned();
-        for (name, value) in &idents {
+        for (name, value) in &vars {
             line = line.replace(&format!(":\"{name}\""), &quote_ident(value));
+            line = line.replace(&format!(":'{name}'"), &quote_literal(value));
         }
-        line = line.replace(":'channel'", &quote_literal(&source.notify_channel));
         out.push_str(&line);
         out.push('\n');
     }
@@ -121,7 +124,15 @@ mod tests {
             "{sql}"
         );
         assert!(
-            sql.contains(r#""billing".outboxd_notify('outboxd.billing.events')"#),
+            sql.contains("set_config('outboxd.notify_function', 'events_notify_fn', false)"),
+            "{sql}"
+        );
+        assert!(
+            sql.contains("set_config('outboxd.channel', 'outboxd.billing.events', false)"),
+            "{sql}"
+        );
+        assert!(
+            sql.contains(r#"CREATE TABLE IF NOT EXISTS "billing"."events_wakeup""#),
             "{sql}"
         );
         // `::text` casts are not mistaken for placeholders
@@ -131,6 +142,9 @@ mod tests {
     #[test]
     fn quotes_the_channel_as_a_literal() {
         let sql = render(&source("outbox", Some("it's")));
-        assert!(sql.contains("outboxd_notify('it''s')"), "{sql}");
+        assert!(
+            sql.contains("set_config('outboxd.channel', 'it''s', false)"),
+            "{sql}"
+        );
     }
 }

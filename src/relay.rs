@@ -26,7 +26,14 @@ use crate::message::{OutboxRow, Routing};
 use crate::sink::rabbitmq::Broker;
 use crate::sink::{Failure, FailureReason, Outcome};
 use crate::source::complete::{self, Failed};
-use crate::source::{DbError, Source, claim, step};
+use crate::source::{DbError, Source, claim, flag, step};
+
+/// After a claim comes back empty within this long of one that found rows,
+/// the relay keeps claiming every [`LINGER_STEP`] instead of arming the
+/// wake-up flag: under steady load it never goes idle, so producers never
+/// pay for NOTIFY, and a new row waits at most this step.
+const LINGER_WINDOW: Duration = Duration::from_millis(20);
+const LINGER_STEP: Duration = Duration::from_millis(2);
 
 /// Pause after database errors: quick first retry, at most every 30 s.
 const DB_RETRY: Backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
@@ -48,6 +55,19 @@ pub enum BatchEnd {
     Db(DbError),
     /// No broker connection or channel: nothing was sent, rows unchanged.
     BrokerDown(String),
+    /// The wake-up flag was set to `armed`.
+    Flag { armed: bool },
+    /// The wake-up flag table does not exist: wake-ups come from the poll only.
+    FlagMissing(String),
+}
+
+/// Sets the wake-up flag (a task of its own, like a batch).
+pub async fn set_flag(source: Arc<Source>, armed: bool) -> BatchEnd {
+    match flag::set(&source, armed).await {
+        Ok(flag::Set::Done) => BatchEnd::Flag { armed },
+        Ok(flag::Set::Missing(reason)) => BatchEnd::FlagMissing(reason),
+        Err(err) => BatchEnd::Db(err),
+    }
 }
 
 /// What a batch reports as soon as its claim is done, before publishing:
@@ -259,6 +279,20 @@ struct Loop {
     /// claim after the frontier cannot (retries come due, late commits of
     /// lower ids). Set by every poll tick and after errors.
     full_scan: bool,
+    /// What we last set the wake-up flag to (`None`: unknown, or no flag table).
+    flag: Option<bool>,
+    /// A flag task is running.
+    flag_busy: bool,
+    /// The flag table exists (cleared for good when it does not).
+    flag_exists: bool,
+    /// Set the flag on the next empty claim even if we think it is set:
+    /// another relay on the same table may have disarmed it and gone away.
+    /// Set by each poll tick.
+    flag_recheck: bool,
+    /// When a claim last found rows.
+    last_rows_at: Option<Instant>,
+    /// Claim again at this instant (lingering after a recent busy spell).
+    linger_until: Option<Instant>,
     draining: bool,
     db_failures: u32,
     /// No claims before this instant (after a database error).
@@ -285,6 +319,12 @@ pub async fn run(
         claiming: None,
         frontier: 0,
         full_scan: true,
+        flag: None,
+        flag_busy: false,
+        flag_exists: true,
+        flag_recheck: false,
+        last_rows_at: None,
+        linger_until: None,
         draining: false,
         db_failures: 0,
         paused_until: None,
@@ -307,10 +347,15 @@ pub async fn run(
             && state.tasks.len() < max
             && (state.due || state.backlog)
         {
-            if state.tasks.is_empty() {
-                state.frontier = 0;
-            }
-            let after = if state.full_scan { 0 } else { state.frontier };
+            // Only a backlog run claims after the frontier: there the head
+            // of the table is locked by the batches in flight. Otherwise the
+            // claim starts at the head, where a row with a lower id that
+            // committed late (ids are taken at insert, not at commit) waits.
+            let after = if state.full_scan || !state.backlog {
+                0
+            } else {
+                state.frontier
+            };
             state.full_scan = false;
             state.due = false;
             let (tx, rx) = oneshot::channel();
@@ -325,6 +370,7 @@ pub async fn run(
             break;
         }
         let pause = state.paused_until;
+        let linger = state.linger_until;
         tokio::select! {
             biased;
             _ = abort.cancelled() => {
@@ -337,8 +383,26 @@ pub async fn run(
             report = claim_report(&mut state.claiming), if state.claiming.is_some() => {
                 state.claiming = None;
                 state.backlog = report.rows >= source.config.batch_size;
-                if state.backlog {
-                    state.frontier = state.frontier.max(report.max_id);
+                state.frontier = if state.backlog {
+                    state.frontier.max(report.max_id)
+                } else {
+                    0
+                };
+                if report.rows > 0 {
+                    // More may have committed since: claim again (while this
+                    // batch publishes) until a claim comes back empty.
+                    state.due = !state.draining;
+                }
+                let now = Instant::now();
+                if report.rows > 0 {
+                    state.last_rows_at = Some(now);
+                    state.flag_after(report);
+                } else if state.last_rows_at.is_some_and(|t| now - t < LINGER_WINDOW) {
+                    // Busy a moment ago: look again shortly instead of arming
+                    // the flag, so producers under steady load never notify.
+                    state.linger_until = Some(now + LINGER_STEP);
+                } else {
+                    state.flag_after(report);
                 }
             }
             Some(joined) = state.tasks.join_next(), if !state.tasks.is_empty() => match joined {
@@ -361,10 +425,15 @@ pub async fn run(
             _ = poll.tick(), if !state.draining => {
                 state.due = true;
                 state.full_scan = true;
+                state.flag_recheck = true;
             }
             _ = broker.wait_publishable(&abort), if !broker.can_publish() && !state.draining => {}
             _ = tokio::time::sleep_until(pause.unwrap_or_else(Instant::now)), if pause.is_some() => {
                 state.paused_until = None;
+            }
+            _ = tokio::time::sleep_until(linger.unwrap_or_else(Instant::now)), if linger.is_some() => {
+                state.linger_until = None;
+                state.due = !state.draining;
             }
         }
     }
@@ -391,9 +460,30 @@ impl Loop {
                 failed,
             } => {
                 self.db_ok();
+                // With the flag disarmed no notification will come for rows
+                // committed meanwhile: claim again until a claim is empty.
+                self.due = !self.draining;
                 debug!(source = %name, claimed, delivered, failed, "batch settled");
             }
+            BatchEnd::Flag { armed } => {
+                self.flag_busy = false;
+                self.flag = Some(armed);
+                if armed {
+                    self.linger_until = Some(Instant::now() + flag::RECHECK_AFTER_ARM);
+                }
+                // Claim once more. Just armed: for rows whose commit read the
+                // flag before it was armed. Just disarmed: the claims may have
+                // caught up meanwhile (an empty claim while this task ran could
+                // not arm), and with the flag down nothing else would wake us.
+                self.due = !self.draining;
+            }
+            BatchEnd::FlagMissing(reason) => {
+                self.flag_busy = false;
+                self.flag_exists = false;
+                warn!(source = %name, error = %reason, "the wake-up flag table is missing (run `outboxd migrate`); new rows are found by the poll every poll_interval");
+            }
             BatchEnd::Db(err) => {
+                self.flag_busy = false;
                 self.db_failures += 1;
                 self.backlog = false;
                 self.full_scan = true;
@@ -419,6 +509,20 @@ impl Loop {
                 self.broker.report_failure();
                 debug!(source = %name, %reason, "broker unavailable; waiting for it before claiming again");
             }
+        }
+    }
+
+    /// Keeps the wake-up flag in step with the claims: armed once caught
+    /// up (an empty claim), disarmed while busy (a claim that found rows).
+    fn flag_after(&mut self, report: Claimed) {
+        if self.flag_busy || !self.flag_exists || self.draining {
+            return;
+        }
+        let want = report.rows == 0;
+        let recheck = std::mem::take(&mut self.flag_recheck);
+        if self.flag != Some(want) || (want && recheck) {
+            self.flag_busy = true;
+            self.tasks.spawn(set_flag(self.source.clone(), want));
         }
     }
 

@@ -4,6 +4,7 @@
 pub mod backlog;
 pub mod claim;
 pub mod complete;
+pub mod flag;
 pub mod health;
 pub mod pool;
 pub mod retention;
@@ -29,6 +30,7 @@ pub struct Queries {
     pub claim: String,
     pub complete: complete::Sql,
     pub backlog: String,
+    pub flag: flag::Sql,
 }
 
 /// Everything one source's tasks share.
@@ -54,6 +56,7 @@ impl Source {
             claim: claim::sql(&config.table),
             complete: complete::Sql::new(&config.table, config.after_publish),
             backlog: backlog::sql(&config.table),
+            flag: flag::Sql::new(&config.table),
         };
         metrics.up.set(0);
         Self {

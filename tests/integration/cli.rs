@@ -81,7 +81,8 @@ async fn migrate_twice_changes_nothing() {
                 "SELECT 'col ' || column_name || ' ' || data_type || ' ' || coalesce(column_default, '') FROM information_schema.columns WHERE table_name = 'outbox' \
                  UNION ALL SELECT 'idx ' || indexdef FROM pg_indexes WHERE tablename = 'outbox' \
                  UNION ALL SELECT 'trg ' || tgname || ' ' || encode(tgargs, 'hex') FROM pg_trigger WHERE NOT tgisinternal \
-                 UNION ALL SELECT 'fn ' || p.oid || ' ' || md5(prosrc) FROM pg_proc p WHERE proname = 'outboxd_notify' \
+                 UNION ALL SELECT 'fn ' || p.oid || ' ' || md5(prosrc) FROM pg_proc p WHERE proname = 'outbox_notify_fn' \
+                 UNION ALL SELECT 'flag ' || armed FROM outbox_wakeup \
                  ORDER BY 1",
                 &[],
             )
@@ -97,6 +98,12 @@ async fn migrate_twice_changes_nothing() {
     assert!(
         first.iter().any(|l| l.starts_with("trg outbox_notify")),
         "{first:?}"
+    );
+    assert!(first.iter().any(|l| l.starts_with("fn ")), "{first:?}");
+    assert_eq!(
+        first.iter().filter(|l| l.starts_with("flag ")).count(),
+        1,
+        "one flag row: {first:?}"
     );
     assert_eq!(
         first.iter().filter(|l| l.starts_with("col ")).count(),
