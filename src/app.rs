@@ -67,8 +67,7 @@ pub async fn run(config: Config, drain: CancellationToken) -> Result<(), AppErro
         // A healthy loop turns at least once per poll interval.
         let stuck_after = cfg.poll_interval * 3 + Duration::from_secs(10);
         health.push((src.health.clone(), stuck_after));
-        helpers.spawn(source::wakeup::run(src.clone(), helpers_stop.clone()));
-        helpers.spawn(source::backlog::run(
+        helpers.spawn(source::wakeup::run(
             src.clone(),
             config.metrics.backlog_interval,
             helpers_stop.clone(),

@@ -120,19 +120,25 @@ async fn batch_inner(
     let stmt = step("prepare claim", tx.prepare_cached(&source.queries.claim)).await?;
     let limit = cfg.batch_size as i64;
     let rows = step("claim", tx.query(&stmt, &[&limit, &after_id])).await?;
-    if let Some(tx) = claimed.take() {
+    if rows.is_empty() {
+        step("rollback", tx.rollback()).await?;
+        // Back to the pool before the report, so whatever the loop starts
+        // next (a flag update, another claim) reuses this connection.
+        drop(client);
+        if let Some(report) = claimed.take() {
+            let _ = report.send(Claimed::default());
+        }
+        return Ok(BatchEnd::Empty);
+    }
+    if let Some(report) = claimed.take() {
         let max_id = rows
             .last()
             .and_then(|r| r.try_get::<_, i64>(0).ok())
             .unwrap_or(after_id);
-        let _ = tx.send(Claimed {
+        let _ = report.send(Claimed {
             rows: rows.len(),
             max_id,
         });
-    }
-    if rows.is_empty() {
-        step("rollback", tx.rollback()).await?;
-        return Ok(BatchEnd::Empty);
     }
     let rows = rows
         .iter()
@@ -344,6 +350,9 @@ pub async fn run(
         if !paused
             && broker.can_publish()
             && state.claiming.is_none()
+            // Not beside a flag update either: an idle source then needs
+            // one pooled connection, not two.
+            && !state.flag_busy
             && state.tasks.len() < max
             && (state.due || state.backlog)
         {
@@ -423,6 +432,7 @@ pub async fn run(
             }
             _ = source.wake.notified(), if !state.draining => state.due = true,
             _ = poll.tick(), if !state.draining => {
+                crate::source::pool::reap_idle(&source.pool);
                 state.due = true;
                 state.full_scan = true;
                 state.flag_recheck = true;

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use deadpool_postgres::{Manager, ManagerConfig, Pool, QueueMode, RecyclingMethod, Runtime};
 use tokio_postgres::NoTls;
 
 use crate::config::SourceConfig;
@@ -27,6 +27,9 @@ pub fn build(config: &SourceConfig) -> Result<Pool, String> {
     );
     Pool::builder(manager)
         .max_size(config.pool_size)
+        // Most recently used first: an idle source keeps reusing one
+        // connection, and the others age out (see `reap_idle`).
+        .queue_mode(QueueMode::Lifo)
         .wait_timeout(Some(WAIT_TIMEOUT))
         .create_timeout(Some(CREATE_TIMEOUT))
         .recycle_timeout(Some(RECYCLE_TIMEOUT))
@@ -38,4 +41,14 @@ pub fn build(config: &SourceConfig) -> Result<Pool, String> {
                 config.name
             )
         })
+}
+
+/// Pooled connections unused for this long are closed: after a busy spell
+/// an idle source goes back to one pooled connection.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Closes idle connections unused for [`IDLE_TIMEOUT`] (the relay calls
+/// this on its poll ticks).
+pub fn reap_idle(pool: &Pool) {
+    pool.retain(|_, metrics| metrics.last_used() < IDLE_TIMEOUT);
 }

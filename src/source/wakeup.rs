@@ -1,13 +1,17 @@
 //! Step 1: wake-ups. A dedicated connection LISTENs on the source's channel
 //! and turns each notification into a wake-up of the relay loop; the relay
 //! also polls every `poll_interval`, because a notification sent while this
-//! connection is down is lost for good.
+//! connection is down is lost for good (and the wake-up flag, see
+//! `flag.rs`, lets producers skip NOTIFY while the relay is busy).
 //!
 //! deadpool drives pooled connections with `connection.await`, which throws
 //! notifications away, so this connection is opened with tokio-postgres
-//! directly and driven with `poll_message`.
+//! directly and driven with `poll_message`. It also runs the backlog query
+//! behind `outboxd_pending_messages`, so an idle source holds two
+//! connections: this one and one pooled connection for its polls.
 
-use std::future::poll_fn;
+use std::future::{Future, poll_fn};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,21 +19,22 @@ use tokio_postgres::{AsyncMessage, NoTls};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::Source;
+use super::{Source, backlog};
 use crate::backoff::Backoff;
 use crate::ident::quote_ident;
 use crate::telemetry::ErrorChain;
 
 const RECONNECT: Backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
 
-/// Keeps a LISTEN connection up until `stop` fires.
-pub async fn run(source: Arc<Source>, stop: CancellationToken) {
+/// Keeps the LISTEN connection up until `stop` fires, refreshing the
+/// backlog gauges on it every `backlog_interval`.
+pub async fn run(source: Arc<Source>, backlog_interval: Duration, stop: CancellationToken) {
     let name = source.config.name.clone();
     let mut failures = 0u32;
     while !stop.is_cancelled() {
         let error = tokio::select! {
             _ = stop.cancelled() => break,
-            e = listen(&source) => e,
+            e = listen(&source, backlog_interval) => e,
         };
         source.health.set_listening(false);
         failures += 1;
@@ -46,8 +51,12 @@ pub async fn run(source: Arc<Source>, stop: CancellationToken) {
     source.health.set_listening(false);
 }
 
-/// Connects, LISTENs and forwards notifications; returns why it stopped.
-async fn listen(source: &Source) -> String {
+type Query<'a> =
+    Pin<Box<dyn Future<Output = Result<tokio_postgres::Row, tokio_postgres::Error>> + Send + 'a>>;
+
+/// Connects, LISTENs, forwards notifications and runs the backlog query;
+/// returns why it stopped.
+async fn listen(source: &Source, backlog_interval: Duration) -> String {
     let (client, mut connection) = match source.config.database.connect(NoTls).await {
         Ok(pair) => pair,
         Err(e) => return format!("cannot connect: {}", ErrorChain(&e)),
@@ -55,9 +64,12 @@ async fn listen(source: &Source) -> String {
     let listen_sql = format!("LISTEN {}", quote_ident(&source.config.notify_channel));
     let mut listen = Box::pin(client.batch_execute(&listen_sql));
     let mut listening = false;
+    let mut ticker = tokio::time::interval(backlog_interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut query: Option<Query<'_>> = None;
     loop {
         tokio::select! {
-            // The connection must be polled for the LISTEN itself to complete.
+            // The connection must be polled for any query on it to complete.
             message = poll_fn(|cx| connection.poll_message(cx)) => match message {
                 Some(Ok(AsyncMessage::Notification(_))) => source.wake.notify_one(),
                 Some(Ok(AsyncMessage::Notice(notice))) => debug!(source = %source.config.name, %notice, "notice on the listener"),
@@ -75,6 +87,13 @@ async fn listen(source: &Source) -> String {
                 }
                 Err(e) => return format!("LISTEN failed: {}", ErrorChain(&e)),
             },
+            _ = ticker.tick(), if listening && query.is_none() => {
+                query = Some(Box::pin(client.query_one(&source.queries.backlog, &[])));
+            }
+            result = async { query.as_mut().expect("guarded by is_some").await }, if query.is_some() => {
+                query = None;
+                backlog::record(source, result);
+            }
         }
     }
 }
