@@ -16,8 +16,21 @@ const RECYCLE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Builds the pool; no connection is opened until the first batch needs one,
 /// so a database that is down at start only delays that source.
 pub fn build(config: &SourceConfig) -> Result<Pool, String> {
+    let mut database = config.database.clone();
+    // An outbox table's statistics are nearly always stale (it fills and
+    // empties between autovacuum runs). With stale stats the planner picks
+    // a bitmap scan that reads and sorts every pending row to return the
+    // first few hundred: measured at 250 ms for 40k pending rows instead of
+    // 10 ms. Without sorts, the claim can only walk the pending index in id
+    // order and stop at LIMIT. Set for the session, so no claim pays a
+    // round trip for it; these connections run nothing that needs a sort.
+    let options = match database.get_options() {
+        Some(existing) => format!("{existing} -c enable_sort=off"),
+        None => "-c enable_sort=off".to_owned(),
+    };
+    database.options(&options);
     let manager = Manager::from_config(
-        config.database.clone(),
+        database,
         NoTls,
         ManagerConfig {
             // `Fast` only checks that the connection is not closed; a dead

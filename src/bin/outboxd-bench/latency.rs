@@ -58,6 +58,36 @@ pub async fn run(env: &Env, o: &Options, report: &mut Report) -> Result<(), Stri
         }
     });
 
+    for (rate, secs, _) in RATES.iter().take(3) {
+        let mut p50 = Vec::new();
+        let mut p99 = Vec::new();
+        for _ in 0..o.repeats {
+            let lat = broker_alone(env, &exchange, *rate, *secs).await?;
+            p50.push(quantile(&lat, 0.5));
+            p99.push(quantile(&lat, 0.99));
+        }
+        report.add(
+            format!("broker alone {rate} msgs/s: publish→confirm p50"),
+            "ms",
+            p50,
+            "raw lapin, no database: the floor under commit→confirm",
+        );
+        report.add(
+            format!("broker alone {rate} msgs/s: publish→confirm p99"),
+            "ms",
+            p99,
+            "",
+        );
+    }
+    // The broker-alone messages went to the same queue; drop them.
+    let _ = ch
+        .queue_purge(
+            exchange.as_str().into(),
+            lapin::options::QueuePurgeOptions::default(),
+        )
+        .await;
+    receipts.lock().unwrap_or_else(|e| e.into_inner()).clear();
+
     let mut next_seq = 0i64;
     for (rate, secs, conns) in RATES {
         let mut p50s = Vec::new();
@@ -157,6 +187,48 @@ pub async fn run(env: &Env, o: &Options, report: &mut Report) -> Result<(), Stri
     env.undeclare(&ch, &exchange).await;
     env.drop_db(&db).await;
     Ok(())
+}
+
+/// Publishes single persistent messages at `rate` per second, each with
+/// its own confirm awaited; returns publish→confirm latencies in ms.
+async fn broker_alone(env: &Env, exchange: &str, rate: u32, secs: u64) -> Result<Vec<f64>, String> {
+    use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+    let ch = env.amqp.create_channel().await.map_err(|e| e.to_string())?;
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(|e| e.to_string())?;
+    let total = u64::from(rate) * secs;
+    let interval = Duration::from_secs_f64(1.0 / f64::from(rate));
+    let start = Instant::now();
+    let mut waits = tokio::task::JoinSet::new();
+    for i in 0..total {
+        tokio::time::sleep_until((start + interval * i as u32).into()).await;
+        let sent = Instant::now();
+        let opts = BasicPublishOptions {
+            mandatory: true,
+            immediate: false,
+        };
+        let props = lapin::BasicProperties::default().with_delivery_mode(2);
+        // No "seq" in the body: the latency consumer ignores these.
+        let confirm = ch
+            .basic_publish(exchange.into(), "baseline".into(), opts, b"{}", props)
+            .await
+            .map_err(|e| e.to_string())?;
+        waits.spawn(async move {
+            let c = confirm.await.map_err(|e| e.to_string())?;
+            if !matches!(c, lapin::Confirmation::Ack(None)) {
+                return Err(format!("baseline publish not acked: {c:?}"));
+            }
+            Ok(sent.elapsed().as_secs_f64() * 1e3)
+        });
+    }
+    let mut lat = Vec::new();
+    while let Some(r) = waits.join_next().await {
+        lat.push(r.map_err(|e| e.to_string())??);
+    }
+    lat.sort_by(f64::total_cmp);
+    let _ = ch.close(200, "OK".into()).await;
+    Ok(lat)
 }
 
 /// Commits `rate` single-row transactions per second for `secs` seconds over
