@@ -112,7 +112,7 @@ impl OutboxRow {
         Ok(Outbound {
             exchange,
             routing_key,
-            body: compact_json(&self.payload).into_bytes(),
+            body: compact_json(&self.payload),
             properties,
         })
     }
@@ -185,25 +185,31 @@ fn truncate(s: &str, max: usize) -> String {
 /// Removes the whitespace PostgreSQL puts into `jsonb::text` output
 /// (`{"a": 1, "b": [1, 2]}` becomes `{"a":1,"b":[1,2]}`), leaving strings
 /// untouched. One pass, no parsing: jsonb output is already valid JSON.
-pub fn compact_json(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut in_string = false;
-    let mut escaped = false;
-    for c in text.chars() {
-        if in_string {
-            out.push(c);
-            if escaped {
-                escaped = false;
-            } else if c == '\\' {
-                escaped = true;
-            } else if c == '"' {
-                in_string = false;
+pub fn compact_json(text: &str) -> Vec<u8> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'"' => {
+                // Copy the whole string literal in one go, escapes included.
+                let start = i;
+                i += 1;
+                while i < bytes.len() && bytes[i] != b'"' {
+                    i += if bytes[i] == b'\\' { 2 } else { 1 };
+                }
+                i = (i + 1).min(bytes.len());
+                out.extend_from_slice(&bytes[start..i]);
             }
-        } else if c == '"' {
-            in_string = true;
-            out.push(c);
-        } else if !matches!(c, ' ' | '\n' | '\t' | '\r') {
-            out.push(c);
+            b' ' | b'\n' | b'\t' | b'\r' => i += 1,
+            _ => {
+                // A run of structural characters, numbers and literals.
+                let start = i;
+                while i < bytes.len() && !matches!(bytes[i], b'"' | b' ' | b'\n' | b'\t' | b'\r') {
+                    i += 1;
+                }
+                out.extend_from_slice(&bytes[start..i]);
+            }
         }
     }
     out
@@ -368,7 +374,7 @@ mod tests {
             ("[]", "[]"),
         ];
         for (input, want) in cases {
-            assert_eq!(compact_json(input), want);
+            assert_eq!(compact_json(input), want.as_bytes());
             // the output is still the same JSON value
             let a: Value = serde_json::from_str(input).unwrap();
             let b: Value = serde_json::from_str(want).unwrap();

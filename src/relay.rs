@@ -436,6 +436,7 @@ pub async fn run(
             }
         }
     }
+    source.publisher.close().await;
 }
 
 /// The claim report, or an empty one if the batch ended without sending it.

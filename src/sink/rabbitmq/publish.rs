@@ -106,6 +106,18 @@ impl Publisher {
         Ok(outcomes)
     }
 
+    /// Closes the idle channels (at shutdown, before the connection closes,
+    /// so lapin does not report channels closing on a closed connection).
+    pub async fn close(&self) {
+        let idle: Vec<Channel> =
+            std::mem::take(&mut *self.idle.lock().unwrap_or_else(PoisonError::into_inner));
+        for ch in idle {
+            if ch.status().connected() {
+                let _ = ch.close(200, "outboxd shutting down".into()).await;
+            }
+        }
+    }
+
     /// A confirm-mode channel: a pooled one if it is still open, else a new one.
     async fn channel(&self, conn: &Connection) -> Result<Channel, BrokerUnavailable> {
         loop {
