@@ -28,6 +28,7 @@
 \set notify_trigger :table _notify
 \set notify_function :table _notify_fn
 \set wakeup_table :table _wakeup
+\set dead_table :table _dead
 
 -- Two migrations of the same database must not race on CREATE ... IF NOT EXISTS.
 SELECT pg_advisory_xact_lock(hashtext('outboxd migrate'));
@@ -57,6 +58,27 @@ CREATE INDEX IF NOT EXISTS :"pending_index"
 -- Retention (mark mode) deletes old published rows through this one.
 CREATE INDEX IF NOT EXISTS :"published_index"
     ON :"schema".:"table" (published_at) WHERE published_at IS NOT NULL;
+
+-- Dead letters: rows the relay gave up on (a bad row at once, a row the
+-- broker keeps refusing after max_attempts), moved here with their id,
+-- dedup key and last error. `outboxd dead-letters` lists, replays (back
+-- into the outbox, same id and dedup key) and purges them.
+CREATE TABLE IF NOT EXISTS :"schema".:"dead_table" (
+    id             bigint      PRIMARY KEY,
+    aggregate_type text        NOT NULL,
+    aggregate_id   text        NOT NULL,
+    event_type     text        NOT NULL,
+    payload        jsonb       NOT NULL,
+    headers        jsonb       NOT NULL,
+    dedup_key      text        NOT NULL,
+    exchange       text,
+    routing_key    text,
+    created_at     timestamptz NOT NULL,
+    attempts       integer     NOT NULL,
+    last_error     text        NOT NULL,
+    reason         text        NOT NULL,
+    parked_at      timestamptz NOT NULL DEFAULT now()
+);
 
 -- Wake-ups. NOTIFY takes a database-wide lock at commit that serializes
 -- every notifying transaction, so notifying on every insert costs

@@ -11,7 +11,7 @@ use std::io::Write;
 use lapin::types::ShortString;
 use tokio_postgres::{Client, NoTls};
 
-use crate::config::{AfterPublish, Config, SourceConfig};
+use crate::config::{Config, SourceConfig};
 use crate::ident::{quote_ident, quote_literal};
 use crate::sink::rabbitmq::{Broker, exchange_exists};
 use crate::telemetry::ErrorChain;
@@ -208,34 +208,43 @@ async fn check_table<W: Write>(
         );
     }
 
-    let mut needed = vec!["SELECT", "UPDATE"];
-    if source.after_publish == AfterPublish::Delete || source.retention.is_some() {
-        needed.push("DELETE");
-    }
+    // DELETE even in mark mode: parking moves a row out of the outbox.
+    let dead = format!(
+        "{}.{}",
+        quote_ident(&t.schema),
+        quote_ident(&t.derived("_dead"))
+    );
+    let needed = [
+        (t.quoted(), "SELECT"),
+        (t.quoted(), "UPDATE"),
+        (t.quoted(), "DELETE"),
+        (dead.clone(), "SELECT"),
+        (dead.clone(), "INSERT"),
+    ];
     let mut missing = Vec::new();
-    for privilege in needed {
+    for (table, privilege) in &needed {
         let row = client
             .query_one(
-                "SELECT has_table_privilege($1::text, $2::text)",
-                &[&t.quoted(), &privilege],
+                "SELECT to_regclass($1::text) IS NOT NULL AND has_table_privilege($1::text, $2::text)",
+                &[table, privilege],
             )
             .await?;
         if !row.get::<_, bool>(0) {
-            missing.push(privilege);
+            missing.push(format!("{privilege} on {table}"));
         }
     }
     if missing.is_empty() {
         r.line(
             Level::Ok,
             &what("privileges"),
-            &format!("current role may SELECT, UPDATE and DELETE on {t}"),
+            &format!("current role may SELECT, UPDATE, DELETE on {t} and SELECT, INSERT on {dead}"),
         );
     } else {
         r.line(
             Level::Fail,
             &what("privileges"),
             &format!(
-                "current role lacks {} on {t}; see README \"Least privilege\"",
+                "current role lacks {} (or the table is missing; run `outboxd migrate`); see README \"Least privilege\"",
                 missing.join(", ")
             ),
         );

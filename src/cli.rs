@@ -29,6 +29,57 @@ pub enum Command {
     Migrate(ConfigArg),
     /// Check the config, the broker, each database, table, privileges and exchange; non-zero exit on failure.
     Check(ConfigArg),
+    /// List, replay or purge parked rows (the dead-letter table).
+    #[command(subcommand)]
+    DeadLetters(DeadLetters),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DeadLetters {
+    /// Print parked rows: source, id, event type, attempts, when parked, reason, last error.
+    List {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Only this source.
+        #[arg(long)]
+        source: Option<String>,
+        /// At most this many rows per source.
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+    },
+    /// Move parked rows back into the outbox (same id and dedup key, attempts reset).
+    Replay {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[arg(long)]
+        source: String,
+        #[command(flatten)]
+        which: Which,
+    },
+    /// Delete parked rows for good (asks for --yes).
+    Purge {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[arg(long)]
+        source: String,
+        #[command(flatten)]
+        which: Which,
+        /// Really delete.
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+/// `--id N [--id M ...]` or `--all`, exactly one of them.
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+pub struct Which {
+    /// Row id (repeat for several).
+    #[arg(long = "id", value_name = "ID")]
+    pub ids: Vec<i64>,
+    /// Every parked row of the source.
+    #[arg(long)]
+    pub all: bool,
 }
 
 #[derive(Debug, Args)]
@@ -46,6 +97,11 @@ impl Command {
     pub fn config_path(&self) -> &std::path::Path {
         match self {
             Command::Run(a) | Command::Migrate(a) | Command::Check(a) => &a.config,
+            Command::DeadLetters(
+                DeadLetters::List { config, .. }
+                | DeadLetters::Replay { config, .. }
+                | DeadLetters::Purge { config, .. },
+            ) => &config.config,
         }
     }
 }

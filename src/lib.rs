@@ -24,6 +24,7 @@ pub mod backoff;
 pub mod check;
 pub mod cli;
 pub mod config;
+pub mod dead_letters;
 pub mod ident;
 pub mod message;
 pub mod metrics;

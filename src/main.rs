@@ -5,8 +5,9 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use outboxd::cli::{Cli, Command};
+use outboxd::cli::{Cli, Command, DeadLetters, Which};
 use outboxd::config::Config;
+use outboxd::dead_letters::{self, DeadLetterError, Selection};
 use outboxd::{app, check, migrate, shutdown, telemetry};
 
 const EXIT_FAILURE: u8 = 1;
@@ -70,6 +71,13 @@ async fn try_main(cli: Cli) -> ExitCode {
                 ExitCode::from(EXIT_FAILURE)
             }
         },
+        Command::DeadLetters(action) => match dead_letters_cmd(&config, action).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("outboxd: {err}");
+                ExitCode::from(EXIT_FAILURE)
+            }
+        },
         Command::Check(_) => {
             let failures =
                 check::run(&config, &path.display().to_string(), std::io::stdout()).await;
@@ -79,6 +87,50 @@ async fn try_main(cli: Cli) -> ExitCode {
                 eprintln!("outboxd: {failures} check(s) failed");
                 ExitCode::from(EXIT_FAILURE)
             }
+        }
+    }
+}
+
+async fn dead_letters_cmd(config: &Config, action: DeadLetters) -> Result<(), DeadLetterError> {
+    let which = |w: Which| {
+        if w.all {
+            Selection::All
+        } else {
+            Selection::Ids(w.ids)
+        }
+    };
+    match action {
+        DeadLetters::List { source, limit, .. } => {
+            dead_letters::list(config, source.as_deref(), limit, std::io::stdout()).await
+        }
+        DeadLetters::Replay {
+            source, which: w, ..
+        } => {
+            let wanted = which(w);
+            let done = dead_letters::replay(config, &source, &wanted).await?;
+            println!(
+                "replayed {} row(s) of source {source:?} into the outbox: {done:?}",
+                done.len()
+            );
+            if let Selection::Ids(ids) = &wanted {
+                let missing: Vec<&i64> = ids.iter().filter(|id| !done.contains(id)).collect();
+                if !missing.is_empty() {
+                    return Err(DeadLetterError::Refused(format!(
+                        "no dead letter with id {missing:?} in source {source:?}"
+                    )));
+                }
+            }
+            Ok(())
+        }
+        DeadLetters::Purge {
+            source,
+            which: w,
+            yes,
+            ..
+        } => {
+            let n = dead_letters::purge(config, &source, &which(w), yes).await?;
+            println!("purged {n} dead letter(s) of source {source:?}");
+            Ok(())
         }
     }
 }

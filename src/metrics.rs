@@ -22,6 +22,8 @@ pub const OLDEST_PENDING_AGE: &str = "outboxd_oldest_pending_age_seconds";
 pub const RELAY_LAG: &str = "outboxd_relay_lag_seconds";
 pub const BATCH_SIZE: &str = "outboxd_batch_size";
 pub const SOURCE_UP: &str = "outboxd_source_up";
+pub const PARKED: &str = "outboxd_parked_total";
+pub const DEAD_LETTERS: &str = "outboxd_dead_letters";
 pub const SOURCE_ERRORS: &str = "outboxd_source_errors_total";
 pub const BROKER_UP: &str = "outboxd_broker_up";
 pub const BROKER_BLOCKED: &str = "outboxd_broker_blocked";
@@ -41,6 +43,8 @@ pub struct Metrics {
     batch: HistogramVec,
     up: IntGaugeVec,
     errors: IntCounterVec,
+    parked: IntCounterVec,
+    dead: IntGaugeVec,
     broker: BrokerMetrics,
 }
 
@@ -55,6 +59,8 @@ pub struct SourceMetrics {
     pub batch_size: Histogram,
     pub up: IntGauge,
     errors: Vec<(&'static str, IntCounter)>,
+    parked: Vec<(FailureReason, IntCounter)>,
+    pub dead_letters: IntGauge,
 }
 
 impl SourceMetrics {
@@ -65,6 +71,15 @@ impl SourceMetrics {
             .find(|(r, _)| *r == reason)
             .map(|(_, c)| c)
             .unwrap_or(&self.failures[0].1)
+    }
+
+    pub fn parked(&self, reason: FailureReason) -> &IntCounter {
+        // Every reason is registered in `Metrics::source`; the fallback is never taken.
+        self.parked
+            .iter()
+            .find(|(r, _)| *r == reason)
+            .map(|(_, c)| c)
+            .unwrap_or(&self.parked[0].1)
     }
 
     pub fn error(&self, reason: &str) -> &IntCounter {
@@ -166,6 +181,25 @@ impl Metrics {
             )
             .expect("valid metric"),
         );
+        let parked = register(
+            &r,
+            IntCounterVec::new(
+                Opts::new(PARKED, "Rows moved to the dead-letter table, by reason."),
+                &["source", "reason"],
+            )
+            .expect("valid metric"),
+        );
+        let dead = register(
+            &r,
+            IntGaugeVec::new(
+                Opts::new(
+                    DEAD_LETTERS,
+                    "Rows in the dead-letter table (refreshed with the backlog).",
+                ),
+                labels,
+            )
+            .expect("valid metric"),
+        );
         let broker = BrokerMetrics {
             up: register(
                 &r,
@@ -212,6 +246,8 @@ impl Metrics {
             batch,
             up,
             errors,
+            parked,
+            dead,
             broker,
         }
     }
@@ -238,6 +274,12 @@ impl Metrics {
                 .iter()
                 .map(|r| (*r, self.errors.with_label_values(&[name, r])))
                 .collect(),
+            parked: FailureReason::ALL
+                .iter()
+                .filter(|r| r.can_park())
+                .map(|r| (*r, self.parked.with_label_values(&[name, r.as_str()])))
+                .collect(),
+            dead_letters: self.dead.with_label_values(l),
         }
     }
 

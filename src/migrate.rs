@@ -33,6 +33,7 @@ pub fn render(source: &SourceConfig) -> String {
         ("notify_trigger", t.derived("_notify")),
         ("notify_function", t.derived("_notify_fn")),
         ("wakeup_table", t.derived("_wakeup")),
+        ("dead_table", t.derived("_dead")),
         ("channel", source.notify_channel.clone()),
     ];
     let mut out = String::with_capacity(SQL.len());

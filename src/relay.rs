@@ -25,7 +25,7 @@ use crate::backoff::Backoff;
 use crate::message::{OutboxRow, Routing};
 use crate::sink::rabbitmq::Broker;
 use crate::sink::{Failure, FailureReason, Outcome};
-use crate::source::complete::{self, Failed};
+use crate::source::complete::{self, Disposition, Failed};
 use crate::source::{DbError, Source, claim, flag, step};
 
 /// After a claim comes back empty within this long of one that found rows,
@@ -49,6 +49,7 @@ pub enum BatchEnd {
         claimed: usize,
         delivered: usize,
         failed: usize,
+        parked: usize,
     },
     /// The database failed; the transaction is rolled back, rows unchanged
     /// (or, after a confirm, sent again later: at-least-once).
@@ -172,18 +173,35 @@ async fn batch_inner(
                 source.metrics.lag.observe(row.age_at(confirmed_at));
             }
             Outcome::Failed(f) => {
-                let attempt = u32::try_from(row.attempts).unwrap_or(0).saturating_add(1);
-                let delay = cfg.retry.jittered(attempt);
-                failed.push(
-                    row.id,
-                    &f.to_string(),
-                    i64::try_from(delay.as_millis()).unwrap_or(i64::MAX),
-                );
                 source.metrics.failure(f.reason).inc();
+                let attempt = u32::try_from(row.attempts).unwrap_or(0).saturating_add(1);
+                match complete::decide(f.reason, attempt, cfg.max_attempts) {
+                    Disposition::Retry => {
+                        let delay = cfg.retry.jittered(attempt);
+                        failed.retry(
+                            row.id,
+                            &f.to_string(),
+                            i64::try_from(delay.as_millis()).unwrap_or(i64::MAX),
+                        );
+                    }
+                    Disposition::Park => {
+                        failed.park(row.id, &f.to_string(), f.reason);
+                        source.metrics.parked(f.reason).inc();
+                        warn!(
+                            source = %cfg.name,
+                            row_id = row.id,
+                            event_type = %row.event_type,
+                            attempt,
+                            reason = %f.reason,
+                            error = %f.detail,
+                            "row parked in the dead-letter table (see `outboxd dead-letters list`)"
+                        );
+                    }
+                }
             }
         }
     }
-    log_failures(source, &rows, &outcomes);
+    log_failures(source, &rows, &outcomes, &failed.parked_ids);
     let settled = async {
         complete::settle(&tx, &source.queries.complete, &delivered, &failed).await?;
         tx.commit().await
@@ -211,18 +229,22 @@ async fn batch_inner(
         claimed: rows.len(),
         delivered: delivered.len(),
         failed: failed.ids.len(),
+        parked: failed.parked_ids.len(),
     })
 }
 
 /// One line per failed row for failures that belong to the row (bad row,
 /// returned, missing exchange); one line per reason for the rest, which
 /// usually hit a whole batch at once. Never the payload.
-fn log_failures(source: &Source, rows: &[OutboxRow], outcomes: &[Outcome]) {
+fn log_failures(source: &Source, rows: &[OutboxRow], outcomes: &[Outcome], parked: &[i64]) {
     let mut by_reason: Vec<(FailureReason, usize, i64, &str)> = Vec::new();
     for (row, outcome) in rows.iter().zip(outcomes) {
         let Outcome::Failed(f) = outcome else {
             continue;
         };
+        if parked.contains(&row.id) {
+            continue; // logged when parked
+        }
         match f.reason {
             FailureReason::BadRow | FailureReason::Returned | FailureReason::ExchangeNotFound => {
                 warn!(
@@ -458,12 +480,13 @@ impl Loop {
                 claimed,
                 delivered,
                 failed,
+                parked,
             } => {
                 self.db_ok();
                 // With the flag disarmed no notification will come for rows
                 // committed meanwhile: claim again until a claim is empty.
                 self.due = !self.draining;
-                debug!(source = %name, claimed, delivered, failed, "batch settled");
+                debug!(source = %name, claimed, delivered, failed, parked, "batch settled");
             }
             BatchEnd::Flag { armed } => {
                 self.flag_busy = false;

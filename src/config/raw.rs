@@ -63,5 +63,6 @@ pub struct RawSource {
     pub pool_size: Option<i64>,
     pub retry_initial: Option<String>,
     pub retry_max: Option<String>,
+    pub max_attempts: Option<i64>,
     pub notify_channel: Option<String>,
 }

@@ -22,6 +22,7 @@ pub const MIN_POLL_INTERVAL: Duration = Duration::from_millis(10);
 pub const DEFAULT_MAX_IN_FLIGHT: i64 = 4;
 pub const DEFAULT_RETRY_INITIAL: Duration = Duration::from_secs(1);
 pub const DEFAULT_RETRY_MAX: Duration = Duration::from_secs(300);
+pub const DEFAULT_MAX_ATTEMPTS: i64 = 10;
 /// AMQP short strings (exchange names) are at most 255 bytes.
 const MAX_EXCHANGE_BYTES: usize = 255;
 /// PostgreSQL channel names are identifiers: at most 63 bytes.
@@ -66,6 +67,8 @@ pub struct SourceConfig {
     pub max_in_flight: usize,
     pub pool_size: usize,
     pub retry: Backoff,
+    /// Attempts before a row the broker keeps refusing is parked.
+    pub max_attempts: u32,
     pub notify_channel: String,
 }
 
@@ -191,6 +194,10 @@ impl Validator<'_> {
                 format!("must be greater than zero and at most retry_max ({retry_max:?})"),
             );
         }
+        let max_attempts = self.check(
+            &k("max_attempts"),
+            in_range(raw.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS), 1, 1000),
+        );
         let notify_channel = match self.string_opt(&k("notify_channel"), raw.notify_channel) {
             Some(c) => Some(c),
             None => table.as_ref().map(default_channel),
@@ -219,6 +226,8 @@ impl Validator<'_> {
             max_in_flight: max_in_flight?,
             pool_size: pool_size?,
             retry: crate::backoff::Backoff::new(retry_initial, retry_max),
+            // in_range bounds it to 1..=1000.
+            max_attempts: max_attempts? as u32,
             notify_channel: notify_channel?,
         })
     }

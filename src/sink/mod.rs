@@ -43,6 +43,12 @@ impl FailureReason {
         FailureReason::BadRow,
     ];
 
+    /// Whether a failure for this reason can end with the row parked (see
+    /// `source::complete::decide`); the others are retried forever.
+    pub fn can_park(self) -> bool {
+        !matches!(self, FailureReason::Timeout | FailureReason::Connection)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             FailureReason::Nacked => "nacked",

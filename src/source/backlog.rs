@@ -8,8 +8,14 @@ use crate::ident::TableName;
 use crate::telemetry::ErrorChain;
 
 pub fn sql(table: &TableName) -> String {
+    let dead = format!(
+        "{}.{}",
+        crate::ident::quote_ident(&table.schema),
+        crate::ident::quote_ident(&table.derived("_dead"))
+    );
     format!(
-        "SELECT count(*), COALESCE(EXTRACT(EPOCH FROM clock_timestamp() - min(created_at))::float8, 0) \
+        "SELECT count(*), COALESCE(EXTRACT(EPOCH FROM clock_timestamp() - min(created_at))::float8, 0), \
+                (SELECT count(*) FROM {dead}) \
          FROM {} WHERE published_at IS NULL",
         table.quoted()
     )
@@ -18,11 +24,18 @@ pub fn sql(table: &TableName) -> String {
 /// Sets `outboxd_pending_messages` and `outboxd_oldest_pending_age_seconds`
 /// from one run of [`sql`] (run by the listener, on its connection).
 pub fn record(source: &Source, result: Result<Row, tokio_postgres::Error>) {
-    let decoded = result.and_then(|row| Ok((row.try_get::<_, i64>(0)?, row.try_get::<_, f64>(1)?)));
+    let decoded = result.and_then(|row| {
+        Ok((
+            row.try_get::<_, i64>(0)?,
+            row.try_get::<_, f64>(1)?,
+            row.try_get::<_, i64>(2)?,
+        ))
+    });
     match decoded {
-        Ok((count, age)) => {
+        Ok((count, age, dead)) => {
             source.metrics.pending.set(count);
             source.metrics.oldest_pending_age.set(age.max(0.0));
+            source.metrics.dead_letters.set(dead);
         }
         Err(err) => {
             // The relay loop reports the database's state; this is only a gauge.

@@ -215,3 +215,66 @@ async fn secrets_never_appear_in_logs_or_check_output() {
     assert!(all.contains("dead"), "the dead source was logged about");
     assert!(!all.contains(PASSWORD), "the password leaked");
 }
+
+/// The grants README "Least privilege" lists, and nothing more.
+const RELAY_GRANTS: &str = "GRANT USAGE ON SCHEMA public TO {role}; \
+     GRANT SELECT, UPDATE, DELETE ON outbox TO {role}; \
+     GRANT UPDATE ON outbox_wakeup TO {role}; \
+     GRANT SELECT, INSERT ON outbox_dead TO {role};";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_runs_with_only_the_documented_grants() {
+    let db = TestDb::migrated("obx_leastpriv").await;
+    let mut broker = TestBroker::new("order.#").await;
+    let role = unique("obx_relay");
+    db.client
+        .batch_execute(&format!(
+            "CREATE ROLE {role} LOGIN NOSUPERUSER; REVOKE ALL ON outbox FROM PUBLIC; {}",
+            RELAY_GRANTS.replace("{role}", &role)
+        ))
+        .await
+        .unwrap();
+    let url = format!("postgres://{role}@127.0.0.1:5432/{}", db.name);
+    let cfg = simple_config(&url, &broker.exchange);
+    let (code, out, _) = run_to_end(&["check"], &cfg);
+    assert_eq!(
+        code,
+        Some(0),
+        "check passes with the documented grants:\n{out}"
+    );
+
+    let relay = Relay::start(&cfg).await;
+    let good = db.insert_one("OrderCreated", "", "").await;
+    let bad = db
+        .insert_one("OrderCreated", "dedup_key", "repeat('k', 300)")
+        .await;
+    broker
+        .next(Duration::from_secs(20))
+        .await
+        .expect("delivered as the limited role");
+    crate::failures::parked(&db, bad).await;
+    crate::support::eventually(
+        "the delivered row to be deleted",
+        Duration::from_secs(20),
+        || async { db.row_state(good).await.is_none().then_some(()) },
+    )
+    .await;
+    relay
+        .wait_metric(
+            "outboxd_dead_letters{source=\"orders\"}",
+            1.0,
+            Duration::from_secs(20),
+        )
+        .await;
+    let denied: Vec<String> = relay
+        .logs()
+        .into_iter()
+        .filter(|l| l.contains("permission denied"))
+        .collect();
+    assert!(denied.is_empty(), "no permission errors: {denied:?}");
+    drop(relay);
+    db.client
+        .batch_execute(&format!("DROP OWNED BY {role}; DROP ROLE {role};"))
+        .await
+        .unwrap();
+}

@@ -12,8 +12,8 @@ use lapin::types::{AMQPValue, FieldTable, LongString};
 
 use crate::support::broker::TestBroker;
 use crate::support::db::TestDb;
-use crate::support::relay::{Relay, simple_config};
-use crate::support::{eventually, unique};
+use crate::support::relay::{Relay, SourceSpec, config, simple_config};
+use crate::support::{AMQP_URL, eventually, unique};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -52,7 +52,7 @@ async fn bind(broker: &TestBroker, queue: &str, key: &str) {
 async fn an_unroutable_row_is_retried_until_a_queue_is_bound_while_others_flow() {
     let db = TestDb::migrated("obx_returned").await;
     let mut broker = TestBroker::new("order.#").await;
-    let relay = Relay::start(&simple_config(&db.url, &broker.exchange)).await;
+    let relay = Relay::start(&no_parking(&db.url, &broker.exchange)).await;
 
     let stuck = db.insert_one("X", "routing_key", "'nowhere'").await;
     let err = wait_attempts(&db, stuck, 2, "NO_ROUTE").await;
@@ -95,7 +95,7 @@ async fn a_nacked_row_stays_and_is_retried() {
         AMQPValue::LongString(LongString::from("reject-publish".as_bytes().to_vec())),
     );
     let mut broker = TestBroker::with_queue_args("#", args).await;
-    let relay = Relay::start(&simple_config(&db.url, &broker.exchange)).await;
+    let relay = Relay::start(&no_parking(&db.url, &broker.exchange)).await;
 
     let id = db.insert_one("OrderCreated", "", "").await;
     let err = wait_attempts(&db, id, 2, "nacked").await;
@@ -153,7 +153,7 @@ async fn a_row_naming_a_missing_exchange_does_not_block_its_batch() {
         .batch_execute(&tx_sql)
         .await
         .expect("insert batch");
-    let relay = Relay::start(&simple_config(&db.url, &broker.exchange)).await;
+    let relay = Relay::start(&no_parking(&db.url, &broker.exchange)).await;
 
     let got = broker.collect(50, WAIT).await;
     assert_eq!(got.len(), 50, "the 50 good rows arrive");
@@ -208,7 +208,7 @@ async fn a_row_naming_a_missing_exchange_does_not_block_its_batch() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_bad_row_is_kept_with_a_reason_naming_it_and_others_flow() {
+async fn a_bad_row_is_parked_at_once_with_a_reason_naming_it_and_others_flow() {
     let db = TestDb::migrated("obx_badrow").await;
     let mut broker = TestBroker::new("#").await;
     let relay = Relay::start(&simple_config(&db.url, &broker.exchange)).await;
@@ -226,11 +226,15 @@ async fn a_bad_row_is_kept_with_a_reason_naming_it_and_others_flow() {
         m.headers.get("x-outbox-id"),
         Some(&AMQPValue::LongLongInt(good))
     );
-    let err = wait_attempts(&db, long_key, 1, "dedup_key is 300 bytes").await;
-    assert!(err.starts_with("bad_row"), "{err}");
-    wait_attempts(&db, nested, 1, "header \"deep\" is an object").await;
+    // Retrying cannot fix a row's content: parked on the first attempt.
+    let (reason, error, attempts) = parked(&db, long_key).await;
+    assert_eq!((reason.as_str(), attempts), ("bad_row", 1), "{error}");
+    assert!(error.contains("dedup_key is 300 bytes"), "{error}");
+    let (_, error, _) = parked(&db, nested).await;
+    assert!(error.contains("header \"deep\" is an object"), "{error}");
+    assert_eq!(db.count().await, 0, "nothing left in the outbox");
     let logged: Vec<i64> = relay
-        .log_lines_with("row not delivered")
+        .log_lines_with("row parked")
         .iter()
         .filter_map(|l| l["row_id"].as_i64())
         .collect();
@@ -238,11 +242,61 @@ async fn a_bad_row_is_kept_with_a_reason_naming_it_and_others_flow() {
         logged.contains(&long_key) && logged.contains(&nested),
         "log lines name the rows: {logged:?}"
     );
-    assert!(
-        relay
-            .metric("outboxd_publish_failures_total{reason=\"bad_row\",source=\"orders\"}")
-            .await
-            .unwrap_or(0.0)
-            >= 2.0
+    relay
+        .wait_metric(
+            "outboxd_parked_total{reason=\"bad_row\",source=\"orders\"}",
+            2.0,
+            WAIT,
+        )
+        .await;
+    relay
+        .wait_metric("outboxd_dead_letters{source=\"orders\"}", 2.0, WAIT)
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_refused_max_attempts_times_is_parked_and_others_flow() {
+    let db = TestDb::migrated("obx_park").await;
+    let mut broker = TestBroker::new("order.#").await;
+    let cfg = config(
+        AMQP_URL,
+        &[SourceSpec::new("orders", &db.url, &broker.exchange).set("max_attempts", "3")],
     );
+    let relay = Relay::start(&cfg).await;
+    let stuck = db.insert_one("X", "routing_key", "'nowhere'").await;
+    let (reason, error, attempts) = parked(&db, stuck).await;
+    assert_eq!((reason.as_str(), attempts), ("returned", 3), "{error}");
+    assert!(error.contains("NO_ROUTE"), "{error}");
+    db.insert_one("OrderCreated", "", "").await;
+    broker.next(WAIT).await.expect("other rows keep flowing");
+    relay
+        .wait_metric(
+            "outboxd_parked_total{reason=\"returned\",source=\"orders\"}",
+            1.0,
+            WAIT,
+        )
+        .await;
+}
+
+/// Waits until row `id` is in the dead-letter table: (reason, last_error, attempts).
+pub async fn parked(db: &TestDb, id: i64) -> (String, String, i32) {
+    eventually(&format!("row {id} to be parked"), WAIT, || async {
+        db.client
+            .query_opt(
+                "SELECT reason, last_error, attempts FROM outbox_dead WHERE id = $1",
+                &[&id],
+            )
+            .await
+            .expect("query dead letters")
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+    })
+    .await
+}
+
+/// The usual config, with parking out of reach so retries can be watched.
+fn no_parking(database_url: &str, exchange: &str) -> String {
+    config(
+        AMQP_URL,
+        &[SourceSpec::new("orders", database_url, exchange).set("max_attempts", "1000")],
+    )
 }

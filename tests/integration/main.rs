@@ -6,6 +6,7 @@ mod support;
 
 mod cli;
 mod crash;
+mod dead_letters;
 mod delivery;
 mod failures;
 mod outage;

@@ -1,0 +1,189 @@
+//! `outboxd dead-letters list | replay | purge`: what operators do with
+//! parked rows. Replay moves rows back into the outbox with their id and
+//! dedup key unchanged and their attempts reset, so consumers that already
+//! saw a message (it may have been delivered before a failure) drop the
+//! duplicate by its message id.
+
+use std::io::Write;
+
+use tokio_postgres::{Client, NoTls};
+
+use crate::config::{Config, SourceConfig};
+use crate::ident::quote_ident;
+use crate::telemetry::ErrorChain;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeadLetterError {
+    #[error("no source named {0:?} in the config")]
+    UnknownSource(String),
+    #[error("source {source_name:?} ({database}): {message}")]
+    Database {
+        source_name: String,
+        database: String,
+        message: String,
+    },
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// Which rows an action applies to.
+pub enum Selection {
+    Ids(Vec<i64>),
+    All,
+}
+
+fn dead_table(source: &SourceConfig) -> String {
+    format!(
+        "{}.{}",
+        quote_ident(&source.table.schema),
+        quote_ident(&source.table.derived("_dead"))
+    )
+}
+
+fn find<'a>(config: &'a Config, name: &str) -> Result<&'a SourceConfig, DeadLetterError> {
+    config
+        .sources
+        .iter()
+        .find(|s| s.name == name)
+        .ok_or_else(|| DeadLetterError::UnknownSource(name.to_owned()))
+}
+
+async fn connect(source: &SourceConfig) -> Result<Client, DeadLetterError> {
+    let (client, connection) = source
+        .database
+        .connect(NoTls)
+        .await
+        .map_err(|e| db_error(source, format!("cannot connect: {}", ErrorChain(&e))))?;
+    tokio::spawn(connection);
+    Ok(client)
+}
+
+fn db_error(source: &SourceConfig, message: String) -> DeadLetterError {
+    DeadLetterError::Database {
+        source_name: source.name.clone(),
+        database: source.database_display.clone(),
+        message,
+    }
+}
+
+/// Prints the parked rows of one source (or all), oldest id first.
+pub async fn list<W: Write>(
+    config: &Config,
+    only: Option<&str>,
+    limit: i64,
+    mut out: W,
+) -> Result<(), DeadLetterError> {
+    let sources: Vec<&SourceConfig> = match only {
+        Some(name) => vec![find(config, name)?],
+        None => config.sources.iter().collect(),
+    };
+    let _ = writeln!(
+        out,
+        "{:<16} {:>10} {:<24} {:>8} {:<20} {:<18} LAST ERROR",
+        "SOURCE", "ID", "EVENT TYPE", "ATTEMPTS", "PARKED AT (UTC)", "REASON"
+    );
+    for source in sources {
+        let client = connect(source).await?;
+        let sql = format!(
+            "SELECT id, event_type, attempts, to_char(parked_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS'), \
+                    reason, last_error, (SELECT count(*) FROM {t}) \
+             FROM {t} ORDER BY id LIMIT $1",
+            t = dead_table(source)
+        );
+        let rows = client
+            .query(&sql, &[&limit])
+            .await
+            .map_err(|e| db_error(source, ErrorChain(&e).to_string()))?;
+        for r in &rows {
+            let error: String = r.get(5);
+            let _ = writeln!(
+                out,
+                "{:<16} {:>10} {:<24} {:>8} {:<20} {:<18} {}",
+                source.name,
+                r.get::<_, i64>(0),
+                r.get::<_, String>(1),
+                r.get::<_, i32>(2),
+                r.get::<_, String>(3),
+                r.get::<_, String>(4),
+                error.replace('\n', " ")
+            );
+        }
+        let total: i64 = rows.first().map(|r| r.get(6)).unwrap_or(0);
+        if total > rows.len() as i64 {
+            let _ = writeln!(
+                out,
+                "({} of {total} shown for source {}; use --limit)",
+                rows.len(),
+                source.name
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Moves parked rows back into the outbox; returns the ids replayed.
+pub async fn replay(
+    config: &Config,
+    source: &str,
+    which: &Selection,
+) -> Result<Vec<i64>, DeadLetterError> {
+    let source = find(config, source)?;
+    let client = connect(source).await?;
+    let (filter, ids) = selection(which);
+    let sql = format!(
+        "WITH moved AS (DELETE FROM {dead} WHERE {filter} RETURNING *) \
+         INSERT INTO {outbox} (id, aggregate_type, aggregate_id, event_type, payload, headers, dedup_key, \
+             exchange, routing_key, created_at, attempts, available_at, last_error, published_at) \
+         SELECT id, aggregate_type, aggregate_id, event_type, payload, headers, dedup_key, \
+             exchange, routing_key, created_at, 0, now(), NULL, NULL FROM moved \
+         RETURNING id",
+        dead = dead_table(source),
+        outbox = source.table.quoted()
+    );
+    let rows = client
+        .query(&sql, &[&ids])
+        .await
+        .map_err(|e| db_error(source, ErrorChain(&e).to_string()))?;
+    let mut done: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+    done.sort_unstable();
+    Ok(done)
+}
+
+/// Deletes parked rows; without `yes`, only says how many it would delete.
+pub async fn purge(
+    config: &Config,
+    source: &str,
+    which: &Selection,
+    yes: bool,
+) -> Result<u64, DeadLetterError> {
+    let source = find(config, source)?;
+    let client = connect(source).await?;
+    let (filter, ids) = selection(which);
+    let dead = dead_table(source);
+    if !yes {
+        let n: i64 = client
+            .query_one(
+                &format!("SELECT count(*) FROM {dead} WHERE {filter}"),
+                &[&ids],
+            )
+            .await
+            .map_err(|e| db_error(source, ErrorChain(&e).to_string()))?
+            .get(0);
+        return Err(DeadLetterError::Refused(format!(
+            "this would delete {n} dead letter(s) of source {:?} for good; re-run with --yes",
+            source.name
+        )));
+    }
+    client
+        .execute(&format!("DELETE FROM {dead} WHERE {filter}"), &[&ids])
+        .await
+        .map_err(|e| db_error(source, ErrorChain(&e).to_string()))
+}
+
+/// The WHERE clause and its one parameter (unused for `All`, but always bound).
+fn selection(which: &Selection) -> (&'static str, Vec<i64>) {
+    match which {
+        Selection::Ids(ids) => ("id = ANY($1)", ids.clone()),
+        Selection::All => ("$1::bigint[] IS NOT NULL", Vec::new()),
+    }
+}
