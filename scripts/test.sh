@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
 # The whole test suite: formatting, lints, unit tests and the integration
-# tests against the real PostgreSQL and RabbitMQ (started if needed).
+# tests against the real PostgreSQL and RabbitMQ (started if needed), then
+# the outage tests, which restart and reconfigure those services and so
+# run on their own, one at a time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/services.sh
 cargo fmt --check
 cargo clippy --all-targets --locked -- -D warnings
-cargo test --all-targets --locked
+cargo test --locked --lib --bins --test integration
+cargo test --locked --test outages -- --test-threads=1
+# The outage tests may leave a service restarting; leave both up.
+scripts/services.sh

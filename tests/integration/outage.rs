@@ -68,12 +68,17 @@ async fn a_broker_outage_flips_gauges_and_readiness_and_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_outage_flips_gauges_and_readiness_and_loses_nothing() {
     let db = TestDb::migrated("obx_dbdown").await;
+    let other = TestDb::migrated("obx_dbdown_other").await;
     let mut broker = TestBroker::new("#").await;
     let proxy = Proxy::start(PG_HOST).await;
     let via_proxy = format!("postgres://root@{}/{}", proxy.addr, db.name);
     let cfg = config(
         AMQP_URL,
-        &[SourceSpec::new("orders", &via_proxy, &broker.exchange)],
+        &[
+            SourceSpec::new("orders", &via_proxy, &broker.exchange),
+            // Its database stays reachable: it must keep flowing meanwhile.
+            SourceSpec::new("other", &other.url, &broker.exchange),
+        ],
     );
     let mut relay = Relay::start(&cfg).await;
     relay.wait_ready(200, WAIT).await;
@@ -93,6 +98,17 @@ async fn a_database_outage_flips_gauges_and_readiness_and_loses_nothing() {
     assert!(body["sources"][0]["last_error"].is_string(), "{body}");
     // Producers write to the database directly; only the relay's path is cut.
     keys.extend(db.insert_rows(500, 100).await);
+    // The other source is unaffected: its rows go out during the outage.
+    other.insert_rows(200, 10).await;
+    eventually(
+        "the other source to drain during the outage",
+        WAIT,
+        || async { (other.count().await == 0).then_some(()) },
+    )
+    .await;
+    relay
+        .wait_metric("outboxd_source_up{source=\"other\"}", 1.0, WAIT)
+        .await;
 
     proxy.restore();
     relay

@@ -1,0 +1,119 @@
+//! RabbitMQ stopped and PostgreSQL restarted while rows flow.
+
+use std::time::Duration;
+
+use crate::support::db::TestDb;
+use crate::support::eventually;
+use crate::support::relay::{Relay, simple_config};
+use crate::{DurableQueue, LONG, all_arrived, service};
+
+/// Starts the RabbitMQ app again even if the test fails half-way.
+struct RabbitGuard;
+impl Drop for RabbitGuard {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("rabbitmqctl")
+            .arg("start_app")
+            .output();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_stopped_for_seconds_then_started_every_row_arrives() {
+    const ROWS: usize = 20_000;
+    let db = TestDb::migrated("obx_rmq_stop").await;
+    let q = DurableQueue::new().await;
+    let keys = db.insert_rows(ROWS, 100).await;
+    let mut relay = Relay::start(&simple_config(&db.url, &q.exchange)).await;
+    eventually("rows to flow", LONG, || async {
+        (db.count().await < ROWS as i64 - 1000).then_some(())
+    })
+    .await;
+
+    let guard = RabbitGuard;
+    service("rabbitmqctl", &["stop_app"]);
+    relay.wait_metric("outboxd_broker_up", 0.0, LONG).await;
+    relay.wait_ready(503, LONG).await;
+    // The outage itself: several seconds with the broker away.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(
+        relay.wait_exit(Duration::ZERO).await.is_none(),
+        "the relay is still running"
+    );
+    service("rabbitmqctl", &["start_app"]);
+    drop(guard);
+
+    relay.wait_metric("outboxd_broker_up", 1.0, LONG).await;
+    relay.wait_ready(200, LONG).await;
+    eventually("an empty table", LONG, || async {
+        (db.count().await == 0).then_some(())
+    })
+    .await;
+    let duplicates = all_arrived(&keys, &q.drain().await);
+    println!("rabbitmq stop_app 5 s during {ROWS} rows: all arrived, {duplicates} duplicates");
+    assert!(
+        relay.wait_exit(Duration::ZERO).await.is_none(),
+        "the relay never exits"
+    );
+}
+
+/// Starts PostgreSQL again even if the test fails half-way.
+struct PgGuard;
+impl Drop for PgGuard {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("sh")
+            .args(["-c", "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql | sort -V | tail -n 1) main start"])
+            .output();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_restarted_while_rows_flow_every_row_arrives() {
+    const ROWS: usize = 20_000;
+    let db = TestDb::migrated("obx_pg_restart").await;
+    let q = DurableQueue::new().await;
+    let keys = db.insert_rows(ROWS, 100).await;
+    let mut relay = Relay::start(&simple_config(&db.url, &q.exchange)).await;
+    eventually("rows to flow", LONG, || async {
+        (db.count().await < ROWS as i64 - 1000).then_some(())
+    })
+    .await;
+
+    let guard = PgGuard;
+    service(
+        "sh",
+        &[
+            "-c",
+            "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql | sort -V | tail -n 1) main restart -m fast",
+        ],
+    );
+    drop(guard);
+    // The gauge may flip back faster than a scrape; the error count stays.
+    eventually("the relay to see the database go", LONG, || async {
+        let n = relay
+            .metric("outboxd_source_errors_total{reason=\"database\",source=\"orders\"}")
+            .await?;
+        (n >= 1.0).then_some(())
+    })
+    .await;
+    relay
+        .wait_metric("outboxd_source_up{source=\"orders\"}", 1.0, LONG)
+        .await;
+    relay.wait_ready(200, LONG).await;
+    // The test's own connection died with the restart.
+    let db2 = db.connect().await;
+    eventually("an empty table", LONG, || async {
+        let n: i64 = db2
+            .query_one("SELECT count(*) FROM outbox", &[])
+            .await
+            .ok()?
+            .get(0);
+        (n == 0).then_some(())
+    })
+    .await;
+    let duplicates = all_arrived(&keys, &q.drain().await);
+    println!("postgres restart -m fast during {ROWS} rows: all arrived, {duplicates} duplicates");
+    assert!(
+        relay.wait_exit(Duration::ZERO).await.is_none(),
+        "the relay never exits"
+    );
+}
