@@ -23,7 +23,10 @@ pub struct OutboxRow {
     pub event_type: String,
     /// The jsonb payload as PostgreSQL prints it (`payload::text`).
     pub payload: String,
-    pub headers: Value,
+    /// The jsonb headers as PostgreSQL prints them (`headers::text`); parsed
+    /// here, so a hostile value (say, nested deeper than the parser allows)
+    /// makes a bad row, not a failed batch.
+    pub headers: String,
     pub dedup_key: String,
     pub exchange: Option<String>,
     pub routing_key: Option<String>,
@@ -36,6 +39,8 @@ pub struct Routing<'a> {
     pub source: &'a str,
     pub exchange: &'a str,
     pub routing_key: &'a Template,
+    /// Largest body allowed (`max_message_bytes`).
+    pub max_body: usize,
 }
 
 /// A message ready for `basic_publish`.
@@ -56,6 +61,10 @@ pub enum BadRow {
     EmptyRoutingKey { template: String },
     #[error("headers must be a JSON object, got {0}")]
     HeadersNotObject(&'static str),
+    #[error("headers are not JSON this relay can read: {0}")]
+    HeadersUnreadable(String),
+    #[error("the payload is {len} bytes; max_message_bytes allows {max}")]
+    TooLarge { len: usize, max: usize },
     #[error("header {key:?} is {kind}; header values must be strings, numbers, booleans or null")]
     HeaderValue { key: String, kind: &'static str },
 }
@@ -68,6 +77,16 @@ const PERSISTENT: u8 = 2;
 impl OutboxRow {
     /// Builds the AMQP message for this row.
     pub fn to_outbound(&self, r: &Routing<'_>) -> Result<Outbound, BadRow> {
+        // Compaction only removes bytes, so the text length is an upper bound.
+        if self.payload.len() > r.max_body {
+            let len = compact_json(&self.payload).len();
+            if len > r.max_body {
+                return Err(BadRow::TooLarge {
+                    len,
+                    max: r.max_body,
+                });
+            }
+        }
         let exchange = short("exchange", self.exchange.as_deref().unwrap_or(r.exchange))?;
         let routing_key = match &self.routing_key {
             // An explicit per-row key is taken as given, even an empty one
@@ -118,7 +137,12 @@ impl OutboxRow {
     }
 
     fn row_headers(&self) -> Result<FieldTable, BadRow> {
-        let map = match &self.headers {
+        if self.headers.is_empty() || self.headers == "{}" {
+            return Ok(FieldTable::default());
+        }
+        let parsed: Value = serde_json::from_str(&self.headers)
+            .map_err(|e| BadRow::HeadersUnreadable(e.to_string()))?;
+        let map = match &parsed {
             Value::Object(map) => map,
             Value::Null => return Ok(FieldTable::default()),
             other => return Err(BadRow::HeadersNotObject(json_kind(other))),
@@ -227,7 +251,8 @@ mod tests {
             aggregate_id: "o-42".into(),
             event_type: "OrderCreated".into(),
             payload: r#"{"a": 1, "s": "x y"}"#.into(),
-            headers: json!({"tenant": "t1", "n": 3, "f": 1.5, "ok": true, "none": null}),
+            headers: json!({"tenant": "t1", "n": 3, "f": 1.5, "ok": true, "none": null})
+                .to_string(),
             dedup_key: "k-1".into(),
             exchange: None,
             routing_key: None,
@@ -241,6 +266,7 @@ mod tests {
             source: "orders",
             exchange: "orders.events",
             routing_key: t,
+            max_body: 1024,
         }
     }
 
@@ -276,7 +302,7 @@ mod tests {
         let mut r = row();
         r.exchange = Some("other".into());
         r.routing_key = Some("explicit.key".into());
-        r.headers = json!({"x-outbox-id": "fake"});
+        r.headers = json!({"x-outbox-id": "fake"}).to_string();
         let m = r.to_outbound(&routing(&t)).unwrap();
         assert_eq!(m.exchange.as_str(), "other");
         assert_eq!(m.routing_key.as_str(), "explicit.key");
@@ -331,20 +357,33 @@ mod tests {
             ),
             // headers an array
             (
-                Box::new(|r| r.headers = json!([1])),
+                Box::new(|r| r.headers = json!([1]).to_string()),
                 BadRow::HeadersNotObject("an array"),
             ),
             // nested header value
             (
-                Box::new(|r| r.headers = json!({"deep": {"x": 1}})),
+                Box::new(|r| r.headers = json!({"deep": {"x": 1}}).to_string()),
                 BadRow::HeaderValue {
                     key: "deep".into(),
                     kind: "an object",
                 },
             ),
+            // a payload over max_message_bytes (1024 in these tests)
+            (
+                Box::new(|r| r.payload = format!("\"{}\"", "p".repeat(2000))),
+                BadRow::TooLarge {
+                    len: 2002,
+                    max: 1024,
+                },
+            ),
+            // headers nested deeper than the JSON parser allows
+            (
+                Box::new(|r| r.headers = format!("{}1{}", "[".repeat(200), "]".repeat(200))),
+                BadRow::HeadersUnreadable("recursion limit exceeded at line 1 column 128".into()),
+            ),
             // header name over 255 bytes
             (
-                Box::new(|r| r.headers = json!({ "h".repeat(256): 1 })),
+                Box::new(|r| r.headers = json!({ "h".repeat(256): 1 }).to_string()),
                 BadRow::TooLong {
                     field: "header name",
                     len: 256,
@@ -379,6 +418,73 @@ mod tests {
             let a: Value = serde_json::from_str(input).unwrap();
             let b: Value = serde_json::from_str(want).unwrap();
             assert_eq!(a, b);
+        }
+    }
+}
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::{Map, Number};
+
+    /// Arbitrary JSON: unicode strings, nulls, numbers, nesting.
+    fn json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(|n| Value::Number(n.into())),
+            any::<f64>().prop_filter_map("finite", |f| Number::from_f64(f).map(Value::Number)),
+            "\\PC{0,30}".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(4, 64, 8, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..8).prop_map(Value::Array),
+                prop::collection::hash_map("\\PC{0,12}", inner, 0..8)
+                    .prop_map(|m| Value::Object(m.into_iter().collect::<Map<_, _>>())),
+            ]
+        })
+    }
+
+    proptest! {
+        /// Any row either becomes a message whose body is the payload's
+        /// JSON value and whose message_id is the dedup key, or is a bad row
+        /// with a reason. Never a panic (ShortString would panic on From).
+        #[test]
+        fn any_row_maps_or_is_a_bad_row(
+            payload in json(),
+            headers in json(),
+            aggregate_type in "\\PC{0,300}",
+            aggregate_id in "\\PC{0,300}",
+            event_type in "\\PC{0,300}",
+            dedup_key in "\\PC{0,300}",
+            exchange in proptest::option::of("\\PC{0,300}"),
+        ) {
+            // PostgreSQL prints jsonb with ", " and ": "; serde's pretty form is close enough.
+            let text = serde_json::to_string_pretty(&payload).unwrap();
+            let row = OutboxRow {
+                id: 1,
+                aggregate_type,
+                aggregate_id,
+                event_type,
+                payload: text,
+                headers: headers.to_string(),
+                dedup_key: dedup_key.clone(),
+                exchange,
+                routing_key: None,
+                created_at: UNIX_EPOCH,
+                attempts: 0,
+            };
+            let t = Template::parse("{aggregate_type}.{event_type}").unwrap();
+            let routing = Routing { source: "s", exchange: "e", routing_key: &t, max_body: usize::MAX };
+            match row.to_outbound(&routing) {
+                Ok(m) => {
+                    let body: Value = serde_json::from_slice(&m.body).unwrap();
+                    prop_assert_eq!(body, payload);
+                    prop_assert_eq!(m.properties.message_id().as_ref().unwrap().as_str(), dedup_key.as_str());
+                }
+                Err(bad) => prop_assert!(!bad.to_string().is_empty()),
+            }
         }
     }
 }

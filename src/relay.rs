@@ -144,6 +144,7 @@ async fn batch_inner(
         source: &cfg.name,
         exchange: &cfg.exchange,
         routing_key: &cfg.routing_key,
+        max_body: cfg.max_message_bytes,
     };
     let messages = rows
         .iter()

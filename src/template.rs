@@ -204,3 +204,28 @@ mod tests {
         assert!(!Template::parse("a.{source}").unwrap().is_constant());
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Parsing any string either fails with a reason or yields a
+        /// template that renders without panicking.
+        #[test]
+        fn any_template_parses_or_fails_cleanly(tpl in "\\PC{0,60}", v in "\\PC{0,20}") {
+            if let Ok(t) = Template::parse(&tpl) {
+                let _ = t.render(&Values { aggregate_type: &v, aggregate_id: &v, event_type: &v, source: &v });
+            }
+        }
+
+        /// Text without braces is its own rendering.
+        #[test]
+        fn brace_free_text_renders_as_itself(text in "[^{}]{0,60}") {
+            let t = Template::parse(&text).unwrap();
+            let out = t.render(&Values { aggregate_type: "a", aggregate_id: "b", event_type: "c", source: "d" });
+            prop_assert_eq!(out, text);
+        }
+    }
+}

@@ -138,3 +138,20 @@ mod tests {
         assert!(interpolate("${A B}", "k", &env).is_err());
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Any input either interpolates or fails with the key named.
+        #[test]
+        fn never_panics(input in "\\PC{0,80}") {
+            match interpolate(&input, "some.key", &|n| (n.len() % 2 == 0).then(|| n.to_owned())) {
+                Ok(_) => {}
+                Err(e) => prop_assert!(e.to_string().contains("some.key")),
+            }
+        }
+    }
+}

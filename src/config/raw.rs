@@ -64,5 +64,6 @@ pub struct RawSource {
     pub retry_initial: Option<String>,
     pub retry_max: Option<String>,
     pub max_attempts: Option<i64>,
+    pub max_message_bytes: Option<i64>,
     pub notify_channel: Option<String>,
 }

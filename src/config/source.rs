@@ -23,6 +23,9 @@ pub const DEFAULT_MAX_IN_FLIGHT: i64 = 4;
 pub const DEFAULT_RETRY_INITIAL: Duration = Duration::from_secs(1);
 pub const DEFAULT_RETRY_MAX: Duration = Duration::from_secs(300);
 pub const DEFAULT_MAX_ATTEMPTS: i64 = 10;
+/// 16 MiB: well under RabbitMQ's own limit (128 MiB in 3.10), and messages
+/// that size are usually a mistake.
+pub const DEFAULT_MAX_MESSAGE_BYTES: i64 = 16 * 1024 * 1024;
 /// AMQP short strings (exchange names) are at most 255 bytes.
 const MAX_EXCHANGE_BYTES: usize = 255;
 /// PostgreSQL channel names are identifiers: at most 63 bytes.
@@ -69,6 +72,8 @@ pub struct SourceConfig {
     pub retry: Backoff,
     /// Attempts before a row the broker keeps refusing is parked.
     pub max_attempts: u32,
+    /// A payload larger than this (compact JSON) is a bad row.
+    pub max_message_bytes: usize,
     pub notify_channel: String,
 }
 
@@ -198,6 +203,14 @@ impl Validator<'_> {
             &k("max_attempts"),
             in_range(raw.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS), 1, 1000),
         );
+        let max_message_bytes = self.check(
+            &k("max_message_bytes"),
+            in_range(
+                raw.max_message_bytes.unwrap_or(DEFAULT_MAX_MESSAGE_BYTES),
+                1,
+                512 * 1024 * 1024,
+            ),
+        );
         let notify_channel = match self.string_opt(&k("notify_channel"), raw.notify_channel) {
             Some(c) => Some(c),
             None => table.as_ref().map(default_channel),
@@ -228,6 +241,7 @@ impl Validator<'_> {
             retry: crate::backoff::Backoff::new(retry_initial, retry_max),
             // in_range bounds it to 1..=1000.
             max_attempts: max_attempts? as u32,
+            max_message_bytes: max_message_bytes?,
             notify_channel: notify_channel?,
         })
     }

@@ -9,7 +9,6 @@
 
 use std::time::SystemTime;
 
-use serde_json::Value;
 use tokio_postgres::Row;
 
 use crate::ident::TableName;
@@ -17,7 +16,7 @@ use crate::message::OutboxRow;
 
 pub fn sql(table: &TableName) -> String {
     format!(
-        "SELECT id, aggregate_type, aggregate_id, event_type, payload::text, headers, \
+        "SELECT id, aggregate_type, aggregate_id, event_type, payload::text, headers::text, \
                 dedup_key, exchange, routing_key, created_at, attempts \
          FROM {} \
          WHERE id > $2 AND published_at IS NULL AND available_at <= clock_timestamp() \
@@ -37,7 +36,7 @@ pub fn decode(row: &Row) -> Result<OutboxRow, tokio_postgres::Error> {
         aggregate_id: row.try_get(2)?,
         event_type: row.try_get(3)?,
         payload: row.try_get(4)?,
-        headers: row.try_get::<_, Option<Value>>(5)?.unwrap_or(Value::Null),
+        headers: row.try_get::<_, Option<String>>(5)?.unwrap_or_default(),
         dedup_key: row.try_get(6)?,
         exchange: row.try_get(7)?,
         routing_key: row.try_get(8)?,

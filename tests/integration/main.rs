@@ -9,6 +9,7 @@ mod crash;
 mod dead_letters;
 mod delivery;
 mod failures;
+mod hostile;
 mod outage;
 mod rollback;
 mod shutdown;
