@@ -13,6 +13,7 @@
 //! row failures were already recorded on the rows by the batch itself.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::oneshot;
@@ -163,6 +164,19 @@ async fn batch_inner(
         }
     };
 
+    let any_failed = outcomes.iter().any(|o| matches!(o, Outcome::Failed(_)));
+    if any_failed && !source.can_park.load(Ordering::SeqCst) {
+        let row = step(
+            "look for the dead-letter table",
+            tx.query_one(&source.queries.dead_exists, &[]),
+        )
+        .await?;
+        let exists: bool = row.try_get(0).unwrap_or(false);
+        if !exists {
+            warn!(source = %cfg.name, "the dead-letter table is missing (run `outboxd migrate`); failing rows are retried instead of parked");
+        }
+        source.can_park.store(exists, Ordering::SeqCst);
+    }
     let confirmed_at = SystemTime::now();
     let sent_in = started.elapsed() - claimed_in;
     let mut delivered = Vec::with_capacity(rows.len());
@@ -176,7 +190,12 @@ async fn batch_inner(
             Outcome::Failed(f) => {
                 source.metrics.failure(f.reason).inc();
                 let attempt = u32::try_from(row.attempts).unwrap_or(0).saturating_add(1);
-                match complete::decide(f.reason, attempt, cfg.max_attempts) {
+                let disposition = if source.can_park.load(Ordering::SeqCst) {
+                    complete::decide(f.reason, attempt, cfg.max_attempts)
+                } else {
+                    Disposition::Retry
+                };
+                match disposition {
                     Disposition::Retry => {
                         let delay = cfg.retry.jittered(attempt);
                         failed.retry(

@@ -11,6 +11,7 @@ pub mod retention;
 pub mod wakeup;
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use deadpool_postgres::Pool;
@@ -31,6 +32,8 @@ pub struct Queries {
     pub complete: complete::Sql,
     pub backlog: String,
     pub flag: flag::Sql,
+    /// Whether the dead-letter table exists.
+    pub dead_exists: String,
 }
 
 /// Everything one source's tasks share.
@@ -43,6 +46,12 @@ pub struct Source {
     pub queries: Queries,
     /// Woken by NOTIFY (through the listener) and read by the relay loop.
     pub wake: Notify,
+    /// The dead-letter table is known to exist (checked by the first batch
+    /// with a failed row, and again by later ones while it is missing). If
+    /// it is missing nothing is parked: failing rows are retried instead,
+    /// because a batch whose parking fails would roll back and resend its
+    /// delivered rows again and again.
+    pub can_park: AtomicBool,
 }
 
 impl Source {
@@ -57,6 +66,14 @@ impl Source {
             complete: complete::Sql::new(&config.table, config.after_publish),
             backlog: backlog::sql(&config.table),
             flag: flag::Sql::new(&config.table),
+            dead_exists: format!(
+                "SELECT to_regclass({}) IS NOT NULL",
+                crate::ident::quote_literal(&format!(
+                    "{}.{}",
+                    crate::ident::quote_ident(&config.table.schema),
+                    crate::ident::quote_ident(&config.table.derived("_dead"))
+                ))
+            ),
         };
         metrics.up.set(0);
         Self {
@@ -67,6 +84,7 @@ impl Source {
             metrics,
             queries,
             wake: Notify::new(),
+            can_park: AtomicBool::new(false),
         }
     }
 }

@@ -300,3 +300,50 @@ fn no_parking(database_url: &str, exchange: &str) -> String {
         &[SourceSpec::new("orders", database_url, exchange).set("max_attempts", "1000")],
     )
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_dead_letter_table_failing_rows_are_retried_not_parked() {
+    let db = TestDb::migrated("obx_nodead").await;
+    db.client
+        .batch_execute("DROP TABLE outbox_dead")
+        .await
+        .unwrap();
+    let mut broker = TestBroker::new("#").await;
+    let cfg = config(
+        AMQP_URL,
+        &[SourceSpec::new("orders", &db.url, &broker.exchange).set("max_attempts", "1")],
+    );
+    let relay = Relay::start(&cfg).await;
+    // The bad row and a good one in one transaction, so in one batch.
+    db.client
+        .batch_execute(
+            "BEGIN; \
+             INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload, dedup_key) \
+                 VALUES ('order', 'o-1', 'Bad', '{}', repeat('k', 300)); \
+             INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
+                 VALUES ('order', 'o-2', 'Good', '{}'); \
+             COMMIT;",
+        )
+        .await
+        .unwrap();
+    let m = broker.next(WAIT).await.expect("the good row goes out");
+    assert_eq!(m.kind.as_deref(), Some("Good"));
+    let bad: i64 = db
+        .client
+        .query_one("SELECT id FROM outbox WHERE event_type = 'Bad'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    // Parking would fail and roll back the whole batch; instead the bad row
+    // is retried, and the good one is not sent again.
+    wait_attempts(&db, bad, 2, "dedup_key is 300 bytes").await;
+    assert!(
+        broker.next(Duration::from_millis(500)).await.is_none(),
+        "the good row was sent once"
+    );
+    assert!(
+        !relay
+            .log_lines_with("dead-letter table is missing")
+            .is_empty()
+    );
+}
