@@ -9,7 +9,7 @@
 use std::io::Write;
 
 use lapin::types::ShortString;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 use crate::config::{Config, SourceConfig};
 use crate::ident::{quote_ident, quote_literal};
@@ -129,13 +129,16 @@ pub async fn run<W: Write>(config: &Config, config_path: &str, out: W) -> usize 
 
 async fn check_source<W: Write>(r: &mut Report<W>, source: &SourceConfig) {
     let what = |part: &str| format!("source {} {part}", source.name);
-    let client = match source.database.connect(NoTls).await {
-        Ok((client, connection)) => {
-            tokio::spawn(connection);
+    let client = match crate::source::connect(source).await {
+        Ok(client) => {
             r.line(
                 Level::Ok,
                 &what("database"),
-                &format!("connected to {}", source.database_display),
+                &format!(
+                    "connected to {} (sslmode {})",
+                    source.database_display,
+                    source.tls.name()
+                ),
             );
             client
         }
@@ -144,9 +147,9 @@ async fn check_source<W: Write>(r: &mut Report<W>, source: &SourceConfig) {
                 Level::Fail,
                 &what("database"),
                 &format!(
-                    "cannot connect to {}: {}",
+                    "cannot connect to {} (sslmode {}): {e}",
                     source.database_display,
-                    ErrorChain(&e)
+                    source.tls.name()
                 ),
             );
             return;

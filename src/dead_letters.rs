@@ -6,7 +6,7 @@
 
 use std::io::Write;
 
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 use crate::config::{Config, SourceConfig};
 use crate::ident::quote_ident;
@@ -49,13 +49,9 @@ fn find<'a>(config: &'a Config, name: &str) -> Result<&'a SourceConfig, DeadLett
 }
 
 async fn connect(source: &SourceConfig) -> Result<Client, DeadLetterError> {
-    let (client, connection) = source
-        .database
-        .connect(NoTls)
+    crate::source::connect(source)
         .await
-        .map_err(|e| db_error(source, format!("cannot connect: {}", ErrorChain(&e))))?;
-    tokio::spawn(connection);
-    Ok(client)
+        .map_err(|e| db_error(source, format!("cannot connect: {e}")))
 }
 
 fn db_error(source: &SourceConfig, message: String) -> DeadLetterError {

@@ -35,3 +35,4 @@ pub mod sink;
 pub mod source;
 pub mod telemetry;
 pub mod template;
+pub mod tls;

@@ -5,7 +5,6 @@
 //! placeholders; here we do the same substitution ourselves, with names
 //! from the config that were validated at load and are quoted again here.
 
-use tokio_postgres::NoTls;
 use tracing::info;
 
 use crate::config::{Config, SourceConfig};
@@ -73,12 +72,9 @@ async fn migrate_one(source: &SourceConfig) -> Result<(), MigrateError> {
         database: source.database_display.clone(),
         message,
     };
-    let (mut client, connection) = source
-        .database
-        .connect(NoTls)
+    let mut client = crate::source::connect(source)
         .await
-        .map_err(|e| fail(format!("cannot connect: {}", ErrorChain(&e))))?;
-    let driver = tokio::spawn(connection);
+        .map_err(|e| fail(format!("cannot connect: {e}")))?;
     let result = async {
         let tx = client.transaction().await?;
         // "already exists, skipping" notices are the expected case on a re-run.
@@ -90,8 +86,6 @@ async fn migrate_one(source: &SourceConfig) -> Result<(), MigrateError> {
     .await
     .map_err(|e| fail(ErrorChain(&e).to_string()));
     drop(client);
-    // The connection task ends once the client is dropped.
-    let _ = driver.await;
     result
 }
 

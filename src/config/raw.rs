@@ -44,6 +44,9 @@ pub struct RawRabbit {
     pub url_file: Option<String>,
     pub confirm_timeout: Option<String>,
     pub connection_name: Option<String>,
+    pub tls_ca_file: Option<String>,
+    pub tls_cert_file: Option<String>,
+    pub tls_key_file: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -65,5 +68,7 @@ pub struct RawSource {
     pub retry_max: Option<String>,
     pub max_attempts: Option<i64>,
     pub max_message_bytes: Option<i64>,
+    pub sslmode: Option<String>,
+    pub sslrootcert: Option<String>,
     pub notify_channel: Option<String>,
 }

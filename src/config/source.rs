@@ -12,6 +12,7 @@ use super::{Secret, Validator, in_range};
 use crate::backoff::Backoff;
 use crate::ident::TableName;
 use crate::template::Template;
+use crate::tls::PgTls;
 
 pub const DEFAULT_TABLE: &str = "outbox";
 pub const DEFAULT_ROUTING_KEY: &str = "{aggregate_type}.{event_type}";
@@ -74,6 +75,8 @@ pub struct SourceConfig {
     pub max_attempts: u32,
     /// A payload larger than this (compact JSON) is a bad row.
     pub max_message_bytes: usize,
+    /// TLS to the database (`sslmode`, `sslrootcert`).
+    pub tls: PgTls,
     pub notify_channel: String,
 }
 
@@ -203,6 +206,12 @@ impl Validator<'_> {
             &k("max_attempts"),
             in_range(raw.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS), 1, 1000),
         );
+        let tls = self.pg_tls(
+            &k,
+            raw.sslmode,
+            raw.sslrootcert,
+            database.as_ref().map(|(c, _)| c.get_ssl_mode()),
+        );
         let max_message_bytes = self.check(
             &k("max_message_bytes"),
             in_range(
@@ -223,7 +232,14 @@ impl Validator<'_> {
                 format!("{c:?} must be 1 to {MAX_CHANNEL_BYTES} bytes (set notify_channel to a shorter name)"),
             );
         }
-        let (database, database_display) = database?;
+        let (mut database, database_display) = database?;
+        let tls = tls?;
+        // tokio-postgres insists on TLS when it is on, and skips it when off.
+        database.ssl_mode(if tls == PgTls::Off {
+            SslMode::Disable
+        } else {
+            SslMode::Require
+        });
         Some(SourceConfig {
             name: name?,
             database_url: url?,
@@ -242,8 +258,53 @@ impl Validator<'_> {
             // in_range bounds it to 1..=1000.
             max_attempts: max_attempts? as u32,
             max_message_bytes: max_message_bytes?,
+            tls,
             notify_channel: notify_channel?,
         })
+    }
+}
+
+impl Validator<'_> {
+    /// `sslmode` (default: the URL's own, else prefer) and `sslrootcert`.
+    fn pg_tls(
+        &mut self,
+        k: &dyn Fn(&str) -> String,
+        mode: Option<String>,
+        root: Option<String>,
+        from_url: Option<SslMode>,
+    ) -> Option<PgTls> {
+        let mode = self.string_opt(&k("sslmode"), mode);
+        let root = self.string_opt(&k("sslrootcert"), root);
+        let mode = match mode.as_deref() {
+            Some("disable" | "prefer") => PgTls::Off,
+            Some("require") => PgTls::Require,
+            Some("verify-full") => PgTls::VerifyFull {
+                ca_file: root.clone(),
+            },
+            Some(other) => {
+                self.invalid(
+                    &k("sslmode"),
+                    format!("must be \"disable\", \"prefer\", \"require\" or \"verify-full\", got {other:?}"),
+                );
+                return None;
+            }
+            None => match from_url {
+                Some(SslMode::Require) => PgTls::Require,
+                _ => PgTls::Off,
+            },
+        };
+        if root.is_some() && !matches!(mode, PgTls::VerifyFull { .. }) {
+            self.invalid(
+                &k("sslrootcert"),
+                "only applies with sslmode = \"verify-full\"",
+            );
+            return None;
+        }
+        // Build it once now, so an unreadable CA file is a config error.
+        self.check(
+            &k("sslrootcert"),
+            crate::tls::client_config(&mode).map(|_| mode),
+        )
     }
 }
 
@@ -297,12 +358,6 @@ pub fn parse_pg(url: &str) -> Result<(tokio_postgres::Config, String), String> {
     })?;
     if config.get_hosts().is_empty() {
         return Err("names no host (expected postgres://user@host:5432/dbname)".to_owned());
-    }
-    if config.get_ssl_mode() == SslMode::Require {
-        return Err(
-            "sslmode=require needs TLS, which this build does not support yet; use sslmode=disable or prefer"
-                .to_owned(),
-        );
     }
     if config.get_application_name().is_none() {
         config.application_name("outboxd");

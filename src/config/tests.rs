@@ -81,7 +81,7 @@ after_publish = "${MODE}"
 
 #[test]
 fn each_mistake_is_reported_with_its_key() {
-    let cases: [(&str, String, &[&str]); 13] = [
+    let cases: [(&str, String, &[&str]); 16] = [
         // TOML syntax error: line number
         ("syntax", "[rabbitmq\nurl = 1".to_owned(), &["line 1"]),
         // unknown key in a source: the key is named
@@ -169,6 +169,33 @@ fn each_mistake_is_reported_with_its_key() {
             "batch size",
             MINIMAL.replace("name = \"orders\"", "name = \"orders\"\nbatch_size = 0"),
             &["source[0].batch_size", "between 1 and 10000"],
+        ),
+        // an sslmode libpq does not have
+        (
+            "sslmode",
+            MINIMAL.replace(
+                "name = \"orders\"",
+                "name = \"orders\"\nsslmode = \"verify-ca\"",
+            ),
+            &["source[0].sslmode", "verify-full"],
+        ),
+        // a CA file without verification
+        (
+            "sslrootcert without verify-full",
+            MINIMAL.replace(
+                "name = \"orders\"",
+                "name = \"orders\"\nsslmode = \"require\"\nsslrootcert = \"/x\"",
+            ),
+            &["source[0].sslrootcert", "verify-full"],
+        ),
+        // a CA file that is not there
+        (
+            "sslrootcert missing",
+            MINIMAL.replace(
+                "name = \"orders\"",
+                "name = \"orders\"\nsslmode = \"verify-full\"\nsslrootcert = \"/nonexistent.pem\"",
+            ),
+            &["source[0].sslrootcert", "/nonexistent.pem"],
         ),
         // no sources at all
         (
@@ -318,4 +345,26 @@ mod properties {
             }
         }
     }
+}
+
+#[test]
+fn sslmode_comes_from_the_key_or_else_the_url() {
+    use crate::tls::PgTls;
+    let tls = |extra: &str, url_suffix: &str| {
+        let text = MINIMAL
+            .replace("/orders\"", &format!("/orders{url_suffix}\""))
+            .replace("name = \"orders\"", &format!("name = \"orders\"\n{extra}"));
+        load(&text).unwrap().sources[0].tls.clone()
+    };
+    // the default, like libpq's prefer, connects without TLS
+    assert_eq!(tls("", ""), PgTls::Off);
+    // the URL's sslmode is used when the key is absent
+    assert_eq!(tls("", "?sslmode=require"), PgTls::Require);
+    assert_eq!(tls("", "?sslmode=disable"), PgTls::Off);
+    // the key wins over the URL
+    assert_eq!(tls("sslmode = \"disable\"", "?sslmode=require"), PgTls::Off);
+    assert_eq!(
+        tls("sslmode = \"verify-full\"", ""),
+        PgTls::VerifyFull { ca_file: None }
+    );
 }

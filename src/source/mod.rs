@@ -89,6 +89,28 @@ impl Source {
     }
 }
 
+/// Opens one connection outside the pool, in the source's TLS mode, and
+/// drives it on a task of its own (for migrate, check and dead-letters).
+pub async fn connect(config: &SourceConfig) -> Result<tokio_postgres::Client, String> {
+    let chain = |e: tokio_postgres::Error| crate::telemetry::ErrorChain(&e).to_string();
+    match crate::tls::pg_connector(&config.tls)? {
+        None => {
+            let (client, connection) = config
+                .database
+                .connect(tokio_postgres::NoTls)
+                .await
+                .map_err(chain)?;
+            tokio::spawn(connection);
+            Ok(client)
+        }
+        Some(tls) => {
+            let (client, connection) = config.database.connect(tls).await.map_err(chain)?;
+            tokio::spawn(connection);
+            Ok(client)
+        }
+    }
+}
+
 /// A database step that failed, with the step named for the log.
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {

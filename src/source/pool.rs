@@ -29,15 +29,15 @@ pub fn build(config: &SourceConfig) -> Result<Pool, String> {
         None => "-c enable_sort=off".to_owned(),
     };
     database.options(&options);
-    let manager = Manager::from_config(
-        database,
-        NoTls,
-        ManagerConfig {
-            // `Fast` only checks that the connection is not closed; a dead
-            // one fails its next query, which the relay retries anyway.
-            recycling_method: RecyclingMethod::Fast,
-        },
-    );
+    let manager_config = ManagerConfig {
+        // `Fast` only checks that the connection is not closed; a dead
+        // one fails its next query, which the relay retries anyway.
+        recycling_method: RecyclingMethod::Fast,
+    };
+    let manager = match crate::tls::pg_connector(&config.tls)? {
+        None => Manager::from_config(database, NoTls, manager_config),
+        Some(tls) => Manager::from_config(database, tls, manager_config),
+    };
     Pool::builder(manager)
         .max_size(config.pool_size)
         // Most recently used first: an idle source keeps reusing one

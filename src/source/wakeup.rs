@@ -15,7 +15,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::tls::MakeTlsConnect;
+use tokio_postgres::{AsyncMessage, NoTls, Socket};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -54,10 +55,22 @@ pub async fn run(source: Arc<Source>, backlog_interval: Duration, stop: Cancella
 type Query<'a> =
     Pin<Box<dyn Future<Output = Result<tokio_postgres::Row, tokio_postgres::Error>> + Send + 'a>>;
 
-/// Connects, LISTENs, forwards notifications and runs the backlog query;
-/// returns why it stopped.
+/// Connects (in the source's TLS mode), LISTENs, forwards notifications
+/// and runs the backlog query; returns why it stopped.
 async fn listen(source: &Source, backlog_interval: Duration) -> String {
-    let (client, mut connection) = match source.config.database.connect(NoTls).await {
+    match crate::tls::pg_connector(&source.config.tls) {
+        Ok(None) => listen_with(source, backlog_interval, NoTls).await,
+        Ok(Some(tls)) => listen_with(source, backlog_interval, tls).await,
+        Err(e) => e,
+    }
+}
+
+async fn listen_with<T>(source: &Source, backlog_interval: Duration, tls: T) -> String
+where
+    T: MakeTlsConnect<Socket>,
+    T::Stream: Send + Unpin,
+{
+    let (client, mut connection) = match source.config.database.connect(tls).await {
         Ok(pair) => pair,
         Err(e) => return format!("cannot connect: {}", ErrorChain(&e)),
     };

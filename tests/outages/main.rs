@@ -9,8 +9,10 @@ mod support;
 
 mod alarm;
 mod kill9;
+mod leak;
 mod restart;
 mod soak;
+mod tls;
 
 use std::collections::HashMap;
 use std::process::Command;

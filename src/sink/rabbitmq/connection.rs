@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_core::Stream;
+use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
 use lapin::uri::AMQPUri;
 use lapin::{Connection, ConnectionProperties, Event};
 use prometheus::{IntCounter, IntGauge};
@@ -22,6 +23,30 @@ use tracing::{info, warn};
 use crate::backoff::Backoff;
 use crate::config::RabbitConfig;
 use crate::telemetry::ErrorChain;
+
+/// The CA bundle and client identity for amqps:// (empty: system roots).
+fn tls_config(config: &RabbitConfig) -> Result<OwnedTLSConfig, lapin::Error> {
+    let read = |path: &str| {
+        std::fs::read(path).map_err(|e| {
+            lapin::Error::from(std::io::Error::other(format!("cannot read {path:?}: {e}")))
+        })
+    };
+    let cert_chain = match &config.tls_ca_file {
+        Some(path) => Some(String::from_utf8_lossy(&read(path)?).into_owned()),
+        None => None,
+    };
+    let identity = match &config.tls_client {
+        Some((cert, key)) => Some(OwnedIdentity::PKCS8 {
+            pem: read(cert)?,
+            key: read(key)?,
+        }),
+        None => None,
+    };
+    Ok(OwnedTLSConfig {
+        identity,
+        cert_chain,
+    })
+}
 
 /// Reconnect delays: quick first retry, then at most every 30 s.
 const RECONNECT: Backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
@@ -81,7 +106,10 @@ impl Broker {
         }
         let props = ConnectionProperties::default()
             .with_connection_name(config.connection_name.clone().into());
-        match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect_uri(uri, props)).await {
+        let tls = tls_config(config)?;
+        let runtime = lapin::runtime::default_runtime()?;
+        let connect = Connection::connect_uri_with_config(uri, props, tls, runtime);
+        match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
             Ok(result) => result,
             Err(_) => Err(lapin::Error::from(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
