@@ -24,6 +24,10 @@
 \set channel outboxd. :schema . :table
 \endif
 \set pending_index :table _pending_idx
+\set claim_index :table _claim_idx
+\set aggregate_index :table _aggregate_idx
+\set held_index :table _held_idx
+\set dead_aggregate_index :table _dead_aggregate_idx
 \set published_index :table _published_idx
 \set notify_trigger :table _notify
 \set notify_function :table _notify_fn
@@ -48,12 +52,31 @@ CREATE TABLE IF NOT EXISTS :"schema".:"table" (
     attempts       integer     NOT NULL DEFAULT 0,
     available_at   timestamptz NOT NULL DEFAULT now(),
     last_error     text,
-    published_at   timestamptz
+    published_at   timestamptz,
+    -- ordering = "aggregate": set by the relay on a row that must wait for
+    -- an earlier row of its aggregate (in flight, retrying or parked), so
+    -- claims skip it without looking; cleared when that row is settled.
+    held           boolean     NOT NULL DEFAULT false
 );
+-- Tables created by an earlier version get the column (no rewrite).
+ALTER TABLE :"schema".:"table" ADD COLUMN IF NOT EXISTS held boolean NOT NULL DEFAULT false;
 
--- The claim query walks this index in id order and skips published rows.
-CREATE INDEX IF NOT EXISTS :"pending_index"
-    ON :"schema".:"table" (id) WHERE published_at IS NULL;
+-- The claim query walks this index in id order; published and held rows
+-- are not in it. (It replaces the earlier pending index, which also held
+-- the held rows.)
+CREATE INDEX IF NOT EXISTS :"claim_index"
+    ON :"schema".:"table" (id) WHERE published_at IS NULL AND NOT held;
+DROP INDEX IF EXISTS :"schema".:"pending_index";
+
+-- ordering = "aggregate": is there an earlier unsent row of this aggregate?
+-- And which row of it comes next once one is settled?
+CREATE INDEX IF NOT EXISTS :"aggregate_index"
+    ON :"schema".:"table" (aggregate_type, aggregate_id, id) WHERE published_at IS NULL;
+
+-- The held rows, for the sweep that releases a row whose predecessor went
+-- away without the relay (deleted by hand, purged dead letter).
+CREATE INDEX IF NOT EXISTS :"held_index"
+    ON :"schema".:"table" (id) WHERE held;
 
 -- Retention (mark mode) deletes old published rows through this one.
 CREATE INDEX IF NOT EXISTS :"published_index"
@@ -79,6 +102,10 @@ CREATE TABLE IF NOT EXISTS :"schema".:"dead_table" (
     reason         text        NOT NULL,
     parked_at      timestamptz NOT NULL DEFAULT now()
 );
+
+-- With on_park = "hold", a parked row holds back the later rows of its aggregate.
+CREATE INDEX IF NOT EXISTS :"dead_aggregate_index"
+    ON :"schema".:"dead_table" (aggregate_type, aggregate_id);
 
 -- Wake-ups. NOTIFY takes a database-wide lock at commit that serializes
 -- every notifying transaction, so notifying on every insert costs

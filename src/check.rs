@@ -17,7 +17,7 @@ use crate::sink::rabbitmq::{Broker, exchange_exists};
 use crate::telemetry::ErrorChain;
 
 /// The columns the relay reads or writes, with their PostgreSQL types.
-pub const COLUMNS: [(&str, &str); 14] = [
+pub const COLUMNS: [(&str, &str); 15] = [
     ("id", "bigint"),
     ("aggregate_type", "text"),
     ("aggregate_id", "text"),
@@ -32,6 +32,7 @@ pub const COLUMNS: [(&str, &str); 14] = [
     ("available_at", "timestamp with time zone"),
     ("last_error", "text"),
     ("published_at", "timestamp with time zone"),
+    ("held", "boolean"),
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq)]

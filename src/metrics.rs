@@ -24,6 +24,11 @@ pub const BATCH_SIZE: &str = "outboxd_batch_size";
 pub const SOURCE_UP: &str = "outboxd_source_up";
 pub const PARKED: &str = "outboxd_parked_total";
 pub const DEAD_LETTERS: &str = "outboxd_dead_letters";
+pub const PARTITIONS_OWNED: &str = "outboxd_partitions_owned";
+pub const REBALANCES: &str = "outboxd_rebalances_total";
+pub const RELAYS: &str = "outboxd_relays";
+pub const HELD_ROWS: &str = "outboxd_held_rows";
+pub const HELD_BY_DEAD_LETTERS: &str = "outboxd_held_by_dead_letters";
 pub const SOURCE_ERRORS: &str = "outboxd_source_errors_total";
 pub const BROKER_UP: &str = "outboxd_broker_up";
 pub const BROKER_BLOCKED: &str = "outboxd_broker_blocked";
@@ -45,6 +50,11 @@ pub struct Metrics {
     errors: IntCounterVec,
     parked: IntCounterVec,
     dead: IntGaugeVec,
+    owned: IntGaugeVec,
+    rebalances: IntCounterVec,
+    relays: IntGaugeVec,
+    held: IntGaugeVec,
+    held_dead: IntGaugeVec,
     broker: BrokerMetrics,
 }
 
@@ -61,6 +71,15 @@ pub struct SourceMetrics {
     errors: Vec<(&'static str, IntCounter)>,
     parked: Vec<(FailureReason, IntCounter)>,
     pub dead_letters: IntGauge,
+    /// `ordering = "aggregate"`: partitions this relay owns now.
+    pub partitions_owned: IntGauge,
+    pub rebalances: IntCounter,
+    /// Relays running on this source's table, this one included.
+    pub relays: IntGauge,
+    /// Rows waiting for an earlier row of their aggregate.
+    pub held: IntGauge,
+    /// Of those, rows waiting for a parked row (`on_park = "hold"`).
+    pub held_by_dead_letters: IntGauge,
 }
 
 impl SourceMetrics {
@@ -200,6 +219,39 @@ impl Metrics {
             )
             .expect("valid metric"),
         );
+        let gauge = |name: &str, help: &str| {
+            register(
+                &r,
+                IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric"),
+            )
+        };
+        let owned = gauge(
+            PARTITIONS_OWNED,
+            "ordering = \"aggregate\": partitions of the key space this relay owns.",
+        );
+        let relays = gauge(
+            RELAYS,
+            "ordering = \"aggregate\": relays running on the source's table (this one included).",
+        );
+        let held = gauge(
+            HELD_ROWS,
+            "Rows held back behind an earlier row of their aggregate (in flight, retrying or parked).",
+        );
+        let held_dead = gauge(
+            HELD_BY_DEAD_LETTERS,
+            "Held rows whose aggregate has a parked row (on_park = \"hold\"); replay or purge it to release them.",
+        );
+        let rebalances = register(
+            &r,
+            IntCounterVec::new(
+                Opts::new(
+                    REBALANCES,
+                    "Times this relay's set of partitions changed (relays joined or left).",
+                ),
+                labels,
+            )
+            .expect("valid metric"),
+        );
         let broker = BrokerMetrics {
             up: register(
                 &r,
@@ -248,6 +300,11 @@ impl Metrics {
             errors,
             parked,
             dead,
+            owned,
+            rebalances,
+            relays,
+            held,
+            held_dead,
             broker,
         }
     }
@@ -280,6 +337,11 @@ impl Metrics {
                 .map(|r| (*r, self.parked.with_label_values(&[name, r.as_str()])))
                 .collect(),
             dead_letters: self.dead.with_label_values(l),
+            partitions_owned: self.owned.with_label_values(l),
+            rebalances: self.rebalances.with_label_values(l),
+            relays: self.relays.with_label_values(l),
+            held: self.held.with_label_values(l),
+            held_by_dead_letters: self.held_dead.with_label_values(l),
         }
     }
 
@@ -319,6 +381,10 @@ mod tests {
             "outboxd_relay_lag_seconds_count{source=\"orders\"} 0",
             "outboxd_batch_size_count{source=\"orders\"} 0",
             "outboxd_broker_up 0",
+            "outboxd_partitions_owned{source=\"orders\"} 0",
+            "outboxd_rebalances_total{source=\"orders\"} 0",
+            "outboxd_held_rows{source=\"orders\"} 0",
+            "outboxd_held_by_dead_letters{source=\"orders\"} 0",
             "outboxd_build_info{version=\"",
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");

@@ -28,6 +28,10 @@ pub fn render(source: &SourceConfig) -> String {
         ("schema", t.schema.clone()),
         ("table", t.table.clone()),
         ("pending_index", t.derived("_pending_idx")),
+        ("claim_index", t.derived("_claim_idx")),
+        ("aggregate_index", t.derived("_aggregate_idx")),
+        ("held_index", t.derived("_held_idx")),
+        ("dead_aggregate_index", t.derived("_dead_aggregate_idx")),
         ("published_index", t.derived("_published_idx")),
         ("notify_trigger", t.derived("_notify")),
         ("notify_function", t.derived("_notify_fn")),
@@ -115,7 +119,12 @@ mod tests {
             "{sql}"
         );
         assert!(
-            sql.contains(r#"CREATE INDEX IF NOT EXISTS "events_pending_idx""#),
+            sql.contains(r#"CREATE INDEX IF NOT EXISTS "events_claim_idx""#),
+            "{sql}"
+        );
+        // the index of earlier versions goes
+        assert!(
+            sql.contains(r#"DROP INDEX IF EXISTS "billing"."events_pending_idx""#),
             "{sql}"
         );
         assert!(

@@ -16,18 +16,21 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::oneshot;
-use tokio::task::JoinSet;
+use std::collections::HashMap;
+
+use tokio::sync::{oneshot, watch};
+use tokio::task::{self, JoinSet};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::backoff::Backoff;
+use crate::config::{OnPark, Ordering as RowOrder};
 use crate::message::{OutboxRow, Routing};
 use crate::sink::rabbitmq::Broker;
 use crate::sink::{Failure, FailureReason, Outcome};
 use crate::source::complete::{self, Disposition, Failed};
-use crate::source::{DbError, Source, claim, flag, step};
+use crate::source::{DEAD_EXISTS, DEAD_MISSING, DEAD_UNKNOWN, DbError, Source, claim, flag, step};
 
 /// After a claim comes back empty within this long of one that found rows,
 /// the relay keeps claiming every [`LINGER_STEP`] instead of arming the
@@ -37,6 +40,10 @@ const LINGER_WINDOW: Duration = Duration::from_millis(20);
 const LINGER_STEP: Duration = Duration::from_millis(2);
 
 /// Pause after database errors: quick first retry, at most every 30 s.
+/// How often held rows are checked for a predecessor that went away without
+/// the relay (a row deleted by hand, a purged dead letter).
+const SWEEP_EVERY: Duration = Duration::from_secs(30);
+
 const DB_RETRY: Backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
 
 /// What one batch came to.
@@ -61,6 +68,57 @@ pub enum BatchEnd {
     Flag { armed: bool },
     /// The wake-up flag table does not exist: wake-ups come from the poll only.
     FlagMissing(String),
+    /// The sweep released this many held rows.
+    Swept(u64),
+}
+
+/// Releases held rows whose predecessor went away without us (a task of
+/// its own, like a batch).
+pub async fn sweep(source: Arc<Source>) -> BatchEnd {
+    let run = async {
+        let client = step("get a connection", source.pool.get()).await?;
+        let row = step(
+            "look for the dead-letter table",
+            client.query_one(&source.queries.dead_exists, &[]),
+        )
+        .await?;
+        let dead = note_dead_table(&source, row);
+        let sql = if dead {
+            &source.queries.order.sweep
+        } else {
+            &source.queries.order.sweep_no_dead
+        };
+        step("release held rows", client.execute(sql, &[])).await
+    };
+    match run.await {
+        Ok(n) => BatchEnd::Swept(n),
+        Err(err) => BatchEnd::Db(err),
+    }
+}
+
+/// Remembers whether the dead-letter table exists (from a run of
+/// `queries.dead_exists`) and returns it.
+fn note_dead_table(source: &Source, row: tokio_postgres::Row) -> bool {
+    let exists: bool = row.try_get(0).unwrap_or(false);
+    let was = source.dead_table.swap(
+        if exists { DEAD_EXISTS } else { DEAD_MISSING },
+        Ordering::SeqCst,
+    );
+    if !exists && was != DEAD_MISSING && source.config.on_park == OnPark::Hold {
+        warn!(source = %source.config.name, "the dead-letter table is missing (run `outboxd migrate`); aggregates are not held back by parked rows");
+    }
+    exists
+}
+
+/// Where a batch claims from.
+#[derive(Debug, Clone)]
+pub enum ClaimFrom {
+    /// `ordering = "none"`: any due row with `id > after`.
+    After(i64),
+    /// `ordering = "aggregate"`: the heads of the aggregates in at most
+    /// `most` of these partitions (those with the oldest rows that no other
+    /// batch holds).
+    Partitions { free: Vec<i32>, most: i64 },
 }
 
 /// Sets the wake-up flag (a task of its own, like a batch).
@@ -74,10 +132,14 @@ pub async fn set_flag(source: Arc<Source>, armed: bool) -> BatchEnd {
 
 /// What a batch reports as soon as its claim is done, before publishing:
 /// the loop starts the next claim right after the rows this one took.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Claimed {
     pub rows: usize,
     pub max_id: i64,
+    /// The claim looked at a full batch of rows: there may be more.
+    pub full: bool,
+    /// `ordering = "aggregate"`: the partitions this batch holds.
+    pub partitions: Vec<i32>,
 }
 
 /// Runs one batch to its end, claiming rows with `id > after_id`. Sends
@@ -85,11 +147,11 @@ pub struct Claimed {
 /// Never panics on row content.
 pub async fn batch(
     source: Arc<Source>,
-    after_id: i64,
+    from: ClaimFrom,
     claimed: oneshot::Sender<Claimed>,
 ) -> BatchEnd {
     let mut claimed = Some(claimed);
-    let end = match batch_inner(&source, after_id, &mut claimed).await {
+    let end = match batch_inner(&source, from, &mut claimed).await {
         Ok(end) => end,
         Err(err) => BatchEnd::Db(err),
     };
@@ -101,16 +163,94 @@ pub async fn batch(
 
 async fn batch_inner(
     source: &Source,
-    after_id: i64,
+    from: ClaimFrom,
     claimed: &mut Option<oneshot::Sender<Claimed>>,
 ) -> Result<BatchEnd, DbError> {
     let cfg = &source.config;
     let started = std::time::Instant::now();
     let mut client = step("get a connection", source.pool.get()).await?;
     let tx = step("begin", client.transaction()).await?;
-    let stmt = step("prepare claim", tx.prepare_cached(&source.queries.claim)).await?;
     let limit = cfg.batch_size as i64;
-    let rows = step("claim", tx.query(&stmt, &[&limit, &after_id])).await?;
+    let (rows, report) = match from {
+        ClaimFrom::After(after_id) => {
+            let stmt = step("prepare claim", tx.prepare_cached(&source.queries.claim)).await?;
+            let rows = step("claim", tx.query(&stmt, &[&limit, &after_id])).await?;
+            let max_id = rows
+                .last()
+                .and_then(|r| r.try_get::<_, i64>(0).ok())
+                .unwrap_or(after_id);
+            let report = Claimed {
+                rows: rows.len(),
+                max_id,
+                full: rows.len() >= cfg.batch_size,
+                partitions: Vec::new(),
+            };
+            (rows, report)
+        }
+        ClaimFrom::Partitions { free, most } => {
+            let order = &source.queries.order;
+            let stmt = step("prepare partition lock", tx.prepare_cached(&order.lock)).await?;
+            let locked: Vec<i32> = step(
+                "lock partitions",
+                tx.query_one(
+                    &stmt,
+                    &[&free, &limit, &source.queries.lock_keys.batch, &most],
+                ),
+            )
+            .await?
+            .try_get(0)
+            .unwrap_or_default();
+            let mut walked = Vec::new();
+            if !locked.is_empty() {
+                // A new statement, so its snapshot sees every commit of the
+                // batches that held these partitions before us.
+                let dead = match source.dead_table.load(Ordering::SeqCst) {
+                    DEAD_EXISTS => true,
+                    DEAD_MISSING => false,
+                    _ => note_dead_table(
+                        source,
+                        step(
+                            "look for the dead-letter table",
+                            tx.query_one(&source.queries.dead_exists, &[]),
+                        )
+                        .await?,
+                    ),
+                };
+                let sql = if dead {
+                    &order.claim
+                } else {
+                    &order.claim_no_dead
+                };
+                let stmt = step("prepare claim", tx.prepare_cached(sql)).await?;
+                walked = step("claim", tx.query(&stmt, &[&locked, &limit])).await?;
+            }
+            let full = walked.len() >= cfg.batch_size;
+            let held = walked.len();
+            // Rows that are not the head of their aggregate come back with
+            // no columns; the claim marked them held.
+            walked.retain(|r| r.try_get::<_, Option<i64>>(0).ok().flatten().is_some());
+            let held = held - walked.len();
+            if walked.is_empty() && held > 0 {
+                // Nothing to send, but keep the holds.
+                step("commit holds", tx.commit()).await?;
+                drop(client);
+                if let Some(report) = claimed.take() {
+                    let _ = report.send(Claimed {
+                        full,
+                        ..Claimed::default()
+                    });
+                }
+                return Ok(BatchEnd::Empty);
+            }
+            let report = Claimed {
+                rows: walked.len(),
+                max_id: 0,
+                full,
+                partitions: locked,
+            };
+            (walked, report)
+        }
+    };
     if rows.is_empty() {
         step("rollback", tx.rollback()).await?;
         // Back to the pool before the report, so whatever the loop starts
@@ -121,15 +261,8 @@ async fn batch_inner(
         }
         return Ok(BatchEnd::Empty);
     }
-    if let Some(report) = claimed.take() {
-        let max_id = rows
-            .last()
-            .and_then(|r| r.try_get::<_, i64>(0).ok())
-            .unwrap_or(after_id);
-        let _ = report.send(Claimed {
-            rows: rows.len(),
-            max_id,
-        });
+    if let Some(tx) = claimed.take() {
+        let _ = tx.send(report);
     }
     let rows = rows
         .iter()
@@ -222,8 +355,15 @@ async fn batch_inner(
         }
     }
     log_failures(source, &rows, &outcomes, &failed.parked_ids);
+    let release = release_list(source, &rows, &delivered, &failed.parked_ids);
     let settled = async {
         complete::settle(&tx, &source.queries.complete, &delivered, &failed).await?;
+        if let Some((types, ids)) = &release {
+            let stmt = tx
+                .prepare_cached(&source.queries.order.release_next)
+                .await?;
+            tx.execute(&stmt, &[types, ids]).await?;
+        }
         tx.commit().await
     };
     if let Err(err) = step("settle and commit", settled).await {
@@ -251,6 +391,27 @@ async fn batch_inner(
         failed: failed.ids.len(),
         parked: failed.parked_ids.len(),
     })
+}
+
+/// `ordering = "aggregate"`: the aggregates whose next row may go now,
+/// those of the delivered rows (and of the parked ones with
+/// `on_park = "continue"`), as (types, ids).
+fn release_list<'a>(
+    source: &Source,
+    rows: &'a [OutboxRow],
+    delivered: &[i64],
+    parked: &[i64],
+) -> Option<(Vec<&'a str>, Vec<&'a str>)> {
+    if source.config.ordering != RowOrder::Aggregate {
+        return None;
+    }
+    let go_on = source.config.on_park == OnPark::Continue;
+    let (types, ids): (Vec<&str>, Vec<&str>) = rows
+        .iter()
+        .filter(|r| delivered.contains(&r.id) || (go_on && parked.contains(&r.id)))
+        .map(|r| (r.aggregate_type.as_str(), r.aggregate_id.as_str()))
+        .unzip();
+    (!types.is_empty()).then_some((types, ids))
 }
 
 /// One line per failed row for failures that belong to the row (bad row,
@@ -330,6 +491,15 @@ struct Loop {
     last_rows_at: Option<Instant>,
     /// Claim again at this instant (lingering after a recent busy spell).
     linger_until: Option<Instant>,
+    /// `ordering = "aggregate"`: the partitions we own (from the listener)...
+    owned: watch::Receiver<Arc<Vec<i32>>>,
+    /// ...and those each batch in flight holds.
+    busy: HashMap<task::Id, Vec<i32>>,
+    /// The task that is claiming now.
+    claiming_task: Option<task::Id>,
+    /// A sweep task is running.
+    sweep_busy: bool,
+    next_sweep: Instant,
     draining: bool,
     db_failures: u32,
     /// No claims before this instant (after a database error).
@@ -362,6 +532,11 @@ pub async fn run(
         flag_recheck: false,
         last_rows_at: None,
         linger_until: None,
+        owned: source.partitions.subscribe(),
+        busy: HashMap::new(),
+        claiming_task: None,
+        sweep_busy: false,
+        next_sweep: Instant::now(),
         draining: false,
         db_failures: 0,
         paused_until: None,
@@ -369,6 +544,7 @@ pub async fn run(
     let mut poll = tokio::time::interval(source.config.poll_interval);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let max = source.config.max_in_flight;
+    let ordered = source.config.ordering == RowOrder::Aggregate;
     info!(
         source = %source.config.name,
         database = %source.config.database_display,
@@ -378,29 +554,36 @@ pub async fn run(
     loop {
         source.health.beat();
         let paused = state.paused_until.is_some_and(|t| Instant::now() < t);
-        if !paused
+        let from = if !paused
             && broker.can_publish()
             && state.claiming.is_none()
-            // Not beside a flag update either: an idle source then needs
-            // one pooled connection, not two.
+            // Not beside a flag update or a sweep either: an idle source
+            // then needs one pooled connection, not two.
             && !state.flag_busy
+            && !state.sweep_busy
             && state.tasks.len() < max
             && (state.due || state.backlog)
         {
-            // Only a backlog run claims after the frontier: there the head
-            // of the table is locked by the batches in flight. Otherwise the
-            // claim starts at the head, where a row with a lower id that
-            // committed late (ids are taken at insert, not at commit) waits.
-            let after = if state.full_scan || !state.backlog {
-                0
-            } else {
-                state.frontier
-            };
+            state.claim_from()
+        } else {
+            None
+        };
+        if let Some(from) = from {
             state.full_scan = false;
             state.due = false;
             let (tx, rx) = oneshot::channel();
             state.claiming = Some(rx);
-            state.tasks.spawn(batch(source.clone(), after, tx));
+            let handle = state.tasks.spawn(batch(source.clone(), from, tx));
+            state.claiming_task = Some(handle.id());
+        } else if !state.draining
+            && !state.sweep_busy
+            && !state.flag_busy
+            && state.claiming.is_none()
+            && Instant::now() >= state.next_sweep
+        {
+            state.sweep_busy = true;
+            state.next_sweep = Instant::now() + SWEEP_EVERY;
+            state.tasks.spawn(sweep(source.clone()));
         }
         if state.draining
             && state.tasks.is_empty()
@@ -422,7 +605,12 @@ pub async fn run(
             }
             report = claim_report(&mut state.claiming), if state.claiming.is_some() => {
                 state.claiming = None;
-                state.backlog = report.rows >= source.config.batch_size;
+                if let Some(id) = state.claiming_task.take()
+                    && !report.partitions.is_empty()
+                {
+                    state.busy.insert(id, report.partitions.clone());
+                }
+                state.backlog = report.full;
                 state.frontier = if state.backlog {
                     state.frontier.max(report.max_id)
                 } else {
@@ -436,18 +624,22 @@ pub async fn run(
                 let now = Instant::now();
                 if report.rows > 0 {
                     state.last_rows_at = Some(now);
-                    state.flag_after(report);
+                    state.flag_after(&report);
                 } else if state.last_rows_at.is_some_and(|t| now - t < LINGER_WINDOW) {
                     // Busy a moment ago: look again shortly instead of arming
                     // the flag, so producers under steady load never notify.
                     state.linger_until = Some(now + LINGER_STEP);
                 } else {
-                    state.flag_after(report);
+                    state.flag_after(&report);
                 }
             }
-            Some(joined) = state.tasks.join_next(), if !state.tasks.is_empty() => match joined {
-                Ok(end) => state.settled(end),
+            Some(joined) = state.tasks.join_next_with_id(), if !state.tasks.is_empty() => match joined {
+                Ok((id, end)) => {
+                    state.busy.remove(&id);
+                    state.settled(end);
+                }
                 Err(join_error) => {
+                    state.busy.remove(&join_error.id());
                     // A batch task panicked: a bug, but its transaction is
                     // gone with it and its rows are intact; carry on.
                     error!(source = %source.config.name, error = %join_error, "batch task failed unexpectedly; its rows will be claimed again");
@@ -462,6 +654,11 @@ pub async fn run(
                 info!(source = %source.config.name, "draining: publishing what is committed, then stopping");
             }
             _ = source.wake.notified(), if !state.draining => state.due = true,
+            Ok(()) = state.owned.changed(), if ordered => {
+                // New partitions may hold rows; lost ones are skipped by the
+                // next claim (and guarded by the batch lock meanwhile).
+                state.due = !state.draining;
+            }
             _ = poll.tick(), if !state.draining => {
                 crate::source::pool::reap_idle(&source.pool);
                 state.due = true;
@@ -520,6 +717,14 @@ impl Loop {
                 // not arm), and with the flag down nothing else would wake us.
                 self.due = !self.draining;
             }
+            BatchEnd::Swept(released) => {
+                self.sweep_busy = false;
+                self.db_ok();
+                if released > 0 {
+                    info!(source = %name, rows = released, "released held rows whose earlier rows are gone");
+                    self.due = !self.draining;
+                }
+            }
             BatchEnd::FlagMissing(reason) => {
                 self.flag_busy = false;
                 self.flag_exists = false;
@@ -527,6 +732,9 @@ impl Loop {
             }
             BatchEnd::Db(err) => {
                 self.flag_busy = false;
+                self.sweep_busy = false;
+                // Look again: the dead-letter table may be what went away.
+                source.dead_table.store(DEAD_UNKNOWN, Ordering::SeqCst);
                 self.db_failures += 1;
                 self.backlog = false;
                 self.full_scan = true;
@@ -557,8 +765,8 @@ impl Loop {
 
     /// Keeps the wake-up flag in step with the claims: armed once caught
     /// up (an empty claim), disarmed while busy (a claim that found rows).
-    fn flag_after(&mut self, report: Claimed) {
-        if self.flag_busy || !self.flag_exists || self.draining {
+    fn flag_after(&mut self, report: &Claimed) {
+        if self.flag_busy || self.sweep_busy || !self.flag_exists || self.draining {
             return;
         }
         let want = report.rows == 0;
@@ -567,6 +775,36 @@ impl Loop {
             self.flag_busy = true;
             self.tasks.spawn(set_flag(self.source.clone(), want));
         }
+    }
+
+    /// What the next claim takes, or `None` if there is nothing to claim
+    /// from (aggregate order with every owned partition busy or none owned).
+    fn claim_from(&self) -> Option<ClaimFrom> {
+        let cfg = &self.source.config;
+        if cfg.ordering == RowOrder::None {
+            // Only a backlog run claims after the frontier: there the head
+            // of the table is locked by the batches in flight. Otherwise the
+            // claim starts at the head, where a row with a lower id that
+            // committed late (ids are taken at insert, not at commit) waits.
+            let after = if self.full_scan || !self.backlog {
+                0
+            } else {
+                self.frontier
+            };
+            return Some(ClaimFrom::After(after));
+        }
+        let owned = self.owned.borrow().clone();
+        let free: Vec<i32> = owned
+            .iter()
+            .copied()
+            .filter(|p| !self.busy.values().any(|held| held.contains(p)))
+            .collect();
+        if free.is_empty() {
+            return None;
+        }
+        // Leave partitions for the other batches that may be in flight.
+        let most = owned.len().div_ceil(cfg.max_in_flight) as i64;
+        Some(ClaimFrom::Partitions { free, most })
     }
 
     fn db_ok(&mut self) {

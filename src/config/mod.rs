@@ -21,7 +21,7 @@ use std::time::Duration;
 
 pub use rabbitmq::RabbitConfig;
 pub use secret::Secret;
-pub use source::{AfterPublish, SourceConfig};
+pub use source::{AfterPublish, OnPark, Ordering, SourceConfig};
 
 use interpolate::interpolate;
 use raw::RawConfig;

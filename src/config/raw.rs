@@ -63,6 +63,8 @@ pub struct RawSource {
     pub after_publish: Option<String>,
     pub retention: Option<String>,
     pub max_in_flight: Option<i64>,
+    pub ordering: Option<String>,
+    pub on_park: Option<String>,
     pub pool_size: Option<i64>,
     pub retry_initial: Option<String>,
     pub retry_max: Option<String>,

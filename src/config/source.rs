@@ -52,6 +52,49 @@ impl FromStr for AfterPublish {
     }
 }
 
+/// Which rows may be published side by side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ordering {
+    /// Per aggregate `(aggregate_type, aggregate_id)`, in id order: a row is
+    /// sent only once every earlier row of its aggregate is settled.
+    Aggregate,
+    /// Any row, any batch, any relay: the fastest path.
+    None,
+}
+
+impl FromStr for Ordering {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "aggregate" => Ok(Self::Aggregate),
+            "none" => Ok(Self::None),
+            other => Err(format!("must be \"aggregate\" or \"none\", got {other:?}")),
+        }
+    }
+}
+
+/// With `ordering = "aggregate"`: what the later rows of an aggregate do
+/// once one of its rows is parked in the dead-letter table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnPark {
+    /// Wait (counted in `outboxd_held_by_dead_letters`) until the parked row
+    /// is replayed and delivered, or purged.
+    Hold,
+    /// Go on without it: the aggregate's order has a gap.
+    Continue,
+}
+
+impl FromStr for OnPark {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "hold" => Ok(Self::Hold),
+            "continue" => Ok(Self::Continue),
+            other => Err(format!("must be \"hold\" or \"continue\", got {other:?}")),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct SourceConfig {
     pub name: String,
@@ -69,6 +112,8 @@ pub struct SourceConfig {
     pub after_publish: AfterPublish,
     pub retention: Option<Duration>,
     pub max_in_flight: usize,
+    pub ordering: Ordering,
+    pub on_park: OnPark,
     pub pool_size: usize,
     pub retry: Backoff,
     /// Attempts before a row the broker keeps refusing is parked.
@@ -179,6 +224,19 @@ impl Validator<'_> {
                 "only applies with after_publish = \"mark\" (deleted rows need no retention)",
             );
         }
+        let raw_on_park_set = raw.on_park.is_some();
+        let ordering = self
+            .parse_opt(&k("ordering"), raw.ordering)
+            .unwrap_or(Ordering::Aggregate);
+        let on_park = self
+            .parse_opt(&k("on_park"), raw.on_park)
+            .unwrap_or(OnPark::Hold);
+        if ordering == Ordering::None && raw_on_park_set {
+            self.invalid(
+                &k("on_park"),
+                "only applies with ordering = \"aggregate\" (without ordering nothing waits for a parked row)",
+            );
+        }
         let max_in_flight = self.check(
             &k("max_in_flight"),
             in_range(raw.max_in_flight.unwrap_or(DEFAULT_MAX_IN_FLIGHT), 1, 64),
@@ -253,6 +311,8 @@ impl Validator<'_> {
             after_publish,
             retention,
             max_in_flight: max_in_flight?,
+            ordering,
+            on_park,
             pool_size: pool_size?,
             retry: crate::backoff::Backoff::new(retry_initial, retry_max),
             // in_range bounds it to 1..=1000.

@@ -15,9 +15,12 @@ pub fn sql(table: &TableName) -> String {
     );
     format!(
         "SELECT count(*), COALESCE(EXTRACT(EPOCH FROM clock_timestamp() - min(created_at))::float8, 0), \
-                (SELECT count(*) FROM {dead}) \
-         FROM {} WHERE published_at IS NULL",
-        table.quoted()
+                (SELECT count(*) FROM {dead}), \
+                count(*) FILTER (WHERE held), \
+                (SELECT count(*) FROM {t} h WHERE h.held AND EXISTS (SELECT 1 FROM {dead} d \
+                    WHERE d.aggregate_type = h.aggregate_type AND d.aggregate_id = h.aggregate_id)) \
+         FROM {t} WHERE published_at IS NULL",
+        t = table.quoted()
     )
 }
 
@@ -29,10 +32,14 @@ pub fn record(source: &Source, result: Result<Row, tokio_postgres::Error>) {
             row.try_get::<_, i64>(0)?,
             row.try_get::<_, f64>(1)?,
             row.try_get::<_, i64>(2)?,
+            row.try_get::<_, i64>(3)?,
+            row.try_get::<_, i64>(4)?,
         ))
     });
     match decoded {
-        Ok((count, age, dead)) => {
+        Ok((count, age, dead, held, held_dead)) => {
+            source.metrics.held.set(held);
+            source.metrics.held_by_dead_letters.set(held_dead);
             source.metrics.pending.set(count);
             source.metrics.oldest_pending_age.set(age.max(0.0));
             source.metrics.dead_letters.set(dead);

@@ -19,7 +19,7 @@ pub fn sql(table: &TableName) -> String {
         "SELECT id, aggregate_type, aggregate_id, event_type, payload::text, headers::text, \
                 dedup_key, exchange, routing_key, created_at, attempts \
          FROM {} \
-         WHERE id > $2 AND published_at IS NULL AND available_at <= clock_timestamp() \
+         WHERE id > $2 AND published_at IS NULL AND NOT held AND available_at <= clock_timestamp() \
          ORDER BY id \
          LIMIT $1 \
          FOR UPDATE SKIP LOCKED",

@@ -6,16 +6,17 @@ pub mod claim;
 pub mod complete;
 pub mod flag;
 pub mod health;
+pub mod order;
 pub mod pool;
 pub mod retention;
 pub mod wakeup;
 
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicU8};
 use std::time::Duration;
 
 use deadpool_postgres::Pool;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 
 use crate::config::SourceConfig;
 use crate::metrics::SourceMetrics;
@@ -34,6 +35,9 @@ pub struct Queries {
     pub flag: flag::Sql,
     /// Whether the dead-letter table exists.
     pub dead_exists: String,
+    /// `ordering = "aggregate"`: claims, releases, the sweep, relay count.
+    pub order: order::Sql,
+    pub lock_keys: order::LockKeys,
 }
 
 /// Everything one source's tasks share.
@@ -52,7 +56,18 @@ pub struct Source {
     /// because a batch whose parking fails would roll back and resend its
     /// delivered rows again and again.
     pub can_park: AtomicBool,
+    /// `ordering = "aggregate"`: the partitions this relay owns, kept by the
+    /// listener (which holds their locks) and read by the relay loop.
+    pub partitions: watch::Sender<Arc<Vec<i32>>>,
+    /// Whether the dead-letter table exists, as far as the claims of
+    /// `ordering = "aggregate"` know: [`DEAD_UNKNOWN`] until a claim or the
+    /// sweep (every 30 s) has looked.
+    pub dead_table: AtomicU8,
 }
+
+pub const DEAD_UNKNOWN: u8 = 0;
+pub const DEAD_EXISTS: u8 = 1;
+pub const DEAD_MISSING: u8 = 2;
 
 impl Source {
     pub fn new(
@@ -74,6 +89,8 @@ impl Source {
                     crate::ident::quote_ident(&config.table.derived("_dead"))
                 ))
             ),
+            order: order::Sql::new(&config),
+            lock_keys: order::LockKeys::new(&config.table),
         };
         metrics.up.set(0);
         Self {
@@ -85,6 +102,8 @@ impl Source {
             queries,
             wake: Notify::new(),
             can_park: AtomicBool::new(false),
+            partitions: watch::Sender::new(Arc::new(Vec::new())),
+            dead_table: AtomicU8::new(DEAD_UNKNOWN),
         }
     }
 }

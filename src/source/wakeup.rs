@@ -20,10 +20,12 @@ use tokio_postgres::{AsyncMessage, NoTls, Socket};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::{Source, backlog};
+use super::{Source, backlog, order};
 use crate::backoff::Backoff;
+use crate::config::Ordering;
 use crate::ident::quote_ident;
 use crate::telemetry::ErrorChain;
+use std::collections::BTreeSet;
 
 const RECONNECT: Backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
 
@@ -38,6 +40,8 @@ pub async fn run(source: Arc<Source>, backlog_interval: Duration, stop: Cancella
             e = listen(&source, backlog_interval) => e,
         };
         source.health.set_listening(false);
+        // The partition locks went with the connection.
+        drop_partitions(&source);
         failures += 1;
         source.metrics.error("listener").inc();
         let delay = RECONNECT.jittered(failures.min(20));
@@ -50,7 +54,19 @@ pub async fn run(source: Arc<Source>, backlog_interval: Duration, stop: Cancella
         }
     }
     source.health.set_listening(false);
+    drop_partitions(&source);
 }
+
+fn drop_partitions(source: &Source) {
+    if !source.partitions.borrow().is_empty() {
+        source.partitions.send_replace(Arc::new(Vec::new()));
+        source.metrics.partitions_owned.set(0);
+        source.metrics.rebalances.inc();
+    }
+}
+
+type Rebalance<'a> =
+    Pin<Box<dyn Future<Output = Result<(BTreeSet<i32>, i32), tokio_postgres::Error>> + Send + 'a>>;
 
 type Query<'a> =
     Pin<Box<dyn Future<Output = Result<tokio_postgres::Row, tokio_postgres::Error>> + Send + 'a>>;
@@ -80,6 +96,16 @@ where
     let mut ticker = tokio::time::interval(backlog_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut query: Option<Query<'_>> = None;
+    // ordering = "aggregate": this connection holds the relay's membership
+    // and partition locks, and rebalances once per poll interval.
+    let ordered = source.config.ordering == Ordering::Aggregate;
+    let mut rebalance_tick = tokio::time::interval(source.config.poll_interval);
+    rebalance_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut rebalancing: Option<Rebalance<'_>> = None;
+    let mut joined = false;
+    let mut owned = BTreeSet::new();
+    // Relays that start together reach for different partitions first.
+    let offset = (std::process::id() as i32).rem_euclid(order::PARTITIONS);
     loop {
         tokio::select! {
             // The connection must be polled for any query on it to complete.
@@ -106,6 +132,39 @@ where
             result = async { query.as_mut().expect("guarded by is_some").await }, if query.is_some() => {
                 query = None;
                 backlog::record(source, result);
+            }
+            _ = rebalance_tick.tick(), if ordered && listening && rebalancing.is_none() => {
+                let (client, sql, keys, mine) = (&client, &source.queries.order, &source.queries.lock_keys, owned.clone());
+                let join = !joined;
+                rebalancing = Some(Box::pin(async move {
+                    if join {
+                        order::join(client, keys).await?;
+                    }
+                    order::rebalance(client, sql, keys, mine, offset).await
+                }));
+            }
+            result = async { rebalancing.as_mut().expect("guarded by is_some").await }, if rebalancing.is_some() => {
+                rebalancing = None;
+                match result {
+                    Ok((now_owned, relays)) => {
+                        joined = true;
+                        source.metrics.relays.set(i64::from(relays));
+                        if now_owned != owned {
+                            info!(
+                                source = %source.config.name,
+                                relays,
+                                owned = now_owned.len(),
+                                was = owned.len(),
+                                "partitions rebalanced"
+                            );
+                            owned = now_owned;
+                            source.metrics.partitions_owned.set(owned.len() as i64);
+                            source.metrics.rebalances.inc();
+                            source.partitions.send_replace(Arc::new(owned.iter().copied().collect()));
+                        }
+                    }
+                    Err(e) => return format!("rebalancing partitions failed: {}", ErrorChain(&e)),
+                }
             }
         }
     }

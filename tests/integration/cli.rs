@@ -107,7 +107,7 @@ async fn migrate_twice_changes_nothing() {
     );
     assert_eq!(
         first.iter().filter(|l| l.starts_with("col ")).count(),
-        14,
+        15,
         "{first:?}"
     );
     let (code, _, err) = run_to_end(&["migrate"], &cfg);

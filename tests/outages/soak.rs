@@ -84,7 +84,7 @@ async fn soak_with_random_cuts_loses_nothing_and_stays_flat() {
         let row = producer
             .query_one(
                 "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
-                 VALUES ('order', 'o-1', 'OrderCreated', '{\"k\": 1}') RETURNING dedup_key",
+                 VALUES ('order', 'o-' || (random() * 100)::int, 'OrderCreated', '{\"k\": 1}') RETURNING dedup_key",
                 &[],
             )
             .await

@@ -8,6 +8,9 @@ pub struct TestDb {
     pub name: String,
     pub url: String,
     pub client: Client,
+    /// `insert_one` gives each row its own aggregate (o-1, o-2, ...): with
+    /// `ordering = "aggregate"` a failing row holds back only its own.
+    next_aggregate: std::sync::atomic::AtomicU32,
 }
 
 async fn connect(url: &str) -> Client {
@@ -29,7 +32,12 @@ impl TestDb {
             .expect("create test database");
         let url = format!("{PG_URL}/{name}");
         let client = connect(&url).await;
-        Self { name, url, client }
+        Self {
+            name,
+            url,
+            client,
+            next_aggregate: std::sync::atomic::AtomicU32::new(1),
+        }
     }
 
     /// Creates a database with the outbox table, via outboxd's own migration SQL.
@@ -71,12 +79,16 @@ impl TestDb {
         rows.iter().map(|r| r.get(0)).collect()
     }
 
-    /// Inserts one row with the given SQL values for the override columns.
+    /// Inserts one row, of an aggregate of its own, with the given SQL
+    /// values for the override columns.
     pub async fn insert_one(&self, event_type: &str, extra_cols: &str, extra_vals: &str) -> i64 {
         let sep = if extra_cols.is_empty() { "" } else { ", " };
+        let n = self
+            .next_aggregate
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let sql = format!(
             "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload{sep}{extra_cols}) \
-             VALUES ('order', 'o-1', '{event_type}', '{{\"k\": \"v\"}}'{sep}{extra_vals}) RETURNING id"
+             VALUES ('order', 'o-{n}', '{event_type}', '{{\"k\": \"v\"}}'{sep}{extra_vals}) RETURNING id"
         );
         self.client
             .query_one(&sql, &[])

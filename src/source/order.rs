@@ -1,0 +1,284 @@
+//! `ordering = "aggregate"`: per-aggregate order with any number of relays
+//! on one table, coordinated by PostgreSQL alone.
+//!
+//! The key space (aggregate_type, aggregate_id) is hashed into
+//! [`PARTITIONS`] partitions. Three kinds of advisory locks, each in its
+//! own key space derived from the table name:
+//!
+//! - **member** (session, shared), on the listener connection: one per
+//!   live relay, so every relay can count the others in `pg_locks`.
+//! - **partition** (session), on the listener connection: ownership. Each
+//!   relay [`rebalance`]s once per poll interval to hold its fair share,
+//!   ceil(partitions / relays); a relay that dies loses them with its
+//!   connection and the others take them on their next turn.
+//! - **batch** (transaction), taken by every claim for the partitions it
+//!   reads: at most one batch per partition in flight anywhere, even while
+//!   ownership moves (a relay whose listener dropped may still have a batch
+//!   running; the new owner cannot claim that partition until it ends).
+//!
+//! Within a partition a claim takes only the head of each aggregate (its
+//! lowest unsent row) and marks the rest of what it walked `held`, so
+//! later claims skip them without looking. Settling a batch releases the
+//! next row of each settled aggregate. So a row is never sent while an
+//! earlier row of its aggregate is unconfirmed, waiting for a retry, or
+//! (with `on_park = "hold"`) parked; and since each batch commits before
+//! the partition's next one claims, a crash can only repeat the last row
+//! of an aggregate, never interleave two.
+
+use std::collections::BTreeSet;
+
+use tokio_postgres::Client;
+
+use crate::config::{OnPark, Ordering, SourceConfig};
+use crate::ident::{TableName, quote_ident};
+
+/// Fixed, so every relay of a table agrees on it without talking. 64 gives
+/// each of up to 8 relays a share within 1 of the others, and is small
+/// enough that owning all of them costs a relay little.
+pub const PARTITIONS: i32 = 64;
+
+/// A row's partition, in SQL, for the table alias `o`.
+fn partition_of(alias: &str) -> String {
+    format!(
+        "(hashtextextended({alias}.aggregate_type || '/' || {alias}.aggregate_id, 0) & {mask})::int",
+        mask = PARTITIONS - 1
+    )
+}
+
+/// The key spaces, as text hashed by PostgreSQL (`hashtext`).
+pub struct LockKeys {
+    pub member: String,
+    pub partition: String,
+    pub batch: String,
+}
+
+impl LockKeys {
+    pub fn new(table: &TableName) -> Self {
+        let t = format!("{}.{}", table.schema, table.table);
+        Self {
+            member: format!("outboxd member {t}"),
+            partition: format!("outboxd partition {t}"),
+            batch: format!("outboxd batch {t}"),
+        }
+    }
+}
+
+pub struct Sql {
+    /// $1 free partitions, $2 rows to look at, $3 batch key, $4 most
+    /// partitions to take: the partitions with the oldest due rows that no
+    /// other batch holds, locked for this transaction.
+    pub lock: String,
+    /// $1 locked partitions, $2 rows to walk: one row per walked row, the
+    /// row's columns only for heads (the others are marked held).
+    pub claim: String,
+    /// The same without looking at the dead-letter table (for when it is
+    /// missing: the relay then retries instead of parking).
+    pub claim_no_dead: String,
+    /// $1 aggregate types, $2 aggregate ids: release the next row of each.
+    pub release_next: String,
+    /// Release held rows that nothing holds back any more (or, with
+    /// `ordering = "none"`, every held row).
+    pub sweep: String,
+    pub sweep_no_dead: String,
+    /// $1 member key: how many relays run on this table.
+    pub members: String,
+}
+
+impl Sql {
+    pub fn new(config: &SourceConfig) -> Self {
+        let t = config.table.quoted();
+        let dead = format!(
+            "{}.{}",
+            quote_ident(&config.table.schema),
+            quote_ident(&config.table.derived("_dead"))
+        );
+        let dead_free = |alias: &str, dead_table: bool| match config.on_park {
+            OnPark::Hold if dead_table => format!(
+                " AND NOT EXISTS (SELECT 1 FROM {dead} d \
+                    WHERE d.aggregate_type = {alias}.aggregate_type AND d.aggregate_id = {alias}.aggregate_id)"
+            ),
+            _ => String::new(),
+        };
+        let first_unsent = |alias: &str| {
+            format!(
+                "NOT EXISTS (SELECT 1 FROM {t} e \
+                    WHERE e.aggregate_type = {alias}.aggregate_type AND e.aggregate_id = {alias}.aggregate_id \
+                      AND e.published_at IS NULL AND e.id < {alias}.id)"
+            )
+        };
+        let part = partition_of("o");
+        let lock = format!(
+            "SELECT COALESCE(array_agg(p), '{{}}') FROM ( \
+               SELECT c.p FROM ( \
+                 SELECT {part} AS p, min(o.id) AS first FROM ( \
+                   SELECT o.aggregate_type, o.aggregate_id, o.id FROM {t} o \
+                   WHERE o.published_at IS NULL AND NOT o.held AND o.available_at <= clock_timestamp() \
+                     AND {part} = ANY($1) \
+                   ORDER BY o.id LIMIT $2) o \
+                 GROUP BY 1 ORDER BY 2) c \
+               WHERE pg_try_advisory_xact_lock(hashtext($3), c.p) \
+               LIMIT $4) l"
+        );
+        let claim_sql = |dead_table: bool| {
+            format!(
+                "WITH walk AS ( \
+                   SELECT o.id, {head}{dead_free} AS head FROM {t} o \
+                   WHERE o.published_at IS NULL AND NOT o.held AND o.available_at <= clock_timestamp() \
+                     AND {part} = ANY($1) \
+                   ORDER BY o.id LIMIT $2 \
+                   FOR UPDATE OF o SKIP LOCKED), \
+                 hold AS (UPDATE {t} h SET held = true FROM walk w WHERE h.id = w.id AND NOT w.head) \
+                 SELECT o.id, o.aggregate_type, o.aggregate_id, o.event_type, o.payload::text, o.headers::text, \
+                        o.dedup_key, o.exchange, o.routing_key, o.created_at, o.attempts \
+                 FROM walk w LEFT JOIN {t} o ON w.head AND o.id = w.id \
+                 ORDER BY w.id",
+                head = first_unsent("o"),
+                dead_free = dead_free("o", dead_table),
+            )
+        };
+        let release_next = format!(
+            "UPDATE {t} o SET held = false \
+             FROM (SELECT DISTINCT k.t, k.a FROM unnest($1::text[], $2::text[]) AS k(t, a)) k \
+             WHERE o.held AND o.id = (SELECT min(e.id) FROM {t} e \
+                 WHERE e.aggregate_type = k.t AND e.aggregate_id = k.a AND e.published_at IS NULL)"
+        );
+        let sweep_sql = |dead_table: bool| match config.ordering {
+            Ordering::Aggregate => format!(
+                "UPDATE {t} o SET held = false \
+                 WHERE o.held AND o.published_at IS NULL AND {head}{dead_free}",
+                head = first_unsent("o"),
+                dead_free = dead_free("o", dead_table),
+            ),
+            Ordering::None => format!("UPDATE {t} SET held = false WHERE held"),
+        };
+        let members = "SELECT count(*)::int FROM pg_catalog.pg_locks \
+             WHERE locktype = 'advisory' AND granted AND objid = 0 AND objsubid = 2 \
+               AND classid = (hashtext($1)::bigint & 4294967295)::oid \
+               AND database = (SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database())"
+            .to_owned();
+        Self {
+            lock,
+            claim: claim_sql(true),
+            claim_no_dead: claim_sql(false),
+            release_next,
+            sweep: sweep_sql(true),
+            sweep_no_dead: sweep_sql(false),
+            members,
+        }
+    }
+}
+
+/// How many partitions a relay should own when `members` relays run.
+pub fn fair_share(members: i32) -> usize {
+    let members = members.max(1);
+    ((PARTITIONS + members - 1) / members) as usize
+}
+
+/// Which partitions to let go of and which to try for, given what we own
+/// and our fair share. Tries start at `offset` so relays that start
+/// together do not all reach for the same partitions.
+pub fn plan(owned: &BTreeSet<i32>, share: usize, offset: i32) -> (Vec<i32>, Vec<i32>) {
+    if owned.len() > share {
+        let release = owned
+            .iter()
+            .rev()
+            .take(owned.len() - share)
+            .copied()
+            .collect();
+        return (release, Vec::new());
+    }
+    let wanted = (0..PARTITIONS)
+        .map(|i| (i + offset).rem_euclid(PARTITIONS))
+        .filter(|p| !owned.contains(p))
+        .collect();
+    (Vec::new(), wanted)
+}
+
+/// Joins the table's relays on this (listener) connection.
+pub async fn join(client: &Client, keys: &LockKeys) -> Result<(), tokio_postgres::Error> {
+    client
+        .execute(
+            "SELECT pg_advisory_lock_shared(hashtext($1), 0)",
+            &[&keys.member],
+        )
+        .await
+        .map(drop)
+}
+
+/// One turn of the rebalance: count the relays, then give back or take
+/// partitions until we hold our fair share. Returns what we own now and
+/// how many relays there are.
+pub async fn rebalance(
+    client: &Client,
+    sql: &Sql,
+    keys: &LockKeys,
+    mut owned: BTreeSet<i32>,
+    offset: i32,
+) -> Result<(BTreeSet<i32>, i32), tokio_postgres::Error> {
+    let members: i32 = client
+        .query_one(&sql.members, &[&keys.member])
+        .await?
+        .try_get(0)?;
+    let share = fair_share(members);
+    let (release, wanted) = plan(&owned, share, offset);
+    if !release.is_empty() {
+        client
+            .execute(
+                "SELECT pg_advisory_unlock(hashtext($1), p) FROM unnest($2::int[]) AS p",
+                &[&keys.partition, &release],
+            )
+            .await?;
+        for p in &release {
+            owned.remove(p);
+        }
+    }
+    let missing = share.saturating_sub(owned.len()) as i64;
+    if missing > 0 {
+        let row = client
+            .query_one(
+                "SELECT COALESCE(array_agg(p), '{}') FROM ( \
+                   SELECT c.p FROM unnest($2::int[]) WITH ORDINALITY AS c(p, n) \
+                   WHERE pg_try_advisory_lock(hashtext($1), c.p) LIMIT $3) l",
+                &[&keys.partition, &wanted, &missing],
+            )
+            .await?;
+        let got: Vec<i32> = row.try_get(0)?;
+        owned.extend(got);
+    }
+    Ok((owned, members))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shares_cover_every_partition() {
+        for members in 1..=70 {
+            let share = fair_share(members);
+            assert!(
+                share * members as usize >= PARTITIONS as usize,
+                "{members} relays"
+            );
+            assert!(share >= 1);
+        }
+        assert_eq!(fair_share(1), 64);
+        assert_eq!(fair_share(3), 22);
+        assert_eq!(fair_share(0), 64);
+    }
+
+    #[test]
+    fn plans_to_release_the_excess_or_take_the_rest() {
+        let owned: BTreeSet<i32> = (0..40).collect();
+        // Too many: give back the highest ones, take nothing.
+        let (release, wanted) = plan(&owned, 32, 0);
+        assert_eq!(release, (32..40).rev().collect::<Vec<_>>());
+        assert!(wanted.is_empty());
+        // Too few: try every partition we do not own, from the offset on.
+        let owned: BTreeSet<i32> = [1, 2].into();
+        let (release, wanted) = plan(&owned, 32, 63);
+        assert!(release.is_empty());
+        assert_eq!(wanted.len(), 62);
+        assert_eq!(&wanted[..3], &[63, 0, 3]);
+    }
+}
