@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite: formatting, lints, unit tests and the integration
 # tests against the real PostgreSQL and RabbitMQ (started if needed), then
-# the outage tests, which restart and reconfigure those services and so
-# run on their own, one at a time.
+# the ordering tests (several relays and producers each) and the outage
+# tests (which restart and reconfigure those services), each on their own,
+# one at a time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,6 +11,7 @@ scripts/services.sh
 cargo fmt --check
 cargo clippy --all-targets --locked -- -D warnings
 cargo test --locked --lib --bins --test integration
+cargo test --locked --test ordering -- --test-threads=1
 cargo test --locked --test outages -- --test-threads=1
 # The outage tests may leave a service restarting; leave both up.
 scripts/services.sh

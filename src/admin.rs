@@ -1,7 +1,8 @@
 //! The HTTP endpoints for operators: `/metrics` (Prometheus text format),
 //! `/healthz` (liveness: every relay loop is turning) and `/readyz`
 //! (readiness as JSON: broker connected, every source database reachable,
-//! not draining).
+//! not draining) and `/status` (JSON: per source, the partitions this relay
+//! owns and how many relays share the table).
 //!
 //! `/healthz` deliberately ignores the database and the broker: restarting
 //! the relay does not fix a broker outage. Do not use `/readyz` as the
@@ -37,6 +38,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/status", get(status))
         .with_state(state)
 }
 
@@ -106,6 +108,36 @@ async fn readyz(State(state): State<Arc<AdminState>>) -> Response {
     };
     (
         code,
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+async fn status(State(state): State<Arc<AdminState>>) -> Response {
+    let sources: Vec<_> = state
+        .sources
+        .iter()
+        .map(|(h, _)| {
+            let (partitions, relays) = h.ownership();
+            json!({
+                "name": h.name,
+                "database_up": h.db_up(),
+                "listening": h.listening(),
+                "relays": relays,
+                "partitions_owned": partitions.len(),
+                "partitions": partitions,
+            })
+        })
+        .collect();
+    let body = json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "pid": std::process::id(),
+        "broker_up": state.broker.is_up(),
+        "draining": state.draining.is_cancelled(),
+        "sources": sources,
+    });
+    (
         [(header::CONTENT_TYPE, "application/json")],
         body.to_string(),
     )

@@ -13,6 +13,9 @@ pub struct SourceHealth {
     db_up: AtomicBool,
     listening: AtomicBool,
     last_error: Mutex<Option<String>>,
+    /// `ordering = "aggregate"`: the partitions we own and the relays on
+    /// the table, as of the last rebalance (for `/status`).
+    ownership: Mutex<(Vec<i32>, i32)>,
 }
 
 impl SourceHealth {
@@ -24,6 +27,7 @@ impl SourceHealth {
             db_up: AtomicBool::new(false),
             listening: AtomicBool::new(false),
             last_error: Mutex::new(None),
+            ownership: Mutex::new((Vec::new(), 0)),
         }
     }
 
@@ -64,6 +68,21 @@ impl SourceHealth {
 
     pub fn last_error(&self) -> Option<String> {
         self.last_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    pub fn set_ownership(&self, partitions: Vec<i32>, relays: i32) {
+        *self
+            .ownership
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = (partitions, relays);
+    }
+
+    /// (owned partitions, relays on the table).
+    pub fn ownership(&self) -> (Vec<i32>, i32) {
+        self.ownership
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()

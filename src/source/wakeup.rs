@@ -58,6 +58,7 @@ pub async fn run(source: Arc<Source>, backlog_interval: Duration, stop: Cancella
 }
 
 fn drop_partitions(source: &Source) {
+    source.health.set_ownership(Vec::new(), 0);
     if !source.partitions.borrow().is_empty() {
         source.partitions.send_replace(Arc::new(Vec::new()));
         source.metrics.partitions_owned.set(0);
@@ -149,6 +150,7 @@ where
                     Ok((now_owned, relays)) => {
                         joined = true;
                         source.metrics.relays.set(i64::from(relays));
+                        source.health.set_ownership(now_owned.iter().copied().collect(), relays);
                         if now_owned != owned {
                             info!(
                                 source = %source.config.name,
