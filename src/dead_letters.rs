@@ -8,7 +8,7 @@ use std::io::Write;
 
 use tokio_postgres::Client;
 
-use crate::config::{Config, SourceConfig};
+use crate::config::{Config, OnPark, Ordering, SourceConfig};
 use crate::ident::quote_ident;
 use crate::telemetry::ErrorChain;
 
@@ -170,10 +170,20 @@ pub async fn purge(
             source.name
         )));
     }
-    client
+    let purged = client
         .execute(&format!("DELETE FROM {dead} WHERE {filter}"), &[&ids])
         .await
-        .map_err(|e| db_error(source, ErrorChain(&e).to_string()))
+        .map_err(|e| db_error(source, ErrorChain(&e).to_string()))?;
+    // With on_park = "hold", the later rows of those aggregates waited for
+    // the purged rows: release them now rather than at the relay's next sweep.
+    if source.ordering == Ordering::Aggregate && source.on_park == OnPark::Hold {
+        let sweep = crate::source::order::Sql::new(source).sweep;
+        client
+            .execute(&sweep, &[])
+            .await
+            .map_err(|e| db_error(source, ErrorChain(&e).to_string()))?;
+    }
+    Ok(purged)
 }
 
 /// The WHERE clause and its one parameter (unused for `All`, but always bound).

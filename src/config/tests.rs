@@ -39,6 +39,8 @@ fn minimal_config_gets_the_documented_defaults() {
     assert_eq!(s.poll_interval, Duration::from_secs(1));
     assert_eq!(s.after_publish, AfterPublish::Delete);
     assert_eq!(s.max_in_flight, 4);
+    assert_eq!(s.ordering, Ordering::Aggregate);
+    assert_eq!(s.on_park, OnPark::Hold);
     assert_eq!(s.pool_size, 5);
     assert_eq!(s.notify_channel, "outboxd.public.outbox");
     assert_eq!(s.database_display, "127.0.0.1:5432/orders as root");
@@ -81,7 +83,29 @@ after_publish = "${MODE}"
 
 #[test]
 fn each_mistake_is_reported_with_its_key() {
-    let cases: [(&str, String, &[&str]); 16] = [
+    let cases: [(&str, String, &[&str]); 18] = [
+        // an ordering we do not have
+        (
+            "ordering",
+            MINIMAL.replace(
+                "name = \"orders\"",
+                "name = \"orders\"\nordering = \"strict\"",
+            ),
+            &[
+                "source[0].ordering",
+                "\"orders\"",
+                "\"aggregate\" or \"none\"",
+            ],
+        ),
+        // on_park means nothing without ordering
+        (
+            "on_park without ordering",
+            MINIMAL.replace(
+                "name = \"orders\"",
+                "name = \"orders\"\nordering = \"none\"\non_park = \"hold\"",
+            ),
+            &["source[0].on_park", "only applies with ordering"],
+        ),
         // TOML syntax error: line number
         ("syntax", "[rabbitmq\nurl = 1".to_owned(), &["line 1"]),
         // unknown key in a source: the key is named

@@ -9,6 +9,7 @@ mod crash;
 mod dead_letters;
 mod delivery;
 mod failures;
+mod held;
 mod hostile;
 mod outage;
 mod rollback;

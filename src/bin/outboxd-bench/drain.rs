@@ -14,35 +14,33 @@ pub async fn run(
     ceiling: f64,
     report: &mut Report,
 ) -> Result<(), String> {
-    for mode in ["delete", "mark"] {
-        let mut rates = Vec::new();
-        let mut cpu_us = Vec::new();
-        let mut rss = Vec::new();
-        for _ in 0..o.repeats {
-            let (rate, cpu, mb) = once(env, queue, mode, o).await?;
-            rates.push(rate);
-            cpu_us.push(cpu);
-            rss.push(mb);
+    for ordering in ["aggregate", "none"] {
+        for mode in ["delete", "mark"] {
+            let mut rates = Vec::new();
+            let mut cpu_us = Vec::new();
+            let mut rss = Vec::new();
+            for _ in 0..o.repeats {
+                let (rate, cpu, mb) = once(env, queue, mode, ordering, o).await?;
+                rates.push(rate);
+                cpu_us.push(cpu);
+                rss.push(mb);
+            }
+            let median = crate::report::median(&rates);
+            let what = format!("{} {mode} ordering={ordering}", queue.name());
+            report.add(
+                format!("drain {what}"),
+                "msg/s",
+                rates,
+                format!("{:.2} of ceiling ({:.0} msg/s)", median / ceiling, ceiling),
+            );
+            report.add(
+                format!("relay CPU per message, drain {what}"),
+                "µs",
+                cpu_us,
+                "user+system of the outboxd process",
+            );
+            report.add(format!("relay RSS after drain {what}"), "MB", rss, "");
         }
-        let median = crate::report::median(&rates);
-        report.add(
-            format!("drain {} {mode}", queue.name()),
-            "msg/s",
-            rates,
-            format!("{:.2} of ceiling ({:.0} msg/s)", median / ceiling, ceiling),
-        );
-        report.add(
-            format!("relay CPU per message, drain {} {mode}", queue.name()),
-            "µs",
-            cpu_us,
-            "user+system of the outboxd process",
-        );
-        report.add(
-            format!("relay RSS after drain {} {mode}", queue.name()),
-            "MB",
-            rss,
-            "",
-        );
     }
     Ok(())
 }
@@ -52,6 +50,7 @@ async fn once(
     env: &Env,
     queue: QueueType,
     mode: &str,
+    ordering: &str,
     o: &Options,
 ) -> Result<(f64, f64, f64), String> {
     let rows = o.rows;
@@ -68,7 +67,10 @@ async fn once(
     let config = relay_config(
         &url,
         &exchange,
-        &format!("after_publish = \"{mode}\"\n{}", o.source_extra),
+        &format!(
+            "after_publish = \"{mode}\"\nordering = \"{ordering}\"\n{}",
+            o.source_extra
+        ),
     );
     let relay = env.spawn_relay(&config).await?;
     let (broker0, pg0) = (cpu_of("beam.smp"), cpu_of("postgres"));
@@ -95,7 +97,7 @@ async fn once(
     let elapsed = started.elapsed().as_secs_f64();
     let (broker_cpu, pg_cpu) = (cpu_of("beam.smp") - broker0, cpu_of("postgres") - pg0);
     println!(
-        "{{\"probe\":\"drain {} {mode} CPU\",\"seconds\":{elapsed:.2},\"broker_cores\":{:.2},\"postgres_cores\":{:.2},\"relay_cores\":{:.2}}}",
+        "{{\"probe\":\"drain {} {mode} ordering={ordering} CPU\",\"seconds\":{elapsed:.2},\"broker_cores\":{:.2},\"postgres_cores\":{:.2},\"relay_cores\":{:.2}}}",
         queue.name(),
         broker_cpu / elapsed,
         pg_cpu / elapsed,

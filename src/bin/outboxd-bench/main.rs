@@ -1,6 +1,6 @@
 //! outboxd-bench: measures outboxd against the broker's own ceiling, in one run.
 //!
-//!   scripts/bench.sh [--quick] [--only ceiling,drain,latency,overhead,footprint]
+//!   scripts/bench.sh [--quick] [--only ceiling,drain,scaleout,latency,overhead,footprint]
 //!
 //! It creates its own databases, exchanges and queues on the local
 //! PostgreSQL and RabbitMQ, runs the release `outboxd` next to its own
@@ -16,6 +16,7 @@ mod footprint;
 mod latency;
 mod overhead;
 mod report;
+mod scaleout;
 
 use std::collections::BTreeSet;
 
@@ -58,7 +59,7 @@ impl Options {
                 }
                 "-h" | "--help" => {
                     println!(
-                        "usage: outboxd-bench [--quick] [--repeats N] [--rows N] [--only ceiling,drain,latency,overhead,footprint] [--set source_key=toml_value ...]"
+                        "usage: outboxd-bench [--quick] [--repeats N] [--rows N] [--only ceiling,drain,scaleout,latency,overhead,footprint] [--set source_key=toml_value ...]"
                     );
                     std::process::exit(0);
                 }
@@ -100,12 +101,15 @@ async fn run(o: &Options) -> Result<(), String> {
     println!("# outboxd-bench: {}", env.describe());
     let mut ceilings = std::collections::HashMap::new();
     for queue in [env::QueueType::Classic, env::QueueType::Quorum] {
-        if o.wants("ceiling") || o.wants("drain") {
+        if o.wants("ceiling") || o.wants("drain") || o.wants("scaleout") {
             let c = ceiling::run(&env, queue, o, &mut report).await?;
             ceilings.insert(queue, c);
         }
         if o.wants("drain") {
             drain::run(&env, queue, o, ceilings[&queue], &mut report).await?;
+        }
+        if o.wants("scaleout") && queue == env::QueueType::Classic {
+            scaleout::run(&env, o, ceilings[&queue], &mut report).await?;
         }
     }
     if o.wants("latency") {
