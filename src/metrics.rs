@@ -235,11 +235,11 @@ impl Metrics {
         );
         let held = gauge(
             HELD_ROWS,
-            "Rows held back behind an earlier row of their aggregate (in flight, retrying or parked).",
+            "Unsent rows waiting behind an earlier unsent row of their aggregate (ordering = \"aggregate\").",
         );
         let held_dead = gauge(
             HELD_BY_DEAD_LETTERS,
-            "Held rows whose aggregate has a parked row (on_park = \"hold\"); replay or purge it to release them.",
+            "Rows waiting behind a parked row of their aggregate (on_park = \"hold\"); replay or purge it to release them.",
         );
         let rebalances = register(
             &r,

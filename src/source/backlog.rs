@@ -4,21 +4,37 @@ use tokio_postgres::Row;
 use tracing::debug;
 
 use super::Source;
-use crate::ident::TableName;
+use crate::config::{OnPark, Ordering, SourceConfig};
 use crate::telemetry::ErrorChain;
 
-pub fn sql(table: &TableName) -> String {
+pub fn sql(config: &SourceConfig) -> String {
+    let table = &config.table;
     let dead = format!(
         "{}.{}",
         crate::ident::quote_ident(&table.schema),
         crate::ident::quote_ident(&table.derived("_dead"))
     );
+    // Rows waiting behind an earlier row of their aggregate: all but one
+    // (the head) of each aggregate's unsent rows.
+    let waiting = match config.ordering {
+        Ordering::Aggregate => "count(*) - count(DISTINCT (aggregate_type, aggregate_id))",
+        Ordering::None => "0::bigint",
+    };
+    // Of those, the rows of aggregates with a parked row: one index probe
+    // per parked aggregate (the dead-letter table is small).
+    let behind_dead = match (config.ordering, config.on_park) {
+        (Ordering::Aggregate, OnPark::Hold) => format!(
+            "(SELECT COALESCE(sum(x.c), 0)::bigint \
+               FROM (SELECT DISTINCT aggregate_type, aggregate_id FROM {dead}) d, \
+               LATERAL (SELECT count(*) AS c FROM {t} o WHERE o.aggregate_type = d.aggregate_type \
+                          AND o.aggregate_id = d.aggregate_id AND o.published_at IS NULL) x)",
+            t = table.quoted()
+        ),
+        _ => "0::bigint".to_owned(),
+    };
     format!(
         "SELECT count(*), COALESCE(EXTRACT(EPOCH FROM clock_timestamp() - min(created_at))::float8, 0), \
-                (SELECT count(*) FROM {dead}), \
-                count(*) FILTER (WHERE held), \
-                (SELECT count(*) FROM {t} h WHERE h.held AND EXISTS (SELECT 1 FROM {dead} d \
-                    WHERE d.aggregate_type = h.aggregate_type AND d.aggregate_id = h.aggregate_id)) \
+                (SELECT count(*) FROM {dead}), {waiting}, {behind_dead} \
          FROM {t} WHERE published_at IS NULL",
         t = table.quoted()
     )

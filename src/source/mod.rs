@@ -79,7 +79,7 @@ impl Source {
         let queries = Queries {
             claim: claim::sql(&config.table),
             complete: complete::Sql::new(&config.table, config.after_publish),
-            backlog: backlog::sql(&config.table),
+            backlog: backlog::sql(&config),
             flag: flag::Sql::new(&config.table),
             dead_exists: format!(
                 "SELECT to_regclass({}) IS NOT NULL",

@@ -130,6 +130,16 @@ impl Env {
 
     /// Inserts `n` rows with ~512-byte payloads.
     pub async fn fill(&self, url: &str, n: usize) -> Result<(), String> {
+        self.insert_rows(url, n).await?;
+        let c = pg(url).await?;
+        c.batch_execute("VACUUM ANALYZE outbox")
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(())
+    }
+
+    /// Inserts `n` rows over 1,000 aggregates in one transaction.
+    pub async fn insert_rows(&self, url: &str, n: usize) -> Result<(), String> {
         let c = pg(url).await?;
         let pad = PAYLOAD_BYTES as i32 - 25;
         c.execute(
@@ -140,9 +150,6 @@ impl Env {
         )
         .await
         .map_err(|e| e.to_string())?;
-        c.batch_execute("VACUUM ANALYZE outbox")
-            .await
-            .map_err(|e| e.to_string())?;
         Ok(())
     }
 

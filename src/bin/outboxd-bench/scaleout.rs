@@ -51,7 +51,6 @@ async fn once(
     let rows = o.rows;
     let (db, url) = env.create_db("bench_scale").await?;
     env.migrate(&url).await?;
-    env.fill(&url, rows).await?;
     let (ch, exchange) = env.declare(QueueType::Classic).await?;
     let config = relay_config(
         &url,
@@ -63,7 +62,12 @@ async fn once(
         running.push(env.spawn_relay(&config).await?);
     }
     // With ordering, wait until the relays have split the partitions (they
-    // rebalance once per poll interval), so the figure is the steady state.
+    // rebalance once per poll interval), then commit the rows: the figure
+    // is the steady state, not the first relay draining alone.
+    if ordering == "aggregate" {
+        balanced(&running).await?;
+    }
+    env.insert_rows(&url, rows).await?;
     let started = Instant::now();
     let deadline = started + Duration::from_secs(600);
     let mut published = vec![0.0; relays];
@@ -104,4 +108,31 @@ async fn once(
         rows as f64 / elapsed,
         published.iter().map(|p| p / total).collect(),
     ))
+}
+
+/// Waits until every relay counts them all and they own the 64 partitions
+/// between them, none more than its fair share.
+async fn balanced(relays: &[Relay]) -> Result<(), String> {
+    let n = relays.len();
+    let share = 64usize.div_ceil(n) as f64;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut owned = Vec::new();
+        let mut counted = Vec::new();
+        for r in relays {
+            let m = r.metrics().await;
+            owned.push(sample(&m, "outboxd_partitions_owned{source=\"bench\"}").unwrap_or(0.0));
+            counted.push(sample(&m, "outboxd_relays{source=\"bench\"}").unwrap_or(0.0));
+        }
+        if owned.iter().sum::<f64>() == 64.0
+            && owned.iter().all(|o| *o <= share)
+            && counted.iter().all(|c| *c == n as f64)
+        {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!("relays did not balance in 30 s: owned {owned:?}"));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
