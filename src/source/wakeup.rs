@@ -27,6 +27,10 @@ use crate::ident::quote_ident;
 use crate::telemetry::ErrorChain;
 use std::collections::BTreeSet;
 
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+const KEEPALIVE_RETRIES: u32 = 3;
+
 const RECONNECT: Backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
 
 /// Keeps the LISTEN connection up until `stop` fires, refreshing the
@@ -87,11 +91,28 @@ where
     T: MakeTlsConnect<Socket>,
     T::Stream: Send + Unpin,
 {
-    let (client, mut connection) = match source.config.database.connect(tls).await {
+    // This connection holds the partition locks (ordering = "aggregate"):
+    // if the link dies silently, both ends should notice within seconds,
+    // not the OS default of two hours. Our side: TCP keepalives on the
+    // socket. The server's side: the same, set for this session, so it
+    // ends the session (and frees the locks for the other relays).
+    let mut database = source.config.database.clone();
+    database
+        .keepalives(true)
+        .keepalives_idle(KEEPALIVE_IDLE)
+        .keepalives_interval(KEEPALIVE_INTERVAL)
+        .keepalives_retries(KEEPALIVE_RETRIES);
+    let (client, mut connection) = match database.connect(tls).await {
         Ok(pair) => pair,
         Err(e) => return format!("cannot connect: {}", ErrorChain(&e)),
     };
-    let listen_sql = format!("LISTEN {}", quote_ident(&source.config.notify_channel));
+    let listen_sql = format!(
+        "SET tcp_keepalives_idle = {}; SET tcp_keepalives_interval = {}; SET tcp_keepalives_count = {}; LISTEN {}",
+        KEEPALIVE_IDLE.as_secs(),
+        KEEPALIVE_INTERVAL.as_secs(),
+        KEEPALIVE_RETRIES,
+        quote_ident(&source.config.notify_channel)
+    );
     let mut listen = Box::pin(client.batch_execute(&listen_sql));
     let mut listening = false;
     let mut ticker = tokio::time::interval(backlog_interval);

@@ -78,7 +78,7 @@ async fn insert_rate(url: &str) -> Result<f64, String> {
         let client = pg(url).await?;
         tasks.spawn(async move {
             let stmt = client
-                .prepare("INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) VALUES ('order', 'o-1', 'OrderCreated', '{\"k\": 1}')")
+                .prepare("INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) VALUES ('order', 'o-' || (random() * 10000)::int, 'OrderCreated', '{\"k\": 1}')")
                 .await
                 .map_err(|e| e.to_string())?;
             let mut n = 0u64;
