@@ -4,9 +4,6 @@
 
 use std::time::Duration;
 
-use lapin::options::QueueBindOptions;
-use lapin::types::FieldTable;
-
 use crate::failures::parked;
 use crate::support::broker::TestBroker;
 use crate::support::db::TestDb;
@@ -67,17 +64,7 @@ async fn parked_rows_can_be_listed_replayed_and_purged() {
     assert!(err.contains("\"nope\""), "{err}");
 
     // Fix the cause, then replay: same id and dedup key, attempts reset.
-    broker
-        .channel
-        .queue_bind(
-            broker.queue.as_str().into(),
-            broker.exchange.as_str().into(),
-            "nowhere".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .expect("bind");
+    broker.bind("nowhere").await;
     let (code, out, err) = run_to_end(
         &[
             "dead-letters",

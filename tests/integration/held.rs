@@ -5,9 +5,6 @@
 
 use std::time::Duration;
 
-use lapin::options::QueueBindOptions;
-use lapin::types::FieldTable;
-
 use crate::failures::parked;
 use crate::support::broker::TestBroker;
 use crate::support::db::TestDb;
@@ -63,17 +60,7 @@ async fn a_parked_row_holds_back_only_its_own_aggregate_until_replayed_or_purged
     );
 
     // Fix the route and replay a-1: it goes first, then a-2 and a-3.
-    broker
-        .channel
-        .queue_bind(
-            broker.queue.as_str().into(),
-            broker.exchange.as_str().into(),
-            "nowhere.#".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    broker.bind("nowhere.#").await;
     let (code, _, err) = run_to_end(
         &[
             "dead-letters",

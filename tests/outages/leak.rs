@@ -3,11 +3,7 @@
 
 use std::time::Duration;
 
-use crate::support::db::TestDb;
-use crate::support::proxy::Proxy;
-use crate::support::relay::{Relay, SourceSpec, config};
-use crate::support::{AMQP_HOST, PG_HOST};
-use crate::{DurableQueue, LONG};
+use crate::{LONG, Proxied, proxied};
 
 fn threads(pid: u32) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
@@ -54,17 +50,13 @@ fn fd_list(pid: u32) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_reconnects_leak_no_file_descriptors() {
-    let db = TestDb::migrated("obx_leak").await;
-    let q = DurableQueue::new().await;
-    let pg = Proxy::start(PG_HOST).await;
-    let amqp = Proxy::start(AMQP_HOST).await;
-    let url = format!("postgres://root@{}/{}", pg.addr, db.name);
-    let cfg = config(
-        &format!("amqp://guest:guest@{}/%2f", amqp.addr),
-        &[SourceSpec::new("orders", &url, &q.exchange)],
-    );
-    let relay = Relay::start(&cfg).await;
-    relay.wait_ready(200, LONG).await;
+    let Proxied {
+        db,
+        q: _q,
+        pg,
+        amqp,
+        relay,
+    } = proxied("obx_leak").await;
     // One of each cut first: the first reconnects create things that stay
     // for good (tokio's blocking pool, async-compat's runtime for lapin).
     let mut before = Vec::new();

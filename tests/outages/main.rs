@@ -154,3 +154,35 @@ pub fn all_arrived(keys: &[String], seen: &HashMap<String, usize>) -> usize {
 }
 
 pub const LONG: Duration = Duration::from_secs(180);
+
+/// A relay that reaches PostgreSQL and RabbitMQ only through TCP proxies
+/// the test can cut, on its own database and durable queue; ready.
+pub struct Proxied {
+    pub db: support::db::TestDb,
+    pub q: DurableQueue,
+    pub pg: support::proxy::Proxy,
+    pub amqp: support::proxy::Proxy,
+    pub relay: support::relay::Relay,
+}
+
+pub async fn proxied(prefix: &str) -> Proxied {
+    use support::relay::{Relay, SourceSpec, config};
+    let db = support::db::TestDb::migrated(prefix).await;
+    let q = DurableQueue::new().await;
+    let pg = support::proxy::Proxy::start(support::PG_HOST).await;
+    let amqp = support::proxy::Proxy::start(support::AMQP_HOST).await;
+    let url = format!("postgres://root@{}/{}", pg.addr, db.name);
+    let cfg = config(
+        &format!("amqp://guest:guest@{}/%2f", amqp.addr),
+        &[SourceSpec::new("orders", &url, &q.exchange)],
+    );
+    let relay = Relay::start(&cfg).await;
+    relay.wait_ready(200, LONG).await;
+    Proxied {
+        db,
+        q,
+        pg,
+        amqp,
+        relay,
+    }
+}

@@ -5,11 +5,8 @@
 
 use std::time::{Duration, Instant};
 
-use crate::support::db::TestDb;
-use crate::support::proxy::Proxy;
-use crate::support::relay::{Relay, SourceSpec, config};
-use crate::support::{AMQP_HOST, PG_HOST, eventually};
-use crate::{DurableQueue, LONG, all_arrived};
+use crate::support::eventually;
+use crate::{LONG, Proxied, all_arrived, proxied};
 
 fn rss_kb(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -53,18 +50,14 @@ async fn soak_with_random_cuts_loses_nothing_and_stays_flat() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(300);
-    let db = TestDb::migrated("obx_soak").await;
-    let q = DurableQueue::new().await;
-    let pg = Proxy::start(PG_HOST).await;
-    let amqp = Proxy::start(AMQP_HOST).await;
-    let url = format!("postgres://root@{}/{}", pg.addr, db.name);
-    let cfg = config(
-        &format!("amqp://guest:guest@{}/%2f", amqp.addr),
-        &[SourceSpec::new("orders", &url, &q.exchange)],
-    );
-    let relay = Relay::start(&cfg).await;
+    let Proxied {
+        db,
+        q,
+        pg,
+        amqp,
+        relay,
+    } = proxied("obx_soak").await;
     let pid = relay.pid();
-    relay.wait_ready(200, LONG).await;
     let (rss0, fd0) = (rss_kb(pid), fds(pid));
     println!("soak start: RSS {rss0} kB, {fd0} fds {:?}", fd_kinds(pid));
 
@@ -134,25 +127,30 @@ async fn soak_with_random_cuts_loses_nothing_and_stays_flat() {
     // connection for the 30 s sweep, reconnects after cuts), so "growing"
     // means the high-water mark of the last third is above that of the
     // rest of the run (after the first sample, taken before any load).
-    let earlier_peak = samples[1..samples.len() - last.len()]
-        .iter()
-        .map(|s| s.2)
-        .max()
-        .unwrap_or(fd_hi);
+    let earlier = samples
+        .get(1..samples.len().saturating_sub(last.len()))
+        .unwrap_or(&[]);
+    let earlier_peak = earlier.iter().map(|s| s.2).max().unwrap_or(fd_hi);
     // RSS grows in steps when a cut leaves a backlog (bigger batches; the
     // allocator keeps its high-water mark), so the bound is absolute: far
     // above what batches in flight need, far below a leak over 5 minutes.
     let _ = rss_lo;
     assert!(rss_hi <= 64 * 1024, "RSS above 64 MB: {rss_hi} kB");
-    assert!(
-        fd_hi <= earlier_peak + 2,
-        "descriptors still growing at the end: peak {earlier_peak} before the last third, {fd_hi} in it"
-    );
-    let load_peak = samples.iter().map(|s| s.2).max().unwrap_or(0);
-    assert!(
-        fd1 <= load_peak,
-        "idle relay holds more descriptors ({fd1}) than under load ({load_peak})"
-    );
+    // A trend needs samples under load (one every 30 s, the first before
+    // any load): shorter runs (OUTBOXD_SOAK_SECS) only check the RSS bound.
+    if samples.len() >= 4 {
+        assert!(
+            fd_hi <= earlier_peak + 2,
+            "descriptors still growing at the end: peak {earlier_peak} before the last third, {fd_hi} in it"
+        );
+        let load_peak = samples.iter().map(|s| s.2).max().unwrap_or(0);
+        assert!(
+            fd1 <= load_peak,
+            "idle relay holds more descriptors ({fd1}) than under load ({load_peak})"
+        );
+    } else {
+        println!("soak: too short for the descriptor trend checks (run 2 minutes or more)");
+    }
     println!(
         "soak: RSS {rss0} kB at the idle start, {rss1} kB idle at the end; fds {fd0} -> {fd1}"
     );

@@ -113,6 +113,20 @@ impl TestBroker {
         }
     }
 
+    /// Binds the test's queue to its exchange with one more key.
+    pub async fn bind(&self, key: &str) {
+        self.channel
+            .queue_bind(
+                self.queue.as_str().into(),
+                self.exchange.as_str().into(),
+                key.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("bind");
+    }
+
     /// The next message, or None if none arrives within `timeout`.
     pub async fn next(&mut self, timeout: Duration) -> Option<Received> {
         if self.consumer.is_none() {
