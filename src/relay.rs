@@ -554,6 +554,20 @@ pub async fn run(
     loop {
         source.health.beat();
         let paused = state.paused_until.is_some_and(|t| Instant::now() < t);
+        // The sweep goes before the next claim when it is due, so a steady
+        // backlog (a claim always about to start) cannot starve it.
+        if !paused
+            && !state.draining
+            && !state.sweep_busy
+            && !state.flag_busy
+            && state.claiming.is_none()
+            && state.tasks.len() < max
+            && Instant::now() >= state.next_sweep
+        {
+            state.sweep_busy = true;
+            state.next_sweep = Instant::now() + SWEEP_EVERY;
+            state.tasks.spawn(sweep(source.clone()));
+        }
         let from = if !paused
             && broker.can_publish()
             && state.claiming.is_none()
@@ -575,15 +589,6 @@ pub async fn run(
             state.claiming = Some(rx);
             let handle = state.tasks.spawn(batch(source.clone(), from, tx));
             state.claiming_task = Some(handle.id());
-        } else if !state.draining
-            && !state.sweep_busy
-            && !state.flag_busy
-            && state.claiming.is_none()
-            && Instant::now() >= state.next_sweep
-        {
-            state.sweep_busy = true;
-            state.next_sweep = Instant::now() + SWEEP_EVERY;
-            state.tasks.spawn(sweep(source.clone()));
         }
         if state.draining
             && state.tasks.is_empty()
