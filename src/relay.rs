@@ -189,12 +189,15 @@ async fn batch_inner(
         }
         ClaimFrom::Partitions { free, most } => {
             let order = &source.queries.order;
+            // To find the partitions with the oldest rows, a few rows per
+            // partition wanted are enough; the claim walks the full batch.
+            let look = (most * 4).clamp(64, limit.max(64));
             let stmt = step("prepare partition lock", tx.prepare_cached(&order.lock)).await?;
             let locked: Vec<i32> = step(
                 "lock partitions",
                 tx.query_one(
                     &stmt,
-                    &[&free, &limit, &source.queries.lock_keys.batch, &most],
+                    &[&free, &look, &source.queries.lock_keys.batch, &most],
                 ),
             )
             .await?
