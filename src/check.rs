@@ -62,6 +62,10 @@ impl<W: Write> Report<W> {
     }
 }
 
+/// The longest any one check may take (it includes the database connect,
+/// itself bounded by `source::DB_TIMEOUT`).
+const STEP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(40);
+
 /// Runs every check, printing to `out`; returns the number of failures.
 pub async fn run<W: Write>(config: &Config, config_path: &str, out: W) -> usize {
     let mut r = Report { out, failures: 0 };
@@ -93,7 +97,18 @@ pub async fn run<W: Write>(config: &Config, config_path: &str, out: W) -> usize 
         }
     };
     for source in &config.sources {
-        check_source(&mut r, source).await;
+        // Every step is bounded: a host that accepts a connection and then
+        // says nothing is a failure to report, not a hang.
+        if tokio::time::timeout(STEP_TIMEOUT, check_source(&mut r, source))
+            .await
+            .is_err()
+        {
+            r.line(
+                Level::Fail,
+                &format!("source {} database", source.name),
+                &format!("no answer within {STEP_TIMEOUT:?}"),
+            );
+        }
         let what = format!("source {} exchange", source.name);
         if source.exchange.is_empty() {
             r.line(
@@ -109,9 +124,14 @@ pub async fn run<W: Write>(config: &Config, config_path: &str, out: W) -> usize 
         };
         // The exchange name was validated at load (at most 255 bytes, AMQP characters).
         let name = ShortString::try_new(source.exchange.clone()).unwrap_or_default();
-        match exchange_exists(conn, &name).await {
-            Ok(true) => r.line(Level::Ok, &what, &format!("{:?} exists", source.exchange)),
-            Ok(false) => r.line(
+        match tokio::time::timeout(STEP_TIMEOUT, exchange_exists(conn, &name)).await {
+            Err(_) => r.line(
+                Level::Fail,
+                &what,
+                &format!("no answer within {STEP_TIMEOUT:?}"),
+            ),
+            Ok(Ok(true)) => r.line(Level::Ok, &what, &format!("{:?} exists", source.exchange)),
+            Ok(Ok(false)) => r.line(
                 Level::Fail,
                 &what,
                 &format!(
@@ -119,11 +139,11 @@ pub async fn run<W: Write>(config: &Config, config_path: &str, out: W) -> usize 
                     source.exchange
                 ),
             ),
-            Err(e) => r.line(Level::Fail, &what, &e.to_string()),
+            Ok(Err(e)) => r.line(Level::Fail, &what, &e.to_string()),
         }
     }
     if let Some(conn) = broker {
-        let _ = conn.close(200, "check done".into()).await;
+        let _ = tokio::time::timeout(STEP_TIMEOUT, conn.close(200, "check done".into())).await;
     }
     r.failures
 }

@@ -111,6 +111,14 @@ impl Source {
 /// Opens one connection outside the pool, in the source's TLS mode, and
 /// drives it on a task of its own (for migrate, check and dead-letters).
 pub async fn connect(config: &SourceConfig) -> Result<tokio_postgres::Client, String> {
+    // A host that accepts the connection and then says nothing must not
+    // hang `check`, `migrate` or `dead-letters`.
+    tokio::time::timeout(DB_TIMEOUT, connect_inner(config))
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer within {DB_TIMEOUT:?}")))
+}
+
+async fn connect_inner(config: &SourceConfig) -> Result<tokio_postgres::Client, String> {
     let chain = |e: tokio_postgres::Error| crate::telemetry::ErrorChain(&e).to_string();
     match crate::tls::pg_connector(&config.tls)? {
         None => {

@@ -102,10 +102,12 @@ where
         .keepalives_idle(KEEPALIVE_IDLE)
         .keepalives_interval(KEEPALIVE_INTERVAL)
         .keepalives_retries(KEEPALIVE_RETRIES);
-    let (client, mut connection) = match database.connect(tls).await {
-        Ok(pair) => pair,
-        Err(e) => return format!("cannot connect: {}", ErrorChain(&e)),
-    };
+    let (client, mut connection) =
+        match tokio::time::timeout(super::DB_TIMEOUT, database.connect(tls)).await {
+            Ok(Ok(pair)) => pair,
+            Ok(Err(e)) => return format!("cannot connect: {}", ErrorChain(&e)),
+            Err(_) => return format!("cannot connect: no answer within {:?}", super::DB_TIMEOUT),
+        };
     let listen_sql = format!(
         "SET tcp_keepalives_idle = {}; SET tcp_keepalives_interval = {}; SET tcp_keepalives_count = {}; LISTEN {}",
         KEEPALIVE_IDLE.as_secs(),

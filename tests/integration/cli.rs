@@ -278,3 +278,30 @@ async fn the_relay_runs_with_only_the_documented_grants() {
         .await
         .unwrap();
 }
+
+/// A database host that accepts the connection and then says nothing (a
+/// half-dead load balancer, a firewall that swallows packets) is reported
+/// by `check` as a failure, not waited for forever.
+#[test]
+fn check_reports_a_silent_database_host_instead_of_hanging() {
+    // Bound but never accepted: the kernel completes the TCP handshake
+    // into the backlog, and nothing ever answers PostgreSQL's startup.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!(
+        "postgres://root@{}/nowhere?sslmode=disable",
+        silent.local_addr().unwrap()
+    );
+    let started = std::time::Instant::now();
+    let (code, out, err) = run_to_end(&["check"], &simple_config(&url, ""));
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("FAIL source orders database") && l.contains("no answer within")),
+        "{out}"
+    );
+    println!(
+        "check gave up on the silent host after {:?}",
+        started.elapsed()
+    );
+    drop(silent);
+}
