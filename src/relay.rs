@@ -39,11 +39,11 @@ use crate::source::{DEAD_EXISTS, DEAD_MISSING, DEAD_UNKNOWN, DbError, Source, cl
 const LINGER_WINDOW: Duration = Duration::from_millis(20);
 const LINGER_STEP: Duration = Duration::from_millis(2);
 
-/// Pause after database errors: quick first retry, at most every 30 s.
 /// How often held rows are checked for a predecessor that went away without
 /// the relay (a row deleted by hand, a purged dead letter).
 const SWEEP_EVERY: Duration = Duration::from_secs(30);
 
+/// Pause after database errors: quick first retry, at most every 30 s.
 const DB_RETRY: Backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
 
 /// What one batch came to.
@@ -77,12 +77,7 @@ pub enum BatchEnd {
 pub async fn sweep(source: Arc<Source>) -> BatchEnd {
     let run = async {
         let client = step("get a connection", source.pool.get()).await?;
-        let row = step(
-            "look for the dead-letter table",
-            client.query_one(&source.queries.dead_exists, &[]),
-        )
-        .await?;
-        let dead = note_dead_table(&source, row);
+        let dead = look_for_dead_table(&source, &client).await?;
         let sql = if dead {
             &source.queries.order.sweep
         } else {
@@ -96,18 +91,29 @@ pub async fn sweep(source: Arc<Source>) -> BatchEnd {
     }
 }
 
-/// Remembers whether the dead-letter table exists (from a run of
-/// `queries.dead_exists`) and returns it.
-fn note_dead_table(source: &Source, row: tokio_postgres::Row) -> bool {
+/// Looks up whether the dead-letter table exists, remembers it in
+/// `source.dead_table`, and warns when it turns out missing. The one place
+/// that asks: parking (a batch with failed rows), the claims of
+/// `ordering = "aggregate"` (parked rows hold their aggregate) and the
+/// sweep all go through it.
+async fn look_for_dead_table(
+    source: &Source,
+    client: &impl deadpool_postgres::GenericClient,
+) -> Result<bool, DbError> {
+    let row = step(
+        "look for the dead-letter table",
+        client.query_one(&source.queries.dead_exists, &[]),
+    )
+    .await?;
     let exists: bool = row.try_get(0).unwrap_or(false);
     let was = source.dead_table.swap(
         if exists { DEAD_EXISTS } else { DEAD_MISSING },
         Ordering::SeqCst,
     );
-    if !exists && was != DEAD_MISSING && source.config.on_park == OnPark::Hold {
-        warn!(source = %source.config.name, "the dead-letter table is missing (run `outboxd migrate`); aggregates are not held back by parked rows");
+    if !exists && was != DEAD_MISSING {
+        warn!(source = %source.config.name, "the dead-letter table is missing (run `outboxd migrate`); failing rows are retried instead of parked, and no aggregate waits for a parked row");
     }
-    exists
+    Ok(exists)
 }
 
 /// Where a batch claims from.
@@ -171,7 +177,8 @@ async fn batch_inner(
     let mut client = step("get a connection", source.pool.get()).await?;
     let tx = step("begin", client.transaction()).await?;
     let limit = cfg.batch_size as i64;
-    let (rows, report) = match from {
+    // `looked`: the claim walked rows (it may have marked some held).
+    let (rows, report, looked) = match from {
         ClaimFrom::After(after_id) => {
             let stmt = step("prepare claim", tx.prepare_cached(&source.queries.claim)).await?;
             let rows = step("claim", tx.query(&stmt, &[&limit, &after_id])).await?;
@@ -185,7 +192,7 @@ async fn batch_inner(
                 full: rows.len() >= cfg.batch_size,
                 partitions: Vec::new(),
             };
-            (rows, report)
+            (rows, report, false)
         }
         ClaimFrom::Partitions { free, most } => {
             let order = &source.queries.order;
@@ -210,14 +217,7 @@ async fn batch_inner(
                 let dead = match source.dead_table.load(Ordering::SeqCst) {
                     DEAD_EXISTS => true,
                     DEAD_MISSING => false,
-                    _ => note_dead_table(
-                        source,
-                        step(
-                            "look for the dead-letter table",
-                            tx.query_one(&source.queries.dead_exists, &[]),
-                        )
-                        .await?,
-                    ),
+                    _ => look_for_dead_table(source, &tx).await?,
                 };
                 let sql = if dead {
                     &order.claim
@@ -227,40 +227,37 @@ async fn batch_inner(
                 let stmt = step("prepare claim", tx.prepare_cached(sql)).await?;
                 walked = step("claim", tx.query(&stmt, &[&locked, &limit])).await?;
             }
-            let full = walked.len() >= cfg.batch_size;
-            let held = walked.len();
+            let looked_at = walked.len();
             // Rows that are not the head of their aggregate come back with
-            // no columns; the claim marked them held.
+            // no columns; the claim may have marked them held.
             walked.retain(|r| r.try_get::<_, Option<i64>>(0).ok().flatten().is_some());
-            let held = held - walked.len();
-            if walked.is_empty() && held > 0 {
-                // Nothing to send, but keep the holds.
-                step("commit holds", tx.commit()).await?;
-                drop(client);
-                if let Some(report) = claimed.take() {
-                    let _ = report.send(Claimed {
-                        full,
-                        ..Claimed::default()
-                    });
-                }
-                return Ok(BatchEnd::Empty);
-            }
             let report = Claimed {
                 rows: walked.len(),
                 max_id: 0,
-                full,
-                partitions: locked,
+                full: looked_at >= cfg.batch_size,
+                // A batch with nothing to send ends at once and holds nothing.
+                partitions: if walked.is_empty() {
+                    Vec::new()
+                } else {
+                    locked
+                },
             };
-            (walked, report)
+            (walked, report, looked_at > 0)
         }
     };
     if rows.is_empty() {
-        step("rollback", tx.rollback()).await?;
+        // Nothing to send. Commit rather than roll back when the walk looked
+        // at rows: it may have marked some held, and that must stay.
+        if looked {
+            step("commit holds", tx.commit()).await?;
+        } else {
+            step("rollback", tx.rollback()).await?;
+        }
         // Back to the pool before the report, so whatever the loop starts
         // next (a flag update, another claim) reuses this connection.
         drop(client);
-        if let Some(report) = claimed.take() {
-            let _ = report.send(Claimed::default());
+        if let Some(tx) = claimed.take() {
+            let _ = tx.send(report);
         }
         return Ok(BatchEnd::Empty);
     }
@@ -301,18 +298,11 @@ async fn batch_inner(
     };
 
     let any_failed = outcomes.iter().any(|o| matches!(o, Outcome::Failed(_)));
-    if any_failed && !source.can_park.load(Ordering::SeqCst) {
-        let row = step(
-            "look for the dead-letter table",
-            tx.query_one(&source.queries.dead_exists, &[]),
-        )
-        .await?;
-        let exists: bool = row.try_get(0).unwrap_or(false);
-        if !exists {
-            warn!(source = %cfg.name, "the dead-letter table is missing (run `outboxd migrate`); failing rows are retried instead of parked");
-        }
-        source.can_park.store(exists, Ordering::SeqCst);
-    }
+    // Parking needs the dead-letter table; while it is missing (looked up
+    // again by every batch with failed rows) failing rows are retried.
+    let can_park = !any_failed
+        || source.dead_table.load(Ordering::SeqCst) == DEAD_EXISTS
+        || look_for_dead_table(source, &tx).await?;
     let confirmed_at = SystemTime::now();
     let sent_in = started.elapsed() - claimed_in;
     let mut delivered = Vec::with_capacity(rows.len());
@@ -326,7 +316,7 @@ async fn batch_inner(
             Outcome::Failed(f) => {
                 source.metrics.failure(f.reason).inc();
                 let attempt = u32::try_from(row.attempts).unwrap_or(0).saturating_add(1);
-                let disposition = if source.can_park.load(Ordering::SeqCst) {
+                let disposition = if can_park {
                     complete::decide(f.reason, attempt, cfg.max_attempts)
                 } else {
                     Disposition::Retry

@@ -12,7 +12,7 @@ pub mod retention;
 pub mod wakeup;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU8};
+use std::sync::atomic::AtomicU8;
 use std::time::Duration;
 
 use deadpool_postgres::Pool;
@@ -50,18 +50,15 @@ pub struct Source {
     pub queries: Queries,
     /// Woken by NOTIFY (through the listener) and read by the relay loop.
     pub wake: Notify,
-    /// The dead-letter table is known to exist (checked by the first batch
-    /// with a failed row, and again by later ones while it is missing). If
-    /// it is missing nothing is parked: failing rows are retried instead,
-    /// because a batch whose parking fails would roll back and resend its
-    /// delivered rows again and again.
-    pub can_park: AtomicBool,
     /// `ordering = "aggregate"`: the partitions this relay owns, kept by the
     /// listener (which holds their locks) and read by the relay loop.
     pub partitions: watch::Sender<Arc<Vec<i32>>>,
-    /// Whether the dead-letter table exists, as far as the claims of
-    /// `ordering = "aggregate"` know: [`DEAD_UNKNOWN`] until a claim or the
-    /// sweep (every 30 s) has looked.
+    /// Whether the dead-letter table exists: [`DEAD_UNKNOWN`] until a batch
+    /// or the sweep (every 30 s) has looked, and again after a database
+    /// error. While it is missing nothing is parked (failing rows are
+    /// retried instead, because a batch whose parking fails would roll back
+    /// and resend its delivered rows again and again) and no aggregate waits
+    /// for a parked row.
     pub dead_table: AtomicU8,
 }
 
@@ -101,7 +98,6 @@ impl Source {
             metrics,
             queries,
             wake: Notify::new(),
-            can_park: AtomicBool::new(false),
             partitions: watch::Sender::new(Arc::new(Vec::new())),
             dead_table: AtomicU8::new(DEAD_UNKNOWN),
         }
