@@ -17,17 +17,24 @@ impl Drop for RabbitGuard {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rabbitmq_stopped_for_seconds_then_started_every_row_arrives() {
-    const ROWS: usize = 20_000;
-    let db = TestDb::migrated("obx_rmq_stop").await;
+const ROWS: usize = 20_000;
+
+/// 20k rows, a relay publishing them, and 1,000 of them already gone.
+async fn flowing(prefix: &str) -> (TestDb, DurableQueue, Vec<String>, Relay) {
+    let db = TestDb::migrated(prefix).await;
     let q = DurableQueue::new().await;
     let keys = db.insert_rows(ROWS, 100).await;
-    let mut relay = Relay::start(&simple_config(&db.url, &q.exchange)).await;
+    let relay = Relay::start(&simple_config(&db.url, &q.exchange)).await;
     eventually("rows to flow", LONG, || async {
         (db.count().await < ROWS as i64 - 1000).then_some(())
     })
     .await;
+    (db, q, keys, relay)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_stopped_for_seconds_then_started_every_row_arrives() {
+    let (db, q, keys, mut relay) = flowing("obx_rmq_stop").await;
 
     let guard = RabbitGuard;
     service("rabbitmqctl", &["stop_app"]);
@@ -68,15 +75,7 @@ impl Drop for PgGuard {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_restarted_while_rows_flow_every_row_arrives() {
-    const ROWS: usize = 20_000;
-    let db = TestDb::migrated("obx_pg_restart").await;
-    let q = DurableQueue::new().await;
-    let keys = db.insert_rows(ROWS, 100).await;
-    let mut relay = Relay::start(&simple_config(&db.url, &q.exchange)).await;
-    eventually("rows to flow", LONG, || async {
-        (db.count().await < ROWS as i64 - 1000).then_some(())
-    })
-    .await;
+    let (db, q, keys, mut relay) = flowing("obx_pg_restart").await;
 
     let guard = PgGuard;
     service(
