@@ -83,11 +83,18 @@ async fn readyz(State(state): State<Arc<AdminState>>) -> Response {
         .sources
         .iter()
         .map(|(h, _)| {
+            // Rows the source cannot move on its own: not a reason to be
+            // unready (restarting fixes none of them), but worth seeing.
+            let stuck = h.stuck();
             json!({
                 "name": h.name,
                 "database_up": h.db_up(),
                 "listening": h.listening(),
                 "last_error": h.last_error(),
+                "dead_letters": stuck.dead_letters,
+                "held_by_dead_letters": stuck.held_by_dead_letters,
+                "unclaimable_rows": stuck.unclaimable,
+                "oldest_sendable_age_seconds": stuck.oldest_sendable_age_seconds,
             })
         })
         .collect();

@@ -33,6 +33,12 @@ pub enum AppError {
     },
     #[error("{0}")]
     Setup(String),
+    /// The drain timeout ended a drain with claimed rows still in flight:
+    /// they stay in the outbox and go out after the next start.
+    #[error(
+        "drain timeout reached: {rows} claimed row(s) were not published and stay in the outbox"
+    )]
+    Abandoned { rows: usize },
 }
 
 /// Runs the relay until `drain` is cancelled (by a signal, or by a test).
@@ -103,16 +109,22 @@ pub async fn run(config: Config, drain: CancellationToken) -> Result<(), AppErro
         "outboxd running"
     );
 
+    // Rows that claimed batches still held when the drain gave up.
+    let mut abandoned = 0;
     // Wait for the drain to be asked for, or for every relay to end on its own.
     tokio::select! {
         _ = drain.cancelled() => {}
-        _ = wait_all(&mut relays) => {}
+        _ = wait_all(&mut relays, |n| abandoned += n) => {}
     }
-    let drained = tokio::time::timeout(config.drain_timeout, wait_all(&mut relays)).await;
+    let drained = tokio::time::timeout(
+        config.drain_timeout,
+        wait_all(&mut relays, |n| abandoned += n),
+    )
+    .await;
     if drained.is_err() {
         warn!(timeout = ?config.drain_timeout, "drain timeout reached; abandoning in-flight batches");
         abort.cancel();
-        if tokio::time::timeout(WIND_DOWN, wait_all(&mut relays))
+        if tokio::time::timeout(WIND_DOWN, wait_all(&mut relays, |n| abandoned += n))
             .await
             .is_err()
         {
@@ -120,7 +132,7 @@ pub async fn run(config: Config, drain: CancellationToken) -> Result<(), AppErro
         }
     }
     helpers_stop.cancel();
-    let _ = tokio::time::timeout(WIND_DOWN, wait_all(&mut helpers)).await;
+    let _ = tokio::time::timeout(WIND_DOWN, wait_all(&mut helpers, |()| {})).await;
     broker_stop.cancel();
     let _ = tokio::time::timeout(WIND_DOWN, broker_task).await;
     server_stop.cancel();
@@ -130,15 +142,19 @@ pub async fn run(config: Config, drain: CancellationToken) -> Result<(), AppErro
         Err(_) => warn!("metrics server did not stop in time"),
     }
     info!("outboxd stopped");
+    if abandoned > 0 {
+        return Err(AppError::Abandoned { rows: abandoned });
+    }
     Ok(())
 }
 
-async fn wait_all(set: &mut JoinSet<()>) {
+/// Waits for every task of `set`, handing what each returns to `done`.
+async fn wait_all<T: 'static>(set: &mut JoinSet<T>, mut done: impl FnMut(T)) {
     while let Some(result) = set.join_next().await {
-        if let Err(err) = result
-            && err.is_panic()
-        {
-            error!(error = %err, "a task panicked");
+        match result {
+            Ok(n) => done(n),
+            Err(err) if err.is_panic() => error!(error = %err, "a task panicked"),
+            Err(_) => {}
         }
     }
 }

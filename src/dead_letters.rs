@@ -9,7 +9,6 @@ use std::io::Write;
 use tokio_postgres::Client;
 
 use crate::config::{Config, OnPark, Ordering, SourceConfig};
-use crate::ident::quote_ident;
 use crate::telemetry::ErrorChain;
 
 #[derive(Debug, thiserror::Error)]
@@ -33,11 +32,7 @@ pub enum Selection {
 }
 
 fn dead_table(source: &SourceConfig) -> String {
-    format!(
-        "{}.{}",
-        quote_ident(&source.table.schema),
-        quote_ident(&source.table.derived("_dead"))
-    )
+    source.table.sibling("_dead")
 }
 
 fn find<'a>(config: &'a Config, name: &str) -> Result<&'a SourceConfig, DeadLetterError> {

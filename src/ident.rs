@@ -38,6 +38,16 @@ impl TableName {
         format!("{}.{}", quote_ident(&self.schema), quote_ident(&self.table))
     }
 
+    /// A table beside this one (`_dead`, `_wakeup`), schema-qualified and
+    /// quoted, safe to splice into SQL.
+    pub fn sibling(&self, suffix: &str) -> String {
+        format!(
+            "{}.{}",
+            quote_ident(&self.schema),
+            quote_ident(&self.derived(suffix))
+        )
+    }
+
     /// A name derived from the table, e.g. `outbox_pending_idx`, cut to fit
     /// PostgreSQL's identifier length at a character boundary.
     pub fn derived(&self, suffix: &str) -> String {

@@ -1,6 +1,7 @@
 //! The `outboxd` binary: parse the command line, load the config, start
 //! logging, dispatch, and map the result to an exit code
-//! (0 ok, 1 failure, 2 bad usage or bad config).
+//! (0 ok, 1 failure, 2 bad usage or bad config, 3 `run` stopped at the
+//! drain timeout with rows left in the outbox).
 
 use std::process::ExitCode;
 
@@ -12,6 +13,10 @@ use outboxd::{app, check, migrate, shutdown, telemetry};
 
 const EXIT_FAILURE: u8 = 1;
 const EXIT_CONFIG: u8 = 2;
+/// `run` stopped at the drain timeout with claimed rows unpublished (they
+/// stay in the outbox): distinct from a clean stop, so a supervisor or an
+/// operator can tell.
+const EXIT_ABANDONED: u8 = 3;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -58,6 +63,10 @@ async fn try_main(cli: Cli) -> ExitCode {
             let drain = drain.unwrap_or_default();
             match app::run(config, drain).await {
                 Ok(()) => ExitCode::SUCCESS,
+                Err(err @ app::AppError::Abandoned { .. }) => {
+                    tracing::warn!(error = %err, "outboxd stopped before its drain finished");
+                    ExitCode::from(EXIT_ABANDONED)
+                }
                 Err(err) => {
                     tracing::error!(error = %err, "outboxd cannot run");
                     ExitCode::from(EXIT_FAILURE)

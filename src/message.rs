@@ -32,6 +32,9 @@ pub struct OutboxRow {
     pub routing_key: Option<String>,
     pub created_at: SystemTime,
     pub attempts: i32,
+    /// Set when a column could not be read (a NULL where a value is
+    /// needed, say): the row is a bad row, parked with this as its reason.
+    pub undecodable: Option<String>,
 }
 
 /// What a row needs from its source to become a message.
@@ -46,6 +49,9 @@ pub struct Routing<'a> {
 /// A message ready for `basic_publish`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Outbound {
+    /// The row it came from (the publisher remembers rows it must send
+    /// alone after the broker closed a channel they were in flight on).
+    pub row_id: i64,
     pub exchange: ShortString,
     pub routing_key: ShortString,
     pub body: Vec<u8>,
@@ -67,6 +73,8 @@ pub enum BadRow {
     TooLarge { len: usize, max: usize },
     #[error("header {key:?} is {kind}; header values must be strings, numbers, booleans or null")]
     HeaderValue { key: String, kind: &'static str },
+    #[error("the row cannot be read: {0}")]
+    Undecodable(String),
 }
 
 pub const APP_ID: &str = "outboxd";
@@ -77,6 +85,9 @@ const PERSISTENT: u8 = 2;
 impl OutboxRow {
     /// Builds the AMQP message for this row.
     pub fn to_outbound(&self, r: &Routing<'_>) -> Result<Outbound, BadRow> {
+        if let Some(problem) = &self.undecodable {
+            return Err(BadRow::Undecodable(problem.clone()));
+        }
         // Compaction only removes bytes, so the text length is an upper bound.
         if self.payload.len() > r.max_body {
             let len = compact_json(&self.payload).len();
@@ -129,6 +140,7 @@ impl OutboxRow {
             .with_app_id(APP_ID.into())
             .with_headers(headers);
         Ok(Outbound {
+            row_id: self.id,
             exchange,
             routing_key,
             body: compact_json(&self.payload),
@@ -258,6 +270,7 @@ mod tests {
             routing_key: None,
             created_at: UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000),
             attempts: 0,
+            undecodable: None,
         }
     }
 
@@ -474,6 +487,7 @@ mod properties {
                 routing_key: None,
                 created_at: UNIX_EPOCH,
                 attempts: 0,
+                undecodable: None,
             };
             let t = Template::parse("{aggregate_type}.{event_type}").unwrap();
             let routing = Routing { source: "s", exchange: "e", routing_key: &t, max_body: usize::MAX };

@@ -19,6 +19,8 @@ pub const PUBLISHED: &str = "outboxd_messages_published_total";
 pub const PUBLISH_FAILURES: &str = "outboxd_publish_failures_total";
 pub const PENDING: &str = "outboxd_pending_messages";
 pub const OLDEST_PENDING_AGE: &str = "outboxd_oldest_pending_age_seconds";
+pub const OLDEST_SENDABLE_AGE: &str = "outboxd_oldest_sendable_age_seconds";
+pub const UNCLAIMABLE: &str = "outboxd_unclaimable_rows";
 pub const RELAY_LAG: &str = "outboxd_relay_lag_seconds";
 pub const BATCH_SIZE: &str = "outboxd_batch_size";
 pub const SOURCE_UP: &str = "outboxd_source_up";
@@ -35,8 +37,38 @@ pub const BROKER_BLOCKED: &str = "outboxd_broker_blocked";
 pub const BROKER_CONNECTS: &str = "outboxd_broker_connections_total";
 pub const BUILD_INFO: &str = "outboxd_build_info";
 
-/// `reason` values of `outboxd_source_errors_total`.
-pub const SOURCE_ERROR_REASONS: [&str; 3] = ["database", "listener", "backlog_query"];
+/// Where a source's database error happened: the `reason` label of
+/// `outboxd_source_errors_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceError {
+    /// A claim, settle or helper statement failed; the source pauses.
+    Database,
+    /// The LISTEN connection was lost.
+    Listener,
+    /// The backlog query behind the gauges failed.
+    BacklogQuery,
+    /// The database refused to settle a row as planned (delete, park):
+    /// the row was rescheduled instead.
+    Settle,
+}
+
+impl SourceError {
+    pub const ALL: [SourceError; 4] = [
+        SourceError::Database,
+        SourceError::Listener,
+        SourceError::BacklogQuery,
+        SourceError::Settle,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SourceError::Database => "database",
+            SourceError::Listener => "listener",
+            SourceError::BacklogQuery => "backlog_query",
+            SourceError::Settle => "settle",
+        }
+    }
+}
 
 pub struct Metrics {
     registry: Registry,
@@ -44,6 +76,8 @@ pub struct Metrics {
     failures: IntCounterVec,
     pending: IntGaugeVec,
     oldest: GaugeVec,
+    oldest_sendable: GaugeVec,
+    unclaimable: IntGaugeVec,
     lag: HistogramVec,
     batch: HistogramVec,
     up: IntGaugeVec,
@@ -62,14 +96,21 @@ pub struct Metrics {
 #[derive(Clone)]
 pub struct SourceMetrics {
     pub published: IntCounter,
-    failures: Vec<(FailureReason, IntCounter)>,
+    /// Indexed by `FailureReason as usize`.
+    failures: Vec<IntCounter>,
     pub pending: IntGauge,
     pub oldest_pending_age: Gauge,
+    /// Age of the oldest unsent row not held behind an earlier row.
+    pub oldest_sendable_age: Gauge,
+    /// Rows the relay will never claim (published_at set by someone else).
+    pub unclaimable: IntGauge,
     pub lag: Histogram,
     pub batch_size: Histogram,
     pub up: IntGauge,
-    errors: Vec<(&'static str, IntCounter)>,
-    parked: Vec<(FailureReason, IntCounter)>,
+    /// Indexed by `SourceError as usize`.
+    errors: Vec<IntCounter>,
+    /// Indexed by `FailureReason as usize`; `None` for reasons that never park.
+    parked: Vec<Option<IntCounter>>,
     pub dead_letters: IntGauge,
     /// `ordering = "aggregate"`: partitions this relay owns now.
     pub partitions_owned: IntGauge,
@@ -84,29 +125,18 @@ pub struct SourceMetrics {
 
 impl SourceMetrics {
     pub fn failure(&self, reason: FailureReason) -> &IntCounter {
-        // Every reason is registered in `Metrics::source`; the fallback is never taken.
-        self.failures
-            .iter()
-            .find(|(r, _)| *r == reason)
-            .map(|(_, c)| c)
-            .unwrap_or(&self.failures[0].1)
+        // One entry per reason, in `FailureReason::ALL` order (`Metrics::source`).
+        &self.failures[reason as usize]
     }
 
-    pub fn parked(&self, reason: FailureReason) -> &IntCounter {
-        // Every reason is registered in `Metrics::source`; the fallback is never taken.
-        self.parked
-            .iter()
-            .find(|(r, _)| *r == reason)
-            .map(|(_, c)| c)
-            .unwrap_or(&self.parked[0].1)
+    /// `None` for a reason that never parks a row.
+    pub fn parked(&self, reason: FailureReason) -> Option<&IntCounter> {
+        self.parked[reason as usize].as_ref()
     }
 
-    pub fn error(&self, reason: &str) -> &IntCounter {
-        self.errors
-            .iter()
-            .find(|(r, _)| *r == reason)
-            .map(|(_, c)| c)
-            .unwrap_or(&self.errors[0].1)
+    pub fn error(&self, reason: SourceError) -> &IntCounter {
+        // One entry per reason, in `SourceError::ALL` order (`Metrics::source`).
+        &self.errors[reason as usize]
     }
 }
 
@@ -148,6 +178,28 @@ impl Metrics {
                 Opts::new(
                     OLDEST_PENDING_AGE,
                     "Age of the oldest unpublished row, 0 when there is none.",
+                ),
+                labels,
+            )
+            .expect("valid metric"),
+        );
+        let oldest_sendable = register(
+            &r,
+            GaugeVec::new(
+                Opts::new(
+                    OLDEST_SENDABLE_AGE,
+                    "Age of the oldest unsent row that no earlier row of its aggregate holds back, 0 when there is none: rows the relay should be moving.",
+                ),
+                labels,
+            )
+            .expect("valid metric"),
+        );
+        let unclaimable = register(
+            &r,
+            IntGaugeVec::new(
+                Opts::new(
+                    UNCLAIMABLE,
+                    "Rows the relay will never send: published_at set by someone else while after_publish = \"delete\".",
                 ),
                 labels,
             )
@@ -294,6 +346,8 @@ impl Metrics {
             failures,
             pending,
             oldest,
+            oldest_sendable,
+            unclaimable,
             lag,
             batch,
             up,
@@ -320,21 +374,25 @@ impl Metrics {
             published: self.published.with_label_values(l),
             failures: FailureReason::ALL
                 .iter()
-                .map(|r| (*r, self.failures.with_label_values(&[name, r.as_str()])))
+                .map(|r| self.failures.with_label_values(&[name, r.as_str()]))
                 .collect(),
             pending: self.pending.with_label_values(l),
             oldest_pending_age: self.oldest.with_label_values(l),
+            oldest_sendable_age: self.oldest_sendable.with_label_values(l),
+            unclaimable: self.unclaimable.with_label_values(l),
             lag: self.lag.with_label_values(l),
             batch_size: self.batch.with_label_values(l),
             up: self.up.with_label_values(l),
-            errors: SOURCE_ERROR_REASONS
+            errors: SourceError::ALL
                 .iter()
-                .map(|r| (*r, self.errors.with_label_values(&[name, r])))
+                .map(|r| self.errors.with_label_values(&[name, r.as_str()]))
                 .collect(),
             parked: FailureReason::ALL
                 .iter()
-                .filter(|r| r.can_park())
-                .map(|r| (*r, self.parked.with_label_values(&[name, r.as_str()])))
+                .map(|r| {
+                    r.can_park()
+                        .then(|| self.parked.with_label_values(&[name, r.as_str()]))
+                })
                 .collect(),
             dead_letters: self.dead.with_label_values(l),
             partitions_owned: self.owned.with_label_values(l),
@@ -385,10 +443,42 @@ mod tests {
             "outboxd_rebalances_total{source=\"orders\"} 0",
             "outboxd_held_rows{source=\"orders\"} 0",
             "outboxd_held_by_dead_letters{source=\"orders\"} 0",
+            "outboxd_oldest_sendable_age_seconds{source=\"orders\"} 0",
+            "outboxd_unclaimable_rows{source=\"orders\"} 0",
+            "outboxd_source_errors_total{reason=\"settle\",source=\"orders\"} 0",
+            "outboxd_parked_total{reason=\"refused\",source=\"orders\"} 0",
             "outboxd_build_info{version=\"",
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }
+    }
+
+    #[test]
+    fn reasons_index_their_series_in_declaration_order() {
+        for (i, r) in FailureReason::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i, "{r}");
+        }
+        for (i, r) in SourceError::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i, "{}", r.as_str());
+        }
+        let m = Metrics::new();
+        let s = m.source("x");
+        s.error(SourceError::Settle).inc();
+        s.failure(FailureReason::Refused).inc();
+        assert!(s.parked(FailureReason::Timeout).is_none());
+        let (text, _) = m.render();
+        assert!(
+            text.contains("outboxd_source_errors_total{reason=\"settle\",source=\"x\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("outboxd_source_errors_total{reason=\"database\",source=\"x\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("outboxd_publish_failures_total{reason=\"refused\",source=\"x\"} 1"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -14,6 +14,7 @@
 
 mod batch;
 
+use crate::metrics::SourceError;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -82,6 +83,8 @@ struct Loop {
     owned: watch::Receiver<Arc<Vec<i32>>>,
     /// ...and those each batch in flight holds.
     busy: HashMap<task::Id, Vec<i32>>,
+    /// Rows each batch in flight claimed (reported if the drain gives up).
+    in_flight: HashMap<task::Id, usize>,
     /// The task that is claiming now.
     claiming_task: Option<task::Id>,
     /// A sweep task is running.
@@ -89,6 +92,12 @@ struct Loop {
     next_sweep: Instant,
     draining: bool,
     db_failures: u32,
+    /// When the database last failed (the failure count decays after a
+    /// quiet spell, not after any one success: a claim that finds nothing
+    /// must not reset the backoff of a batch that keeps failing).
+    last_db_failure: Option<Instant>,
+    /// Batches in a row whose rows the database refused to change at all.
+    settle_failures: u32,
     /// No claims before this instant (after a database error).
     paused_until: Option<Instant>,
 }
@@ -98,12 +107,15 @@ struct Loop {
 /// `drain`: stop taking wake-ups, but keep claiming while claims come back
 /// full, then return once nothing is in flight. `abort`: drop whatever is
 /// in flight (its transactions roll back, its rows stay) and return.
+/// Returns how many claimed rows were abandoned that way (0 after a
+/// complete drain).
 pub async fn run(
     source: Arc<Source>,
     broker: Arc<Broker>,
     drain: CancellationToken,
     abort: CancellationToken,
-) {
+) -> usize {
+    let mut abandoned = 0;
     let mut state = Loop {
         source: source.clone(),
         broker: broker.clone(),
@@ -121,11 +133,14 @@ pub async fn run(
         linger_until: None,
         owned: source.partitions.subscribe(),
         busy: HashMap::new(),
+        in_flight: HashMap::new(),
         claiming_task: None,
         sweep_busy: false,
         next_sweep: Instant::now(),
         draining: false,
         db_failures: 0,
+        last_db_failure: None,
+        settle_failures: 0,
         paused_until: None,
     };
     let mut poll = tokio::time::interval(source.config.poll_interval);
@@ -190,17 +205,21 @@ pub async fn run(
             biased;
             _ = abort.cancelled() => {
                 let n = state.tasks.len();
+                abandoned = state.in_flight.values().sum();
                 state.tasks.abort_all();
                 while state.tasks.join_next().await.is_some() {}
-                warn!(source = %source.config.name, batches = n, "drain time is up; in-flight batches rolled back, their rows stay in the outbox");
+                warn!(source = %source.config.name, batches = n, rows = abandoned, "drain time is up; in-flight batches rolled back, their rows stay in the outbox and are sent after a restart");
                 break;
             }
             report = claim_report(&mut state.claiming), if state.claiming.is_some() => {
                 state.claiming = None;
-                if let Some(id) = state.claiming_task.take()
-                    && !report.partitions.is_empty()
-                {
-                    state.busy.insert(id, report.partitions.clone());
+                if let Some(id) = state.claiming_task.take() {
+                    if !report.partitions.is_empty() {
+                        state.busy.insert(id, report.partitions.clone());
+                    }
+                    if report.rows > 0 {
+                        state.in_flight.insert(id, report.rows);
+                    }
                 }
                 state.backlog = report.full;
                 state.frontier = if state.backlog {
@@ -228,10 +247,12 @@ pub async fn run(
             Some(joined) = state.tasks.join_next_with_id(), if !state.tasks.is_empty() => match joined {
                 Ok((id, end)) => {
                     state.busy.remove(&id);
+                    state.in_flight.remove(&id);
                     state.settled(end);
                 }
                 Err(join_error) => {
                     state.busy.remove(&join_error.id());
+                    state.in_flight.remove(&join_error.id());
                     // A batch task panicked: a bug, but its transaction is
                     // gone with it and its rows are intact; carry on.
                     error!(source = %source.config.name, error = %join_error, "batch task failed unexpectedly; its rows will be claimed again");
@@ -268,6 +289,7 @@ pub async fn run(
         }
     }
     source.publisher.close().await;
+    abandoned
 }
 
 /// The claim report, or an empty one if the batch ended without sending it.
@@ -284,18 +306,30 @@ impl Loop {
         let source = self.source.clone();
         let name = &source.config.name;
         match end {
-            BatchEnd::Empty => self.db_ok(),
+            BatchEnd::Empty => self.db_ok(false),
             BatchEnd::Settled {
                 claimed,
                 delivered,
                 failed,
                 parked,
+                refused,
+                untouched,
             } => {
-                self.db_ok();
+                self.db_ok(untouched == 0);
                 // With the flag disarmed no notification will come for rows
                 // committed meanwhile: claim again until a claim is empty.
                 self.due = !self.draining;
-                debug!(source = %name, claimed, delivered, failed, parked, "batch settled");
+                if untouched > 0 {
+                    // Those rows are due again at once: without a pause
+                    // they would be sent again and again.
+                    self.settle_failures += 1;
+                    let delay = DB_RETRY.jittered(self.settle_failures.min(20));
+                    self.paused_until = Some(Instant::now() + delay);
+                    warn!(source = %name, rows = untouched, retry_in = ?delay, "the database refused every change to some rows; pausing the source before they are claimed again");
+                } else {
+                    self.settle_failures = 0;
+                }
+                debug!(source = %name, claimed, delivered, failed, parked, refused, "batch settled");
             }
             BatchEnd::Flag { armed } => {
                 self.flag_busy = false;
@@ -311,7 +345,7 @@ impl Loop {
             }
             BatchEnd::Swept(released) => {
                 self.sweep_busy = false;
-                self.db_ok();
+                self.db_ok(false);
                 if released > 0 {
                     info!(source = %name, rows = released, "released held rows whose earlier rows are gone");
                     self.due = !self.draining;
@@ -328,12 +362,13 @@ impl Loop {
                 // Look again: the dead-letter table may be what went away.
                 source.dead_table.store(DEAD_UNKNOWN, Ordering::SeqCst);
                 self.db_failures += 1;
+                self.last_db_failure = Some(Instant::now());
                 self.backlog = false;
                 self.full_scan = true;
                 self.due = !self.draining;
                 let delay = DB_RETRY.jittered(self.db_failures.min(20));
                 self.paused_until = Some(Instant::now() + delay);
-                self.source.metrics.error("database").inc();
+                self.source.metrics.error(SourceError::Database).inc();
                 self.source.metrics.up.set(0);
                 let was_up = self.source.health.set_db_up(false, Some(err.to_string()));
                 if was_up || self.db_failures == 1 {
@@ -399,8 +434,16 @@ impl Loop {
         Some(ClaimFrom::Partitions { free, most })
     }
 
-    fn db_ok(&mut self) {
-        self.db_failures = 0;
+    /// The database answered. `settled`: a batch committed every change it
+    /// planned, which ends a run of failures at once; any other success
+    /// ends it only after a quiet spell as long as the longest pause.
+    fn db_ok(&mut self, settled: bool) {
+        let quiet = self
+            .last_db_failure
+            .is_none_or(|t| t.elapsed() >= DB_RETRY.max);
+        if settled || quiet {
+            self.db_failures = 0;
+        }
         self.source.metrics.up.set(1);
         if !self.source.health.set_db_up(true, None) {
             info!(source = %self.source.config.name, "source database reachable");

@@ -14,8 +14,9 @@ use tracing::{debug, warn};
 
 use crate::config::{OnPark, Ordering as RowOrder};
 use crate::message::{OutboxRow, Routing};
+use crate::metrics::SourceError;
 use crate::sink::{Failure, FailureReason, Outcome};
-use crate::source::complete::{self, Disposition, Failed};
+use crate::source::complete::{self, Disposition, Plan, Settled};
 use crate::source::{DEAD_EXISTS, DEAD_MISSING, DbError, Source, claim, flag, step};
 
 /// What one batch came to.
@@ -30,6 +31,11 @@ pub enum BatchEnd {
         delivered: usize,
         failed: usize,
         parked: usize,
+        /// Rows the database would not settle as planned.
+        refused: usize,
+        /// Of those, rows it would not change at all: claimed again at
+        /// once unless the source pauses.
+        untouched: usize,
     },
     /// The database failed; the transaction is rolled back, rows unchanged
     /// (or, after a confirm, sent again later: at-least-once).
@@ -236,6 +242,8 @@ async fn batch_inner(
     if let Some(tx) = claimed.take() {
         let _ = tx.send(report);
     }
+    // Only a row without an id fails its batch; any other column that
+    // cannot be read makes a bad row of its own (parked, named by its id).
     let rows = rows
         .iter()
         .map(claim::decode)
@@ -277,71 +285,62 @@ async fn batch_inner(
         || look_for_dead_table(source, &tx).await?;
     let confirmed_at = SystemTime::now();
     let sent_in = started.elapsed() - claimed_in;
-    let mut delivered = Vec::with_capacity(rows.len());
-    let mut failed = Failed::default();
+    let mut plan = Plan::default();
     for (row, outcome) in rows.iter().zip(&outcomes) {
+        let attempt = u32::try_from(row.attempts).unwrap_or(0).saturating_add(1);
+        let delay_ms = |attempt: u32| {
+            i64::try_from(cfg.retry.jittered(attempt).as_millis()).unwrap_or(i64::MAX)
+        };
+        plan.fallback_delay_ms.push((row.id, delay_ms(attempt)));
         match outcome {
             Outcome::Delivered => {
-                delivered.push(row.id);
+                plan.delivered.push(row.id);
                 source.metrics.lag.observe(row.age_at(confirmed_at));
             }
             Outcome::Failed(f) => {
                 source.metrics.failure(f.reason).inc();
-                let attempt = u32::try_from(row.attempts).unwrap_or(0).saturating_add(1);
                 let disposition = if can_park {
                     complete::decide(f.reason, attempt, cfg.max_attempts)
                 } else {
                     Disposition::Retry
                 };
                 match disposition {
-                    Disposition::Retry => {
-                        let delay = cfg.retry.jittered(attempt);
-                        failed.retry(
-                            row.id,
-                            &f.to_string(),
-                            i64::try_from(delay.as_millis()).unwrap_or(i64::MAX),
-                        );
-                    }
-                    Disposition::Park => {
-                        failed.park(row.id, &f.to_string(), f.reason);
-                        source.metrics.parked(f.reason).inc();
-                        warn!(
-                            source = %cfg.name,
-                            row_id = row.id,
-                            event_type = %row.event_type,
-                            attempt,
-                            reason = %f.reason,
-                            error = %f.detail,
-                            "row parked in the dead-letter table (see `outboxd dead-letters list`)"
-                        );
-                    }
+                    Disposition::Retry => plan.retry(row.id, &f.to_string(), delay_ms(attempt)),
+                    Disposition::Park => plan.park(row.id, &f.to_string(), f.reason),
                 }
             }
         }
     }
-    log_failures(source, &rows, &outcomes, &failed.parked_ids);
-    let release = release_list(source, &rows, &delivered, &failed.parked_ids);
+    let parked_ids: Vec<i64> = plan.park.iter().map(|p| p.0).collect();
+    log_failures(source, &rows, &outcomes, &parked_ids);
+    plan.release = release_list(source, &rows, &plan.delivered, &parked_ids);
     let settled = async {
-        complete::settle(&tx, &source.queries.complete, &delivered, &failed).await?;
-        if let Some((types, ids)) = &release {
-            let stmt = tx
-                .prepare_cached(&source.queries.order.release_next)
-                .await?;
-            tx.execute(&stmt, &[types, ids]).await?;
-        }
-        tx.commit().await
+        let settled = complete::settle(&tx, &source.queries.complete, &plan).await?;
+        tx.commit().await?;
+        Ok::<_, tokio_postgres::Error>(settled)
     };
-    if let Err(err) = step("settle and commit", settled).await {
-        if !delivered.is_empty() {
-            warn!(
-                source = %cfg.name,
-                rows = delivered.len(),
-                "rows were confirmed by the broker but could not be removed; they will be sent again (duplicates)"
-            );
+    let settled = match step("settle and commit", settled).await {
+        Ok(settled) => settled,
+        Err(err) => {
+            if !plan.delivered.is_empty() {
+                warn!(
+                    source = %cfg.name,
+                    rows = plan.delivered.len(),
+                    "rows were confirmed by the broker but could not be removed; they will be sent again (duplicates)"
+                );
+            }
+            return Err(err);
         }
-        return Err(err);
-    }
-    source.metrics.published.inc_by(delivered.len() as u64);
+    };
+    // Counted and logged only now that the transaction committed.
+    let removed = plan.delivered.len()
+        - plan
+            .delivered
+            .iter()
+            .filter(|id| settled.rescheduled.iter().any(|(r, _)| r == *id))
+            .count();
+    source.metrics.published.inc_by(removed as u64);
+    report_settled(source, &rows, &plan, &settled);
     debug!(
         source = %cfg.name,
         rows = rows.len(),
@@ -352,29 +351,80 @@ async fn batch_inner(
     );
     Ok(BatchEnd::Settled {
         claimed: rows.len(),
-        delivered: delivered.len(),
-        failed: failed.ids.len(),
-        parked: failed.parked_ids.len(),
+        delivered: removed,
+        failed: plan.retry.len(),
+        parked: settled.parked.len(),
+        refused: settled.rescheduled.len() + settled.untouched.len(),
+        untouched: settled.untouched.len(),
     })
+}
+
+/// Logs and counts what the settlement did beyond the plain case: each
+/// parked row (one line each, naming it), and the rows the database
+/// would not settle as planned.
+fn report_settled(source: &Source, rows: &[OutboxRow], plan: &Plan, settled: &Settled) {
+    let cfg = &source.config;
+    for (id, reason) in &settled.parked {
+        if let Some(counter) = source.metrics.parked(*reason) {
+            counter.inc();
+        }
+        let row = rows.iter().find(|r| r.id == *id);
+        let error = plan
+            .park
+            .iter()
+            .find(|p| p.0 == *id)
+            .map_or("", |p| p.1.as_str());
+        warn!(
+            source = %cfg.name,
+            row_id = id,
+            event_type = row.map_or("", |r| r.event_type.as_str()),
+            attempt = row.map_or(0, |r| i64::from(r.attempts) + 1),
+            %reason,
+            error,
+            "row parked in the dead-letter table (see `outboxd dead-letters list`)"
+        );
+    }
+    for (id, error) in &settled.rescheduled {
+        source.metrics.error(SourceError::Settle).inc();
+        warn!(
+            source = %cfg.name,
+            row_id = id,
+            error,
+            "the database refused to settle this row as planned; rescheduled with backoff instead"
+        );
+    }
+    for (id, error) in &settled.untouched {
+        source.metrics.error(SourceError::Settle).inc();
+        warn!(
+            source = %cfg.name,
+            row_id = id,
+            error,
+            "the database refused every change to this row; it stays as it was and the source pauses"
+        );
+    }
+    if let Some(error) = &settled.release_failed {
+        source.metrics.error(SourceError::Settle).inc();
+        warn!(source = %cfg.name, error, "releasing the next rows of delivered aggregates failed; the sweep releases them later");
+    }
 }
 
 /// `ordering = "aggregate"`: the aggregates whose next row may go now,
 /// those of the delivered rows (and of the parked ones with
 /// `on_park = "continue"`), as (types, ids).
-fn release_list<'a>(
+fn release_list(
     source: &Source,
-    rows: &'a [OutboxRow],
+    rows: &[OutboxRow],
     delivered: &[i64],
     parked: &[i64],
-) -> Option<(Vec<&'a str>, Vec<&'a str>)> {
+) -> Option<(Vec<String>, Vec<String>)> {
     if source.config.ordering != RowOrder::Aggregate {
         return None;
     }
     let go_on = source.config.on_park == OnPark::Continue;
-    let (types, ids): (Vec<&str>, Vec<&str>) = rows
+    let (types, ids): (Vec<String>, Vec<String>) = rows
         .iter()
         .filter(|r| delivered.contains(&r.id) || (go_on && parked.contains(&r.id)))
-        .map(|r| (r.aggregate_type.as_str(), r.aggregate_id.as_str()))
+        .map(|r| (r.aggregate_type.clone(), r.aggregate_id.clone()))
         .unzip();
     (!types.is_empty()).then_some((types, ids))
 }
@@ -392,7 +442,10 @@ fn log_failures(source: &Source, rows: &[OutboxRow], outcomes: &[Outcome], parke
             continue; // logged when parked
         }
         match f.reason {
-            FailureReason::BadRow | FailureReason::Returned | FailureReason::ExchangeNotFound => {
+            FailureReason::BadRow
+            | FailureReason::Returned
+            | FailureReason::ExchangeNotFound
+            | FailureReason::Refused => {
                 warn!(
                     source = %source.config.name,
                     row_id = row.id,

@@ -31,16 +31,21 @@ pub enum FailureReason {
     ExchangeNotFound,
     /// The row cannot be expressed as an AMQP message.
     BadRow,
+    /// The broker closed the channel over this message (403 access
+    /// refused, 406 precondition failed, …), having taken nothing.
+    Refused,
 }
 
 impl FailureReason {
-    pub const ALL: [FailureReason; 6] = [
+    /// Every reason, in declaration order (metrics index by `as usize`).
+    pub const ALL: [FailureReason; 7] = [
         FailureReason::Nacked,
         FailureReason::Returned,
         FailureReason::Timeout,
         FailureReason::Connection,
         FailureReason::ExchangeNotFound,
         FailureReason::BadRow,
+        FailureReason::Refused,
     ];
 
     /// Whether a failure for this reason can end with the row parked (see
@@ -57,6 +62,7 @@ impl FailureReason {
             FailureReason::Connection => "connection",
             FailureReason::ExchangeNotFound => "exchange_not_found",
             FailureReason::BadRow => "bad_row",
+            FailureReason::Refused => "refused",
         }
     }
 }

@@ -1,19 +1,17 @@
 //! The backlog gauges: how many rows wait, and how old the oldest is.
 
+use crate::metrics::SourceError;
 use tokio_postgres::Row;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::Source;
-use crate::config::{OnPark, Ordering, SourceConfig};
+use super::health::Stuck;
+use crate::config::{AfterPublish, OnPark, Ordering, SourceConfig};
 use crate::telemetry::ErrorChain;
 
 pub fn sql(config: &SourceConfig) -> String {
     let table = &config.table;
-    let dead = format!(
-        "{}.{}",
-        crate::ident::quote_ident(&table.schema),
-        crate::ident::quote_ident(&table.derived("_dead"))
-    );
+    let dead = table.sibling("_dead");
     // Rows waiting behind an earlier row of their aggregate: all but one
     // (the head) of each aggregate's unsent rows.
     let waiting = match config.ordering {
@@ -32,9 +30,21 @@ pub fn sql(config: &SourceConfig) -> String {
         ),
         _ => "0::bigint".to_owned(),
     };
+    // The relay never sets published_at in delete mode: a row that has it
+    // was marked by someone else and will never be claimed. Counted (and
+    // warned about), never silently left.
+    let unclaimable = match config.after_publish {
+        AfterPublish::Delete => format!(
+            "(SELECT count(*) FROM {t} WHERE published_at IS NOT NULL)",
+            t = table.quoted()
+        ),
+        AfterPublish::Mark => "0::bigint".to_owned(),
+    };
     format!(
         "SELECT count(*), COALESCE(EXTRACT(EPOCH FROM clock_timestamp() - min(created_at))::float8, 0), \
-                (SELECT count(*) FROM {dead}), {waiting}, {behind_dead} \
+                (SELECT count(*) FROM {dead}), {waiting}, {behind_dead}, \
+                COALESCE(EXTRACT(EPOCH FROM clock_timestamp() - min(created_at) FILTER (WHERE NOT held))::float8, 0), \
+                {unclaimable} \
          FROM {t} WHERE published_at IS NULL",
         t = table.quoted()
     )
@@ -50,10 +60,31 @@ pub fn record(source: &Source, result: Result<Row, tokio_postgres::Error>) {
             row.try_get::<_, i64>(2)?,
             row.try_get::<_, i64>(3)?,
             row.try_get::<_, i64>(4)?,
+            row.try_get::<_, f64>(5)?,
+            row.try_get::<_, i64>(6)?,
         ))
     });
     match decoded {
-        Ok((count, age, dead, held, held_dead)) => {
+        Ok((count, age, dead, held, held_dead, sendable_age, unclaimable)) => {
+            let before = source.metrics.unclaimable.get();
+            source.metrics.unclaimable.set(unclaimable);
+            if unclaimable > 0 && unclaimable != before {
+                warn!(
+                    source = %source.config.name,
+                    rows = unclaimable,
+                    "rows in the outbox have published_at set, which the relay never does with after_publish = \"delete\"; they will never be sent (clear published_at to send them, or delete them)"
+                );
+            }
+            source
+                .metrics
+                .oldest_sendable_age
+                .set(sendable_age.max(0.0));
+            source.health.set_stuck(Stuck {
+                dead_letters: dead,
+                held_by_dead_letters: held_dead,
+                unclaimable,
+                oldest_sendable_age_seconds: sendable_age.max(0.0),
+            });
             source.metrics.held.set(held);
             source.metrics.held_by_dead_letters.set(held_dead);
             source.metrics.pending.set(count);
@@ -62,7 +93,7 @@ pub fn record(source: &Source, result: Result<Row, tokio_postgres::Error>) {
         }
         Err(err) => {
             // The relay loop reports the database's state; this is only a gauge.
-            source.metrics.error("backlog_query").inc();
+            source.metrics.error(SourceError::BacklogQuery).inc();
             debug!(source = %source.config.name, error = %ErrorChain(&err), "backlog query failed");
         }
     }

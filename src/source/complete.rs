@@ -7,10 +7,12 @@
 //! chooses between the two.
 
 use deadpool_postgres::Transaction;
+use tokio_postgres::types::ToSql;
 
 use crate::config::AfterPublish;
 use crate::ident::TableName;
 use crate::sink::FailureReason;
+use crate::telemetry::ErrorChain;
 
 /// `last_error` is for people; a few hundred bytes say enough.
 const MAX_ERROR_CHARS: usize = 500;
@@ -30,7 +32,10 @@ pub fn decide(reason: FailureReason, attempt: u32, max_attempts: u32) -> Disposi
         FailureReason::BadRow => Disposition::Park,
         // The broker refuses this row (no route, no exchange, a full queue
         // that rejects): likely to need an operator after enough tries.
-        FailureReason::Returned | FailureReason::Nacked | FailureReason::ExchangeNotFound => {
+        FailureReason::Returned
+        | FailureReason::Nacked
+        | FailureReason::ExchangeNotFound
+        | FailureReason::Refused => {
             if attempt >= max_attempts {
                 Disposition::Park
             } else {
@@ -47,16 +52,18 @@ pub struct Sql {
     delivered: String,
     failed: String,
     parked: String,
+    /// `ordering = "aggregate"`: release the next row of each aggregate.
+    release_next: Option<String>,
 }
 
+/// `attempts + 1`, stopping at the largest integer instead of failing the
+/// statement (a row with `attempts = 2147483647` is still settled).
+const NEXT_ATTEMPT: &str = "LEAST(COALESCE(o.attempts, 0), 2147483646) + 1";
+
 impl Sql {
-    pub fn new(table: &TableName, after: AfterPublish) -> Self {
+    pub fn new(table: &TableName, after: AfterPublish, release_next: Option<String>) -> Self {
         let t = table.quoted();
-        let dead = format!(
-            "{}.{}",
-            crate::ident::quote_ident(&table.schema),
-            crate::ident::quote_ident(&table.derived("_dead"))
-        );
+        let dead = table.sibling("_dead");
         let delivered = match after {
             AfterPublish::Delete => format!("DELETE FROM {t} WHERE id = ANY($1)"),
             AfterPublish::Mark => {
@@ -64,85 +71,229 @@ impl Sql {
             }
         };
         let failed = format!(
-            "UPDATE {t} AS o SET attempts = o.attempts + 1, last_error = f.err, \
+            "UPDATE {t} AS o SET attempts = {NEXT_ATTEMPT}, last_error = f.err, \
                  available_at = clock_timestamp() + f.delay_ms * interval '1 millisecond' \
              FROM unnest($1::bigint[], $2::text[], $3::bigint[]) AS f(id, err, delay_ms) \
              WHERE o.id = f.id"
         );
+        // The dead-letter table requires values the outbox may lack (a
+        // producer may have dropped a NOT NULL): a row is parked whatever
+        // it holds, with stand-ins for what is missing.
         let parked = format!(
             "WITH moved AS (DELETE FROM {t} WHERE id = ANY($1) RETURNING *) \
              INSERT INTO {dead} (id, aggregate_type, aggregate_id, event_type, payload, headers, \
                  dedup_key, exchange, routing_key, created_at, attempts, last_error, reason, parked_at) \
-             SELECT m.id, m.aggregate_type, m.aggregate_id, m.event_type, m.payload, m.headers, \
-                 m.dedup_key, m.exchange, m.routing_key, m.created_at, m.attempts + 1, p.err, p.reason, \
+             SELECT o.id, COALESCE(o.aggregate_type, ''), COALESCE(o.aggregate_id, ''), \
+                 COALESCE(o.event_type, ''), COALESCE(o.payload, 'null'::jsonb), \
+                 COALESCE(o.headers, '{{}}'::jsonb), COALESCE(o.dedup_key, ''), o.exchange, o.routing_key, \
+                 COALESCE(o.created_at, clock_timestamp()), {NEXT_ATTEMPT}, p.err, p.reason, \
                  clock_timestamp() \
-             FROM moved m JOIN unnest($1::bigint[], $2::text[], $3::text[]) AS p(id, err, reason) \
-                 ON p.id = m.id"
+             FROM moved o JOIN unnest($1::bigint[], $2::text[], $3::text[]) AS p(id, err, reason) \
+                 ON p.id = o.id"
         );
         Self {
             delivered,
             failed,
             parked,
+            release_next,
         }
     }
 }
 
-/// The rows of a batch that did not get through: retried ones (one UPDATE)
-/// and parked ones (one move to the dead-letter table).
+/// What to do with each row of a batch once the broker has answered.
 #[derive(Default)]
-pub struct Failed {
-    pub ids: Vec<i64>,
-    pub errors: Vec<String>,
-    pub delays_ms: Vec<i64>,
-    pub parked_ids: Vec<i64>,
-    pub parked_errors: Vec<String>,
-    pub parked_reasons: Vec<String>,
+pub struct Plan {
+    /// Rows the broker took: delete (or mark) them.
+    pub delivered: Vec<i64>,
+    /// Rows to try again later: (id, error, delay in ms).
+    pub retry: Vec<(i64, String, i64)>,
+    /// Rows to move to the dead-letter table: (id, error, reason).
+    pub park: Vec<(i64, String, FailureReason)>,
+    /// Each row's delay in ms for a retry, should its delivered or parked
+    /// settlement be refused by the database.
+    pub fallback_delay_ms: Vec<(i64, i64)>,
+    /// `ordering = "aggregate"`: (types, ids) of the aggregates whose next
+    /// row may go now.
+    pub release: Option<(Vec<String>, Vec<String>)>,
 }
 
-impl Failed {
+impl Plan {
     pub fn retry(&mut self, id: i64, error: &str, delay_ms: i64) {
-        self.ids.push(id);
-        self.errors
-            .push(error.chars().take(MAX_ERROR_CHARS).collect());
-        self.delays_ms.push(delay_ms);
+        self.retry.push((id, clip(error), delay_ms));
     }
 
     pub fn park(&mut self, id: i64, error: &str, reason: FailureReason) {
-        self.parked_ids.push(id);
-        self.parked_errors
-            .push(error.chars().take(MAX_ERROR_CHARS).collect());
-        self.parked_reasons.push(reason.as_str().to_owned());
+        self.park.push((id, clip(error), reason));
+    }
+
+    fn fallback_delay(&self, id: i64) -> i64 {
+        self.fallback_delay_ms
+            .iter()
+            .find(|(i, _)| *i == id)
+            .map_or(1000, |(_, d)| *d)
     }
 }
 
+fn clip(error: &str) -> String {
+    error.chars().take(MAX_ERROR_CHARS).collect()
+}
+
+/// What settling came to, once the transaction commits.
+#[derive(Debug, Default)]
+pub struct Settled {
+    /// Rows moved to the dead-letter table, with their reason.
+    pub parked: Vec<(i64, FailureReason)>,
+    /// Rows the database would not settle as planned (a delivered row it
+    /// would not delete, a row it would not park): they were rescheduled
+    /// with backoff instead, with this error in `last_error`.
+    pub rescheduled: Vec<(i64, String)>,
+    /// Rows the database would not even reschedule: left as they were
+    /// (they are claimed again; the loop pauses the source meanwhile).
+    pub untouched: Vec<(i64, String)>,
+    /// The release of the next rows failed (the sweep releases them later).
+    pub release_failed: Option<String>,
+}
+
+/// Settles a batch in its claim transaction (the caller commits).
+///
+/// Everything is tried in a few set-wise statements first. If the database
+/// refuses one of them (a row it will not delete, a dead letter with the
+/// same id, a trigger of the producer's), it goes again row by row, each
+/// under a savepoint, so one row the database refuses cannot undo the rest
+/// of the batch and have their messages sent again and again: a delivered
+/// row that cannot be removed, or a bad row that cannot be parked, is
+/// rescheduled with backoff instead, its `last_error` saying why. Only an
+/// error of the connection itself fails the whole batch.
 pub async fn settle(
     tx: &Transaction<'_>,
     sql: &Sql,
-    delivered: &[i64],
-    failed: &Failed,
+    plan: &Plan,
+) -> Result<Settled, tokio_postgres::Error> {
+    tx.batch_execute("SAVEPOINT outboxd_settle").await?;
+    match settle_all(tx, sql, plan).await {
+        Ok(()) => {
+            tx.batch_execute("RELEASE SAVEPOINT outboxd_settle").await?;
+            Ok(Settled {
+                parked: plan.park.iter().map(|(id, _, r)| (*id, *r)).collect(),
+                ..Settled::default()
+            })
+        }
+        Err(err) if err.code().is_none() => Err(err),
+        Err(_) => {
+            tx.batch_execute("ROLLBACK TO SAVEPOINT outboxd_settle")
+                .await?;
+            settle_each(tx, sql, plan).await
+        }
+    }
+}
+
+async fn settle_all(
+    tx: &Transaction<'_>,
+    sql: &Sql,
+    plan: &Plan,
 ) -> Result<(), tokio_postgres::Error> {
-    if !delivered.is_empty() {
+    if !plan.delivered.is_empty() {
         let stmt = tx.prepare_cached(&sql.delivered).await?;
-        tx.execute(&stmt, &[&delivered]).await?;
+        tx.execute(&stmt, &[&plan.delivered]).await?;
     }
-    if !failed.ids.is_empty() {
+    if !plan.retry.is_empty() {
+        let ids: Vec<i64> = plan.retry.iter().map(|r| r.0).collect();
+        let errors: Vec<&str> = plan.retry.iter().map(|r| r.1.as_str()).collect();
+        let delays: Vec<i64> = plan.retry.iter().map(|r| r.2).collect();
         let stmt = tx.prepare_cached(&sql.failed).await?;
-        tx.execute(&stmt, &[&failed.ids, &failed.errors, &failed.delays_ms])
-            .await?;
+        tx.execute(&stmt, &[&ids, &errors, &delays]).await?;
     }
-    if !failed.parked_ids.is_empty() {
+    if !plan.park.is_empty() {
+        let ids: Vec<i64> = plan.park.iter().map(|r| r.0).collect();
+        let errors: Vec<&str> = plan.park.iter().map(|r| r.1.as_str()).collect();
+        let reasons: Vec<&str> = plan.park.iter().map(|r| r.2.as_str()).collect();
         let stmt = tx.prepare_cached(&sql.parked).await?;
-        tx.execute(
-            &stmt,
-            &[
-                &failed.parked_ids,
-                &failed.parked_errors,
-                &failed.parked_reasons,
-            ],
-        )
-        .await?;
+        tx.execute(&stmt, &[&ids, &errors, &reasons]).await?;
+    }
+    if let (Some(release), Some((types, ids))) = (&sql.release_next, &plan.release) {
+        let stmt = tx.prepare_cached(release).await?;
+        tx.execute(&stmt, &[types, ids]).await?;
     }
     Ok(())
+}
+
+/// The slow path: each row on its own, under a savepoint.
+async fn settle_each(
+    tx: &Transaction<'_>,
+    sql: &Sql,
+    plan: &Plan,
+) -> Result<Settled, tokio_postgres::Error> {
+    let mut out = Settled::default();
+    let mut reschedule: Vec<(i64, String)> = Vec::new();
+    for &id in &plan.delivered {
+        if let Err(e) = one(tx, &sql.delivered, &[&vec![id]]).await? {
+            reschedule.push((
+                id,
+                format!(
+                    "delivered, but the database refused to remove it ({e}); it will be sent again"
+                ),
+            ));
+        }
+    }
+    for (id, error, delay) in &plan.retry {
+        let params: [&(dyn ToSql + Sync); 3] = [&vec![*id], &vec![error.as_str()], &vec![*delay]];
+        if let Err(e) = one(tx, &sql.failed, &params).await? {
+            out.untouched.push((*id, format!("cannot reschedule: {e}")));
+        }
+    }
+    for (id, error, reason) in &plan.park {
+        let params: [&(dyn ToSql + Sync); 3] =
+            [&vec![*id], &vec![error.as_str()], &vec![reason.as_str()]];
+        match one(tx, &sql.parked, &params).await? {
+            Ok(()) => out.parked.push((*id, *reason)),
+            Err(e) => reschedule.push((*id, format!("cannot be parked ({e}): {error}"))),
+        }
+    }
+    for (id, error) in reschedule {
+        let error = clip(&error);
+        let delay = plan.fallback_delay(id);
+        let params: [&(dyn ToSql + Sync); 3] = [&vec![id], &vec![error.as_str()], &vec![delay]];
+        match one(tx, &sql.failed, &params).await? {
+            Ok(()) => out.rescheduled.push((id, error)),
+            Err(e) => out
+                .untouched
+                .push((id, format!("{error}; cannot reschedule either: {e}"))),
+        }
+    }
+    if let (Some(release), Some((types, ids))) = (&sql.release_next, &plan.release)
+        && let Err(e) = one(tx, release, &[types, ids]).await?
+    {
+        out.release_failed = Some(e);
+    }
+    Ok(out)
+}
+
+/// Runs one statement under a savepoint. The outer `Err` is the connection
+/// failing (the batch is lost); the inner one is the database refusing
+/// this statement, already rolled back to the savepoint.
+async fn one(
+    tx: &Transaction<'_>,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<Result<(), String>, tokio_postgres::Error> {
+    tx.batch_execute("SAVEPOINT outboxd_row").await?;
+    let result = async {
+        let stmt = tx.prepare_cached(sql).await?;
+        tx.execute(&stmt, params).await
+    }
+    .await;
+    match result {
+        Ok(_) => {
+            tx.batch_execute("RELEASE SAVEPOINT outboxd_row").await?;
+            Ok(Ok(()))
+        }
+        Err(err) if err.code().is_none() => Err(err),
+        Err(err) => {
+            tx.batch_execute("ROLLBACK TO SAVEPOINT outboxd_row")
+                .await?;
+            Ok(Err(ErrorChain(&err).to_string()))
+        }
+    }
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@
 use tokio_postgres::error::SqlState;
 
 use super::{DB_TIMEOUT, DbError, Source, step};
-use crate::ident::{TableName, quote_ident};
+use crate::ident::TableName;
 use crate::telemetry::ErrorChain;
 
 /// The second look after arming: longer than a commit's WAL flush takes on
@@ -27,11 +27,7 @@ pub struct Sql {
 
 impl Sql {
     pub fn new(table: &TableName) -> Self {
-        let flag = format!(
-            "{}.{}",
-            quote_ident(&table.schema),
-            quote_ident(&table.derived("_wakeup"))
-        );
+        let flag = table.sibling("_wakeup");
         Self {
             // Conditional updates: a flag already in the wanted state costs no write.
             arm: format!("UPDATE {flag} SET armed = true WHERE NOT armed"),

@@ -16,6 +16,22 @@ pub struct SourceHealth {
     /// `ordering = "aggregate"`: the partitions we own and the relays on
     /// the table, as of the last rebalance (for `/status`).
     ownership: Mutex<(Vec<i32>, i32)>,
+    /// What the last backlog query found of rows the relay cannot move.
+    stuck: Mutex<Stuck>,
+}
+
+/// Rows a source holds that it cannot move on its own, for `/readyz`: a
+/// source can be up and still have rows waiting for an operator.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Stuck {
+    /// Rows in the dead-letter table.
+    pub dead_letters: i64,
+    /// Rows waiting behind a parked row of their aggregate.
+    pub held_by_dead_letters: i64,
+    /// Rows with published_at set by someone else (delete mode).
+    pub unclaimable: i64,
+    /// Age of the oldest unsent row nothing holds back.
+    pub oldest_sendable_age_seconds: f64,
 }
 
 impl SourceHealth {
@@ -28,6 +44,7 @@ impl SourceHealth {
             listening: AtomicBool::new(false),
             last_error: Mutex::new(None),
             ownership: Mutex::new((Vec::new(), 0)),
+            stuck: Mutex::new(Stuck::default()),
         }
     }
 
@@ -86,5 +103,13 @@ impl SourceHealth {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
+    }
+
+    pub fn set_stuck(&self, stuck: Stuck) {
+        *self.stuck.lock().unwrap_or_else(PoisonError::into_inner) = stuck;
+    }
+
+    pub fn stuck(&self) -> Stuck {
+        *self.stuck.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }

@@ -73,20 +73,19 @@ impl Source {
         publisher: Publisher,
         metrics: SourceMetrics,
     ) -> Self {
+        let order = order::Sql::new(&config);
+        let release = (config.ordering == crate::config::Ordering::Aggregate)
+            .then(|| order.release_next.clone());
         let queries = Queries {
             claim: claim::sql(&config.table),
-            complete: complete::Sql::new(&config.table, config.after_publish),
+            complete: complete::Sql::new(&config.table, config.after_publish, release),
             backlog: backlog::sql(&config),
             flag: flag::Sql::new(&config.table),
             dead_exists: format!(
                 "SELECT to_regclass({}) IS NOT NULL",
-                crate::ident::quote_literal(&format!(
-                    "{}.{}",
-                    crate::ident::quote_ident(&config.table.schema),
-                    crate::ident::quote_ident(&config.table.derived("_dead"))
-                ))
+                crate::ident::quote_literal(&config.table.sibling("_dead"))
             ),
-            order: order::Sql::new(&config),
+            order,
             lock_keys: order::LockKeys::new(&config.table),
         };
         metrics.up.set(0);

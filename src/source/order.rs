@@ -17,9 +17,11 @@
 //!   running; the new owner cannot claim that partition until it ends).
 //!
 //! Within a partition a claim takes only the head of each aggregate (its
-//! lowest unsent row) and marks the rest of what it walked `held` (all but
-//! the next one), so later claims skip them without looking. Settling a batch releases the
-//! next row of each settled aggregate. So a row is never sent while an
+//! lowest unsent row) and marks the rest of what it walked `held`, so later
+//! claims skip them without looking: all of them when the aggregate's head
+//! is not in the walk (it is retrying, parked, or held itself), all but
+//! the next one or two when it is. Settling a batch releases the next row
+//! of each settled aggregate. So a row is never sent while an
 //! earlier row of its aggregate is unconfirmed, waiting for a retry, or
 //! (with `on_park = "hold"`) parked; and since each batch commits before
 //! the partition's next one claims, a crash can only repeat the last row
@@ -30,7 +32,7 @@ use std::collections::BTreeSet;
 use tokio_postgres::Client;
 
 use crate::config::{OnPark, Ordering, SourceConfig};
-use crate::ident::{TableName, quote_ident};
+use crate::ident::TableName;
 
 /// Fixed, so every relay of a table agrees on it without talking. 64 gives
 /// each of up to 8 relays a share within 1 of the others, and is small
@@ -95,11 +97,7 @@ pub struct Sql {
 impl Sql {
     pub fn new(config: &SourceConfig) -> Self {
         let t = config.table.quoted();
-        let dead = format!(
-            "{}.{}",
-            quote_ident(&config.table.schema),
-            quote_ident(&config.table.derived("_dead"))
-        );
+        let dead = config.table.sibling("_dead");
         let dead_free = |alias: &str, dead_table: bool| match config.on_park {
             OnPark::Hold if dead_table => format!(
                 " AND NOT EXISTS (SELECT 1 FROM {dead} d \
@@ -127,6 +125,14 @@ impl Sql {
                WHERE pg_try_advisory_xact_lock(hashtext($3), c.p) \
                LIMIT $4) l"
         );
+        // A walked row that is not its aggregate's head waits for an earlier
+        // row. If that row is in this walk (the head, sent now), the next one
+        // or two are left unheld: they are likely to go in the next claim,
+        // and holding them would cost a write now and a release later. If
+        // it is not (retrying, parked, or held itself), every row of the
+        // aggregate is held: left unheld they would fill every later walk
+        // of their partitions, and a few hundred aggregates stuck behind
+        // parked rows would starve every other aggregate there.
         let claim_sql = |dead_table: bool| {
             format!(
                 "WITH walk AS ( \
@@ -137,17 +143,18 @@ impl Sql {
                    FOR UPDATE OF o SKIP LOCKED), \
                  ranked AS ( \
                    SELECT w.id, w.head, \
-                          row_number() OVER (PARTITION BY w.aggregate_type, w.aggregate_id ORDER BY w.id) AS n \
+                          row_number() OVER (PARTITION BY w.aggregate_type, w.aggregate_id ORDER BY w.id) AS n, \
+                          bool_or(w.head) OVER (PARTITION BY w.aggregate_type, w.aggregate_id) AS led \
                    FROM walk w), \
                  hold AS (UPDATE {t} h SET held = true FROM ranked r \
-                   WHERE h.id = r.id AND NOT r.head AND r.n > {unheld}) \
-                 SELECT o.id, o.aggregate_type, o.aggregate_id, o.event_type, o.payload::text, o.headers::text, \
-                        o.dedup_key, o.exchange, o.routing_key, o.created_at, o.attempts \
+                   WHERE h.id = r.id AND NOT r.head AND (r.n > {unheld} OR NOT r.led)) \
+                 SELECT {columns} \
                  FROM ranked w LEFT JOIN {t} o ON w.head AND o.id = w.id \
                  ORDER BY w.id",
                 unheld = UNHELD_PER_AGGREGATE,
                 head = first_unsent("o"),
                 dead_free = dead_free("o", dead_table),
+                columns = super::claim::select_list("o"),
             )
         };
         let release_next = format!(

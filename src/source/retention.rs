@@ -2,6 +2,7 @@
 //! `retention`, in small batches so no statement holds many locks or bloats
 //! one transaction.
 
+use crate::metrics::SourceError;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -51,7 +52,7 @@ pub async fn run(source: Arc<Source>, retention: Duration, stop: CancellationTok
                     }
                 }
                 Err(err) => {
-                    source.metrics.error("database").inc();
+                    source.metrics.error(SourceError::Database).inc();
                     warn!(source = %source.config.name, error = %err, "retention delete failed; will try again");
                     break;
                 }

@@ -10,6 +10,7 @@
 //! behind `outboxd_pending_messages`, so an idle source holds two
 //! connections: this one and one pooled connection for its polls.
 
+use crate::metrics::SourceError;
 use std::future::{Future, poll_fn};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -47,7 +48,7 @@ pub async fn run(source: Arc<Source>, backlog_interval: Duration, stop: Cancella
         // The partition locks went with the connection.
         drop_partitions(&source);
         failures += 1;
-        source.metrics.error("listener").inc();
+        source.metrics.error(SourceError::Listener).inc();
         let delay = RECONNECT.jittered(failures.min(20));
         warn!(source = %name, error = %error, retry_in = ?delay, "notification listener lost; polling every poll_interval until it is back");
         // Whatever was notified while we were away is found by the next claim.

@@ -15,4 +15,5 @@ mod outage;
 mod rollback;
 mod shutdown;
 mod sources;
+mod stuck;
 mod wakeup;

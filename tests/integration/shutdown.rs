@@ -64,3 +64,50 @@ async fn sigterm_under_load_exits_zero_and_loses_nothing() {
         left.len()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_cut_short_by_its_timeout_counts_the_rows_left_and_exits_3() {
+    let db = TestDb::migrated("obx_term_stuck").await;
+    let broker = TestBroker::new("#").await;
+    let mut relay = Relay::start(&simple_config(&db.url, &broker.exchange)).await;
+    // A batch stuck settling: parking its bad row waits for a lock the
+    // test holds on the dead-letter table (reads still pass).
+    let mut locker = db.connect().await;
+    let lock = locker.transaction().await.unwrap();
+    lock.batch_execute("LOCK TABLE outbox_dead IN SHARE MODE")
+        .await
+        .unwrap();
+    let bad = db.insert_one("E", "headers", "'[1]'").await;
+    eventually("the park to wait for the lock", Duration::from_secs(20), || async {
+        let waiting: i64 = db
+            .client
+            .query_one(
+                "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = 'outbox_dead'::regclass",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        (waiting > 0).then_some(())
+    })
+    .await;
+    relay.signal("-TERM");
+    // drain_timeout is 5 s in the test config, plus a few seconds to wind down.
+    let status = relay
+        .wait_exit(Duration::from_secs(15))
+        .await
+        .expect("exits in bounded time");
+    lock.rollback().await.unwrap();
+    assert_eq!(
+        status.code(),
+        Some(3),
+        "a distinct code for rows left behind"
+    );
+    let lines = relay.log_lines_with("drain time is up");
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(lines[0]["rows"], 1, "{}", lines[0]);
+    assert!(
+        db.row_state(bad).await.is_some(),
+        "the row stays in the outbox"
+    );
+}

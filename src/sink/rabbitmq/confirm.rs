@@ -7,28 +7,44 @@
 
 use std::time::Duration;
 
-use lapin::{Confirmation, PublisherConfirm};
+use lapin::protocol::AMQPErrorKind;
+use lapin::{Confirmation, ErrorKind, PublisherConfirm};
 use tokio::time::Instant;
 
 use crate::sink::{Failure, FailureReason, Outcome};
 use crate::telemetry::ErrorChain;
 
+/// How a channel came out of a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum ChannelEnd {
+    /// Fit for the next batch.
+    Healthy,
+    /// Not reusable: a confirm timed out (late confirms would belong to
+    /// messages already given up on) or the connection failed.
+    Broken,
+    /// The broker closed the channel over a message it refused (a soft
+    /// error: 403 ACCESS_REFUSED, 406 PRECONDITION_FAILED, …), with its reason.
+    Refused(String),
+}
+
 /// Waits for every pending confirm until `timeout` has passed since the
-/// call and writes each result into `outcomes[index]`. Returns whether the
-/// channel is still fit for reuse: after a timeout or a channel error it is
-/// not, since late confirms would belong to messages we already gave up on.
+/// call and writes each result into `outcomes[index]`.
 pub(super) async fn collect(
     pending: Vec<(usize, PublisherConfirm)>,
     timeout: Duration,
     outcomes: &mut [Outcome],
-) -> bool {
+) -> ChannelEnd {
     let deadline = Instant::now() + timeout;
-    let mut healthy = true;
+    let mut end = ChannelEnd::Healthy;
     for (index, confirm) in pending {
         outcomes[index] = match tokio::time::timeout_at(deadline, confirm).await {
             Ok(Ok(confirmation)) => classify(confirmation),
             Ok(Err(err)) => {
-                healthy = false;
+                match refusal(&err) {
+                    Some(reason) if end == ChannelEnd::Healthy => end = ChannelEnd::Refused(reason),
+                    Some(_) => {}
+                    None => end = ChannelEnd::Broken,
+                }
                 Outcome::Failed(Failure::new(
                     FailureReason::Connection,
                     format!(
@@ -38,7 +54,7 @@ pub(super) async fn collect(
                 ))
             }
             Err(_) => {
-                healthy = false;
+                end = ChannelEnd::Broken;
                 Outcome::Failed(Failure::new(
                     FailureReason::Timeout,
                     format!("no confirm from the broker within {timeout:?}"),
@@ -46,7 +62,18 @@ pub(super) async fn collect(
             }
         };
     }
-    healthy
+    end
+}
+
+/// The broker's reason, if `err` is a channel closed by the broker over a
+/// message (a soft error; the connection stays up).
+pub(super) fn refusal(err: &lapin::Error) -> Option<String> {
+    match err.kind() {
+        ErrorKind::ProtocolError(e) if matches!(e.kind(), AMQPErrorKind::Soft(_)) => {
+            Some(format!("{} {}", e.get_id(), e.get_message()))
+        }
+        _ => None,
+    }
 }
 
 /// The single place that decides whether the broker took a message.

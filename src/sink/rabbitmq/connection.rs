@@ -18,7 +18,7 @@ use lapin::{Connection, ConnectionProperties, Event};
 use prometheus::{IntCounter, IntGauge};
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::backoff::Backoff;
 use crate::config::RabbitConfig;
@@ -213,6 +213,12 @@ impl Broker {
                     return;
                 }
                 event = poll_fn(|cx| events.as_mut().poll_next(cx)) => match event {
+                    // lapin reports a channel the broker closed (a refused
+                    // publish, a missing exchange) as an error event too;
+                    // only a connection that is gone means reconnecting.
+                    Some(Event::Error(err)) if conn.status().connected() => {
+                        debug!(broker = %self.config.display, error = %ErrorChain(&err), "rabbitmq closed a channel; the connection stays");
+                    }
                     Some(Event::Error(err)) => {
                         warn!(broker = %self.config.display, error = %ErrorChain(&err), "rabbitmq connection failed; reconnecting");
                         break;

@@ -6,6 +6,8 @@
 
 mod confirm;
 mod connection;
+mod frame;
+mod isolate;
 mod publish;
 
 pub use connection::{Broker, BrokerMetrics};

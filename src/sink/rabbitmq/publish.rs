@@ -20,14 +20,22 @@ use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::{FieldTable, ShortString};
 use lapin::{Channel, Connection, ErrorKind, ExchangeKind, PublisherConfirm};
 
-use super::confirm;
+use super::confirm::{self, ChannelEnd};
 use super::connection::Broker;
+use super::frame;
+use super::isolate::{self, Suspects};
 use crate::message::Outbound;
 use crate::sink::{Failure, FailureReason, Outcome};
 use crate::telemetry::ErrorChain;
 
 /// How long an exchange found by a passive declare is trusted to exist.
 const EXCHANGE_TTL: Duration = Duration::from_secs(60);
+
+/// A publish of the batch failed before its confirm could be awaited.
+struct PublishFailed {
+    /// The broker's reason, if it closed the channel over a message.
+    refusal: Option<String>,
+}
 
 /// The broker could not be used at all; no message of the batch was sent.
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +48,8 @@ pub struct Publisher {
     idle: Mutex<Vec<Channel>>,
     exchanges: Mutex<HashMap<ShortString, Instant>>,
     confirm_timeout: Duration,
+    /// Rows that were in flight on a channel the broker closed: sent alone.
+    suspects: Suspects,
 }
 
 impl Publisher {
@@ -49,6 +59,7 @@ impl Publisher {
             idle: Mutex::new(Vec::new()),
             exchanges: Mutex::new(HashMap::new()),
             confirm_timeout,
+            suspects: Suspects::default(),
         }
     }
 
@@ -64,10 +75,12 @@ impl Publisher {
             .connection()
             .ok_or_else(|| BrokerUnavailable("not connected".to_owned()))?;
         let missing = self.missing_exchanges(&conn, &messages).await?;
+        let frame_max = conn.configuration().frame_max();
         let channel = self.channel(&conn).await?;
 
         let mut outcomes = Vec::with_capacity(messages.len());
         let mut to_send = Vec::with_capacity(messages.len());
+        let mut alone = Vec::new();
         for (index, message) in messages.into_iter().enumerate() {
             match message {
                 Err(failure) => outcomes.push(Outcome::Failed(failure)),
@@ -78,32 +91,82 @@ impl Publisher {
                     )));
                 }
                 Ok(m) => {
+                    if let Some(why) = frame::too_large(&m.properties, frame_max) {
+                        outcomes.push(Outcome::Failed(Failure::new(FailureReason::BadRow, why)));
+                        continue;
+                    }
                     // Until its confirm arrives, a message counts as not confirmed.
                     outcomes.push(Outcome::Failed(Failure::new(
                         FailureReason::Timeout,
                         "not confirmed",
                     )));
-                    to_send.push((index, m));
+                    if self.suspects.contains(m.row_id) {
+                        alone.push((index, m));
+                    } else {
+                        to_send.push((index, m));
+                    }
                 }
             }
         }
+        let sent: Vec<(usize, i64)> = to_send.iter().map(|(i, m)| (*i, m.row_id)).collect();
         let (pending, broken) = publish_in_order(&channel, to_send, &mut outcomes).await;
-        let healthy = confirm::collect(pending, self.confirm_timeout, &mut outcomes).await;
-        if broken.is_none() && healthy && channel.status().connected() {
-            self.idle
+        let mut end = confirm::collect(pending, self.confirm_timeout, &mut outcomes).await;
+        if let (ChannelEnd::Healthy, Some(failed)) = (&end, broken) {
+            end = match failed.refusal {
+                Some(reason) => ChannelEnd::Refused(reason),
+                None => ChannelEnd::Broken,
+            };
+        }
+        match end {
+            ChannelEnd::Healthy if channel.status().connected() => self
+                .idle
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
-                .push(channel);
-        } else {
-            // The channel is dropped (and so closed). Whatever closed it may
-            // have been a deleted exchange: forget what we knew about exchanges.
-            self.exchanges
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .clear();
-            self.broker.report_failure();
+                .push(channel),
+            ChannelEnd::Refused(reason) if conn.status().connected() => {
+                // The broker refused one of these messages and closed the
+                // channel; which one cannot be told apart from the others
+                // that had no answer yet. Each of those goes alone next time,
+                // so the refusal lands on the row that caused it (and counts
+                // toward its max_attempts) and the rest go through. The
+                // connection is fine: nothing reconnects.
+                self.forget_exchanges();
+                for (index, row_id) in sent {
+                    if let Outcome::Failed(f) = &mut outcomes[index]
+                        && f.reason == FailureReason::Connection
+                    {
+                        self.suspects.insert(row_id);
+                        f.detail = format!(
+                            "the broker closed the channel ({reason}) while this message was in flight; it is sent on its own next time to find the row that caused it"
+                        );
+                    }
+                }
+            }
+            _ => {
+                // The channel is dropped (and so closed). Whatever closed it
+                // may have been a deleted exchange: forget what we knew.
+                self.forget_exchanges();
+                self.broker.report_failure();
+            }
+        }
+        if !alone.is_empty() {
+            isolate::send_alone(
+                &conn,
+                alone,
+                self.confirm_timeout,
+                &mut outcomes,
+                &self.suspects,
+            )
+            .await;
         }
         Ok(outcomes)
+    }
+
+    fn forget_exchanges(&self) {
+        self.exchanges
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
     }
 
     /// Closes the idle channels (at shutdown, before the connection closes,
@@ -201,7 +264,7 @@ async fn publish_in_order(
     channel: &Channel,
     messages: Vec<(usize, Outbound)>,
     outcomes: &mut [Outcome],
-) -> (Vec<(usize, PublisherConfirm)>, Option<String>) {
+) -> (Vec<(usize, PublisherConfirm)>, Option<PublishFailed>) {
     let options = BasicPublishOptions {
         mandatory: true,
         immediate: false,
@@ -258,9 +321,10 @@ async fn publish_in_order(
             Some(Ok(confirm)) => pending.push((index, confirm)),
             Some(Err(err)) => {
                 let detail = format!("publish failed: {}", ErrorChain(&err));
-                outcomes[index] =
-                    Outcome::Failed(Failure::new(FailureReason::Connection, detail.clone()));
-                broken.get_or_insert(detail);
+                outcomes[index] = Outcome::Failed(Failure::new(FailureReason::Connection, detail));
+                broken.get_or_insert(PublishFailed {
+                    refusal: confirm::refusal(&err),
+                });
             }
             // poll_fn above returns only once every result is in.
             None => {}
