@@ -12,6 +12,9 @@ pub struct SourceHealth {
     beat_ms: AtomicU64,
     db_up: AtomicBool,
     listening: AtomicBool,
+    /// Why the database is down; `None` while it is up, so that `/readyz`
+    /// never shows a healthy source with an error that is over (the WARN
+    /// log line and `outboxd_source_errors_total` keep the history).
     last_error: Mutex<Option<String>>,
     /// `ordering = "aggregate"`: the partitions we own and the relays on
     /// the table, as of the last rebalance (for `/status`).
@@ -60,13 +63,20 @@ impl SourceHealth {
         self.started.elapsed().saturating_sub(beat)
     }
 
-    /// Records the database as reachable or not; returns the previous state.
+    /// Records the database as reachable or not; returns the previous
+    /// state. Reachable clears the last error; unreachable keeps the error
+    /// given, or the one before it if none is given.
     pub fn set_db_up(&self, up: bool, error: Option<String>) -> bool {
-        if let Some(e) = error {
-            *self
+        {
+            let mut last = self
                 .last_error
                 .lock()
-                .unwrap_or_else(PoisonError::into_inner) = Some(e);
+                .unwrap_or_else(PoisonError::into_inner);
+            if up {
+                *last = None;
+            } else if let Some(e) = error {
+                *last = Some(e);
+            }
         }
         self.db_up.swap(up, Ordering::Relaxed)
     }
@@ -111,5 +121,20 @@ impl SourceHealth {
 
     pub fn stuck(&self) -> Stuck {
         *self.stuck.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_recovered_database_shows_no_last_error() {
+        let h = SourceHealth::new("orders");
+        assert!(!h.set_db_up(false, Some("connection refused".into())));
+        assert_eq!(h.last_error().as_deref(), Some("connection refused"));
+        assert!(!h.set_db_up(true, None));
+        assert!(h.db_up());
+        assert_eq!(h.last_error(), None, "up again: the old error is over");
     }
 }

@@ -115,6 +115,11 @@ async fn a_database_outage_flips_gauges_and_readiness_and_loses_nothing() {
         .wait_metric("outboxd_source_up{source=\"orders\"}", 1.0, WAIT)
         .await;
     relay.wait_ready(200, WAIT).await;
+    let (_, body) = relay.readyz().await;
+    assert!(
+        body["sources"][0]["last_error"].is_null(),
+        "a recovered source shows no last_error: {body}"
+    );
     eventually("an empty table", WAIT, || async {
         (db.count().await == 0).then_some(())
     })
