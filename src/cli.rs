@@ -23,7 +23,7 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the relay until SIGTERM or SIGINT.
+    /// Run the relay until SIGTERM, SIGINT or SIGHUP (each drains, then exits; no reload).
     Run(ConfigArg),
     /// Create the outbox table, indexes and NOTIFY trigger in every source database (idempotent).
     Migrate(ConfigArg),

@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use crate::support::broker::TestBroker;
 use crate::support::db::TestDb;
-use crate::support::eventually;
-use crate::support::relay::{Relay, simple_config};
+use crate::support::relay::{Relay, SourceSpec, config, simple_config};
+use crate::support::{AMQP_URL, eventually};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_on_an_idle_relay_exits_zero() {
@@ -63,6 +63,77 @@ async fn sigterm_under_load_exits_zero_and_loses_nothing() {
         sent.len(),
         left.len()
     );
+}
+
+/// No reload on SIGHUP: it drains like SIGTERM and says why it stops, so a
+/// supervisor restarts outboxd with the new config.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_drains_like_sigterm_says_reload_is_not_supported_and_exits_zero() {
+    const ROWS: usize = 1_000;
+    let db = TestDb::migrated("obx_hup").await;
+    let mut keys = db.insert_rows(ROWS, 100).await;
+    let mut broker = TestBroker::new("#").await;
+    // Unordered: there a short claim means the table is caught up. (With
+    // ordering = "aggregate" a claim covers only a share of the partitions,
+    // so the drain can stop at a short claim with rows left, for SIGTERM too.)
+    let cfg = config(
+        AMQP_URL,
+        &[SourceSpec::new("orders", &db.url, &broker.exchange).set("ordering", "\"none\"")],
+    );
+    let mut relay = Relay::start(&cfg).await;
+    eventually("rows to flow", Duration::from_secs(30), || async {
+        (db.count().await < ROWS as i64).then_some(())
+    })
+    .await;
+    // Committed just before the signal: the drain sends these too.
+    keys.extend(db.insert_rows(200, 100).await);
+    let signalled = std::time::Instant::now();
+    relay.signal("-HUP");
+    // drain_timeout is 5 s in the test config, plus a few seconds to wind down.
+    let status = relay
+        .wait_exit(Duration::from_secs(15))
+        .await
+        .expect("exits in bounded time");
+    println!("SIGHUP: exited {:?} after the signal", signalled.elapsed());
+    assert_eq!(status.code(), Some(0), "a drained exit");
+
+    let said = relay.log_lines_with("configuration reload is not supported");
+    assert_eq!(said.len(), 1, "one line says why it stops: {said:?}");
+    assert_eq!(said[0]["signal"], "SIGHUP", "{}", said[0]);
+    assert!(!relay.log_lines_with("outboxd stopped").is_empty());
+    assert_eq!(db.count().await, 0, "drained: no committed row is left");
+    let got = broker.collect(keys.len() * 2, Duration::from_secs(2)).await;
+    let sent: HashSet<String> = got.iter().filter_map(|m| m.message_id.clone()).collect();
+    let missing = keys.iter().filter(|k| !sent.contains(*k)).count();
+    assert_eq!(missing, 0, "rows committed before the signal never arrived");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_of_any_kind_during_the_drain_exits_at_once_with_130() {
+    const ROWS: usize = 20_000;
+    let db = TestDb::migrated("obx_term_twice").await;
+    db.insert_rows(ROWS, 100).await;
+    let broker = TestBroker::new("#").await;
+    let mut relay = Relay::start(&simple_config(&db.url, &broker.exchange)).await;
+    eventually("rows to flow", Duration::from_secs(30), || async {
+        (db.count().await < ROWS as i64).then_some(())
+    })
+    .await;
+    relay.signal("-TERM");
+    eventually("the drain to start", Duration::from_secs(10), || async {
+        (!relay.log_lines_with("shutdown requested").is_empty()).then_some(())
+    })
+    .await;
+    // A backlog this size takes seconds to drain; this comes well before.
+    relay.signal("-HUP");
+    let status = relay
+        .wait_exit(Duration::from_secs(5))
+        .await
+        .expect("exits at once");
+    assert_eq!(status.code(), Some(130));
+    let said = relay.log_lines_with("second signal");
+    assert_eq!(said.len(), 1, "{said:?}");
+    assert_eq!(said[0]["signal"], "SIGHUP", "{}", said[0]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
