@@ -8,6 +8,14 @@
 //! the relay does not fix a broker outage. Do not use `/readyz` as the
 //! readinessProbe of a native sidecar: it would take the whole pod out of
 //! its Service whenever the broker is away.
+//!
+//! The server holds at most [`MAX_CONNECTIONS`] connections and closes one
+//! after [`IDLE_TIMEOUT`] without a byte (`admin/connections.rs`): idle sockets
+//! must not take the descriptors the source pools need.
+
+mod connections;
+
+pub use connections::{IDLE_TIMEOUT, MAX_CONNECTIONS};
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,6 +29,7 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use self::connections::BoundedListener;
 use crate::metrics::Metrics;
 use crate::sink::rabbitmq::Broker;
 use crate::source::SourceHealth;
@@ -48,7 +57,7 @@ pub async fn serve(
     state: Arc<AdminState>,
     stop: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
+    axum::serve(BoundedListener::new(listener), router(state))
         .with_graceful_shutdown(stop.cancelled_owned())
         .await
 }
