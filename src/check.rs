@@ -5,10 +5,15 @@
 //! every column of `sql/outbox.sql` at the right type; the relay's role has
 //! the privileges it needs; the NOTIFY trigger is in place (a warning only:
 //! without it the relay still works, by polling); the default exchange exists.
+//! Sources are checked concurrently (a few at a time) and reported in
+//! config order, each source's lines together.
 
 use std::io::Write;
+use std::sync::Arc;
 
+use lapin::Connection;
 use lapin::types::ShortString;
+use tokio::sync::Semaphore;
 use tokio_postgres::Client;
 
 use crate::config::{Config, SourceConfig};
@@ -66,6 +71,10 @@ impl<W: Write> Report<W> {
 /// itself bounded by `source::DB_TIMEOUT`).
 const STEP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(40);
 
+/// Sources checked at once: a few silent hosts cost one timeout, not one
+/// each, and a long list does not open a connection to every database at once.
+const SOURCES_AT_ONCE: usize = 8;
+
 /// Runs every check, printing to `out`; returns the number of failures.
 pub async fn run<W: Write>(config: &Config, config_path: &str, out: W) -> usize {
     let mut r = Report { out, failures: 0 };
@@ -81,7 +90,7 @@ pub async fn run<W: Write>(config: &Config, config_path: &str, out: W) -> usize 
                 "rabbitmq",
                 &format!("connected to {}", config.rabbitmq.display),
             );
-            Some(conn)
+            Some(Arc::new(conn))
         }
         Err(e) => {
             r.line(
@@ -96,56 +105,95 @@ pub async fn run<W: Write>(config: &Config, config_path: &str, out: W) -> usize 
             None
         }
     };
-    for source in &config.sources {
-        // Every step is bounded: a host that accepts a connection and then
-        // says nothing is a failure to report, not a hang.
-        if tokio::time::timeout(STEP_TIMEOUT, check_source(&mut r, source))
-            .await
-            .is_err()
-        {
-            r.line(
+    // Each source writes its lines into a buffer of its own; the buffers
+    // are printed in config order, each as soon as it and those before it
+    // are done, so a source's lines stay together.
+    let at_once = Arc::new(Semaphore::new(SOURCES_AT_ONCE));
+    let checks: Vec<_> = config
+        .sources
+        .iter()
+        .map(|source| {
+            let (source, broker, at_once) = (source.clone(), broker.clone(), at_once.clone());
+            let name = source.name.clone();
+            let task = tokio::spawn(async move {
+                // The semaphore is never closed, so the permit always comes.
+                let _permit = at_once.acquire_owned().await;
+                check_one(&source, broker.as_deref()).await
+            });
+            (name, task)
+        })
+        .collect();
+    for (name, task) in checks {
+        match task.await {
+            Ok(done) => {
+                r.failures += done.failures;
+                // A closed stdout must not turn a check into a panic.
+                let _ = r.out.write_all(&done.out);
+            }
+            Err(err) => r.line(
                 Level::Fail,
-                &format!("source {} database", source.name),
-                &format!("no answer within {STEP_TIMEOUT:?}"),
-            );
-        }
-        let what = format!("source {} exchange", source.name);
-        if source.exchange.is_empty() {
-            r.line(
-                Level::Ok,
-                &what,
-                "the default exchange (\"\") always exists",
-            );
-            continue;
-        }
-        let Some(conn) = &broker else {
-            r.line(Level::Fail, &what, "not checked: no broker connection");
-            continue;
-        };
-        // The exchange name was validated at load (at most 255 bytes, AMQP characters).
-        let name = ShortString::try_new(source.exchange.clone()).unwrap_or_default();
-        match tokio::time::timeout(STEP_TIMEOUT, exchange_exists(conn, &name)).await {
-            Err(_) => r.line(
-                Level::Fail,
-                &what,
-                &format!("no answer within {STEP_TIMEOUT:?}"),
+                &format!("source {name}"),
+                &format!("the check itself failed: {err}"),
             ),
-            Ok(Ok(true)) => r.line(Level::Ok, &what, &format!("{:?} exists", source.exchange)),
-            Ok(Ok(false)) => r.line(
-                Level::Fail,
-                &what,
-                &format!(
-                    "{:?} does not exist; declare it (the relay never declares exchanges)",
-                    source.exchange
-                ),
-            ),
-            Ok(Err(e)) => r.line(Level::Fail, &what, &e.to_string()),
         }
     }
     if let Some(conn) = broker {
         let _ = tokio::time::timeout(STEP_TIMEOUT, conn.close(200, "check done".into())).await;
     }
     r.failures
+}
+
+/// Every check of one source, as lines in a buffer.
+async fn check_one(source: &SourceConfig, broker: Option<&Connection>) -> Report<Vec<u8>> {
+    let mut r = Report {
+        out: Vec::new(),
+        failures: 0,
+    };
+    // Every step is bounded: a host that accepts a connection and then
+    // says nothing is a failure to report, not a hang.
+    if tokio::time::timeout(STEP_TIMEOUT, check_source(&mut r, source))
+        .await
+        .is_err()
+    {
+        r.line(
+            Level::Fail,
+            &format!("source {} database", source.name),
+            &format!("no answer within {STEP_TIMEOUT:?}"),
+        );
+    }
+    let what = format!("source {} exchange", source.name);
+    if source.exchange.is_empty() {
+        r.line(
+            Level::Ok,
+            &what,
+            "the default exchange (\"\") always exists",
+        );
+        return r;
+    }
+    let Some(conn) = broker else {
+        r.line(Level::Fail, &what, "not checked: no broker connection");
+        return r;
+    };
+    // The exchange name was validated at load (at most 255 bytes, AMQP characters).
+    let name = ShortString::try_new(source.exchange.clone()).unwrap_or_default();
+    match tokio::time::timeout(STEP_TIMEOUT, exchange_exists(conn, &name)).await {
+        Err(_) => r.line(
+            Level::Fail,
+            &what,
+            &format!("no answer within {STEP_TIMEOUT:?}"),
+        ),
+        Ok(Ok(true)) => r.line(Level::Ok, &what, &format!("{:?} exists", source.exchange)),
+        Ok(Ok(false)) => r.line(
+            Level::Fail,
+            &what,
+            &format!(
+                "{:?} does not exist; declare it (the relay never declares exchanges)",
+                source.exchange
+            ),
+        ),
+        Ok(Err(e)) => r.line(Level::Fail, &what, &e.to_string()),
+    }
+    r
 }
 
 async fn check_source<W: Write>(r: &mut Report<W>, source: &SourceConfig) {

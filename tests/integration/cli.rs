@@ -305,3 +305,50 @@ fn check_reports_a_silent_database_host_instead_of_hanging() {
     );
     drop(silent);
 }
+
+/// Sources are checked concurrently: three silent hosts cost about one
+/// host's timeout, not three, and each source's lines stay together in
+/// config order.
+#[test]
+fn check_waits_for_silent_database_hosts_concurrently_and_reports_them_in_order() {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!(
+        "postgres://root@{}/nowhere?sslmode=disable",
+        silent.local_addr().unwrap()
+    );
+    let names = ["first", "second", "third"];
+    let specs: Vec<SourceSpec> = names.iter().map(|n| SourceSpec::new(n, &url, "")).collect();
+    let started = std::time::Instant::now();
+    let (code, out, err) = run_to_end(&["check"], &config(AMQP_URL, &specs));
+    let took = started.elapsed();
+    assert_eq!(code, Some(1), "{out}{err}");
+    // Each silent host costs one database timeout; one after another, the
+    // three would take three of them.
+    let one_host = outboxd::source::DB_TIMEOUT;
+    assert!(
+        took < one_host * 2,
+        "three silent hosts took {took:?}; one takes about {one_host:?}\n{out}"
+    );
+    let lines: Vec<&str> = out.lines().collect();
+    let fails: Vec<usize> = names
+        .iter()
+        .map(|n| {
+            let prefix = format!("FAIL source {n} database");
+            lines
+                .iter()
+                .position(|l| l.starts_with(&prefix))
+                .unwrap_or_else(|| panic!("no {prefix:?} line in\n{out}"))
+        })
+        .collect();
+    assert!(fails.is_sorted(), "in config order: {fails:?}\n{out}");
+    for (n, at) in names.iter().zip(&fails) {
+        // The source's exchange line follows its database line directly.
+        let next = lines.get(at + 1).copied().unwrap_or_default();
+        assert!(
+            next.starts_with(&format!("ok   source {n} exchange")),
+            "the lines of {n} are together:\n{out}"
+        );
+    }
+    println!("check gave up on three silent hosts after {took:?}");
+    drop(silent);
+}
