@@ -57,8 +57,16 @@ fn bad_configs_exit_non_zero_naming_the_key_and_the_source() {
         ),
     ];
     for (what, text, needles) in cases {
-        for cmd in ["run", "check", "migrate"] {
-            let (code, _, stderr) = run_to_end(&[cmd], &text);
+        // Every subcommand loads the config first (README "Commands").
+        let commands: [&[&str]; 4] = [
+            &["run"],
+            &["check"],
+            &["migrate"],
+            &["dead-letters", "list"],
+        ];
+        for args in commands {
+            let cmd = args.join(" ");
+            let (code, _, stderr) = run_to_end(args, &text);
             assert_eq!(code, Some(2), "{what} / {cmd}: exit code, stderr: {stderr}");
             for needle in needles {
                 assert!(
