@@ -104,8 +104,10 @@ struct Loop {
 
 /// Runs the source until a drain completes or `abort` fires.
 ///
-/// `drain`: stop taking wake-ups, but keep claiming while claims come back
-/// full, then return once nothing is in flight. `abort`: drop whatever is
+/// `drain`: stop taking wake-ups, but keep claiming until a claim finds
+/// nothing (with `ordering = "aggregate"`, a claim over every free
+/// partition, after the batches that released rows have settled), then
+/// return once nothing is in flight. `abort`: drop whatever is
 /// in flight (its transactions roll back, its rows stay) and return.
 /// Returns how many claimed rows were abandoned that way (0 after a
 /// complete drain).
@@ -194,7 +196,11 @@ pub async fn run(
         }
         if state.draining
             && state.tasks.is_empty()
-            && (!(state.due || state.backlog) || !broker.can_publish())
+            && (!(state.due || state.backlog)
+                || !broker.can_publish()
+                // No partitions to claim from (the listener that holds
+                // them is down): waiting cannot drain anything.
+                || state.claim_from().is_none())
         {
             info!(source = %source.config.name, "drained; relay stopped");
             break;
@@ -229,8 +235,10 @@ pub async fn run(
                 };
                 if report.rows > 0 {
                     // More may have committed since: claim again (while this
-                    // batch publishes) until a claim comes back empty.
-                    state.due = !state.draining;
+                    // batch publishes) until a claim comes back empty. While
+                    // draining too: a short claim of some partitions says
+                    // nothing of the others.
+                    state.due = true;
                 }
                 let now = Instant::now();
                 if report.rows > 0 {
@@ -318,7 +326,9 @@ impl Loop {
                 self.db_ok(untouched == 0);
                 // With the flag disarmed no notification will come for rows
                 // committed meanwhile: claim again until a claim is empty.
-                self.due = !self.draining;
+                // While draining too: settling released the next rows of
+                // the delivered aggregates.
+                self.due = true;
                 if untouched > 0 {
                     // Those rows are due again at once: without a pause
                     // they would be sent again and again.
@@ -429,8 +439,14 @@ impl Loop {
         if free.is_empty() {
             return None;
         }
-        // Leave partitions for the other batches that may be in flight.
-        let most = owned.len().div_ceil(cfg.max_in_flight) as i64;
+        // Leave partitions for the other batches that may be in flight;
+        // while draining, one claim looks at every free partition, so an
+        // empty claim means there is nothing left.
+        let most = if self.draining {
+            free.len() as i64
+        } else {
+            owned.len().div_ceil(cfg.max_in_flight) as i64
+        };
         Some(ClaimFrom::Partitions { free, most })
     }
 

@@ -182,3 +182,41 @@ async fn a_drain_cut_short_by_its_timeout_counts_the_rows_left_and_exits_3() {
         "the row stays in the outbox"
     );
 }
+
+/// The default ordering claims a share of the partitions at a time: the
+/// drain must not stop at the first short claim while other partitions,
+/// or rows released by the last settled batches, still hold committed rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_in_aggregate_order_leaves_no_committed_row_behind() {
+    let db = TestDb::migrated("obx_drain_agg").await;
+    let mut broker = TestBroker::new("#").await;
+    let mut relay = Relay::start(&simple_config(&db.url, &broker.exchange)).await;
+    // Three rows per aggregate, so draining also needs released rows.
+    let keys: Vec<String> = db
+        .client
+        .query(
+            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
+             SELECT 'order', 'o-' || (g % 400), 'E', jsonb_build_object('seq', g) \
+             FROM generate_series(1, 1200) g ORDER BY g RETURNING dedup_key",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    relay.signal("-TERM");
+    let status = relay
+        .wait_exit(Duration::from_secs(15))
+        .await
+        .expect("exits in bounded time");
+    assert_eq!(status.code(), Some(0));
+    assert_eq!(
+        db.count().await,
+        0,
+        "every committed row was sent before exit"
+    );
+    let got = broker.collect(keys.len() * 2, Duration::from_secs(2)).await;
+    let sent: HashSet<String> = got.iter().filter_map(|m| m.message_id.clone()).collect();
+    assert!(keys.iter().all(|k| sent.contains(k)), "every row arrived");
+}
