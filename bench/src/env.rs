@@ -67,7 +67,7 @@ impl Env {
             .with_file_name("outboxd");
         if !relay_bin.exists() {
             return Err(format!(
-                "{} not found; build it first (scripts/bench.sh does: cargo build --release --bins)",
+                "{} not found; build it first (scripts/bench.sh does: cargo build --release -p outboxd -p outboxd-bench)",
                 relay_bin.display()
             ));
         }
