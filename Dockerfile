@@ -4,8 +4,12 @@
 
 FROM rust:1.95-slim-bookworm AS build
 WORKDIR /src
+# The whole tree (minus .dockerignore): the workspace lists bench/ as a
+# member, and cargo reads every member's manifest and finds its target
+# before it builds anything, so bench/ must be here even though only the
+# relay is built (-p outboxd: the bench itself is not compiled).
 COPY . .
-RUN cargo build --release --locked --bin outboxd
+RUN cargo build --release --locked -p outboxd --bin outboxd
 
 # distroless "cc": glibc and libgcc, no shell, no package manager.
 FROM gcr.io/distroless/cc-debian12
