@@ -104,7 +104,7 @@ pub async fn run(config: Config, drain: CancellationToken) -> Result<(), AppErro
     info!(
         version = env!("CARGO_PKG_VERSION"),
         sources = config.sources.len(),
-        broker = %config.rabbitmq.display,
+        broker = %config.rabbitmq.describe(),
         admin = %admin_addr,
         "outboxd running"
     );

@@ -20,6 +20,7 @@ use crate::config::{Config, SourceConfig};
 use crate::ident::{quote_ident, quote_literal};
 use crate::sink::rabbitmq::{Broker, exchange_exists};
 use crate::telemetry::ErrorChain;
+use crate::tls::Trust;
 
 /// The columns the relay reads or writes, with their PostgreSQL types.
 pub const COLUMNS: [(&str, &str); 15] = [
@@ -85,19 +86,30 @@ pub async fn run<W: Write>(config: &Config, config_path: &str, out: W) -> usize 
     );
     let broker = match Broker::connect(&config.rabbitmq).await {
         Ok(conn) => {
+            // Encrypted but unauthenticated is worth a warning every time.
+            let unverified = config
+                .rabbitmq
+                .tls
+                .as_ref()
+                .is_some_and(|t| t.trust == Trust::Anyone);
             r.line(
-                Level::Ok,
+                if unverified { Level::Warn } else { Level::Ok },
                 "rabbitmq",
-                &format!("connected to {}", config.rabbitmq.display),
+                &format!("connected to {}", config.rabbitmq.describe()),
             );
             Some(Arc::new(conn))
         }
         Err(e) => {
+            let over = if config.rabbitmq.tls.is_some() {
+                " over TLS"
+            } else {
+                ""
+            };
             r.line(
                 Level::Fail,
                 "rabbitmq",
                 &format!(
-                    "cannot connect to {}: {}",
+                    "cannot connect to {}{over}: {}",
                     config.rabbitmq.display,
                     ErrorChain(&e)
                 ),

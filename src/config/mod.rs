@@ -19,7 +19,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-pub use rabbitmq::RabbitConfig;
+pub use rabbitmq::{AmqpTls, RabbitConfig};
 pub use secret::Secret;
 pub use source::{AfterPublish, OnPark, Ordering, SourceConfig};
 

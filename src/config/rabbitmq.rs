@@ -7,6 +7,7 @@ use lapin::uri::{AMQPScheme, AMQPUri};
 use super::raw::RawRabbit;
 use super::secret::scrub;
 use super::{Secret, Validator};
+use crate::tls::{Trust, tls_client_config};
 
 /// How long a batch waits for the broker's confirms before it counts them as failed.
 pub const DEFAULT_CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
@@ -18,10 +19,44 @@ pub struct RabbitConfig {
     pub display: String,
     pub confirm_timeout: Duration,
     pub connection_name: String,
-    /// For amqps://: a CA bundle (PEM) instead of the system's roots, and
-    /// an optional client certificate and key (PEM) for mutual TLS.
-    pub tls_ca_file: Option<String>,
-    pub tls_client: Option<(String, String)>,
+    /// `Some` exactly when the URL is amqps://: every connection then does
+    /// a TLS handshake first (never plain TCP), see `sink::rabbitmq::tls`.
+    pub tls: Option<AmqpTls>,
+}
+
+/// TLS settings of an amqps:// connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AmqpTls {
+    /// Whose certificate the broker may present: `tls_ca_file`, else the
+    /// system's roots; nobody's in particular only with
+    /// `tls_insecure_skip_verify = true`.
+    pub trust: Trust,
+    /// A client certificate and key (PEM) for mutual TLS.
+    pub client: Option<(String, String)>,
+}
+
+impl AmqpTls {
+    /// "TLS, certificate verified against …", for `check` and the logs.
+    pub fn describe(&self) -> String {
+        let mut out = format!("TLS, {}", self.trust.describe());
+        if self.trust == Trust::Anyone {
+            out.push_str(" (tls_insecure_skip_verify = true: anyone on the network path can pose as the broker and read the credentials)");
+        }
+        if let Some((cert, _)) = &self.client {
+            out.push_str(&format!(", client certificate {cert}"));
+        }
+        out
+    }
+}
+
+impl RabbitConfig {
+    /// `host:port/vhost as user`, plus what TLS checks for amqps://.
+    pub fn describe(&self) -> String {
+        match &self.tls {
+            None => self.display.clone(),
+            Some(tls) => format!("{} ({})", self.display, tls.describe()),
+        }
+    }
 }
 
 impl Validator<'_> {
@@ -37,56 +72,89 @@ impl Validator<'_> {
             .string_opt("rabbitmq.connection_name", raw.connection_name)
             .unwrap_or_else(|| "outboxd".to_owned());
         let tls_ca_file = self.string_opt("rabbitmq.tls_ca_file", raw.tls_ca_file);
-        if let Some(path) = &tls_ca_file {
-            self.check(
-                "rabbitmq.tls_ca_file",
-                crate::tls::read_certs(path).map(|_| ()),
-            );
-        }
         let cert = self.string_opt("rabbitmq.tls_cert_file", raw.tls_cert_file);
         let key = self.string_opt("rabbitmq.tls_key_file", raw.tls_key_file);
-        let tls_client = match (cert, key) {
-            (Some(c), Some(k)) => {
-                self.check(
-                    "rabbitmq.tls_cert_file",
-                    crate::tls::read_certs(&c).map(|_| ()),
-                );
-                if !std::path::Path::new(&k).is_file() {
-                    self.invalid(
-                        "rabbitmq.tls_key_file",
-                        format!("{k:?} is not a readable file"),
-                    );
-                }
-                Some((c, k))
-            }
-            (None, None) => None,
-            _ => {
-                self.invalid(
-                    "rabbitmq.tls_cert_file",
-                    "give tls_cert_file and tls_key_file together",
-                );
-                None
-            }
-        };
+        let skip_verify = raw.tls_insecure_skip_verify.unwrap_or(false);
         let url = url?;
-        let display = self.check("rabbitmq.url", amqp_display(url.expose()))?;
-        let tls_wanted = tls_ca_file.is_some() || tls_client.is_some();
-        if tls_wanted && !url.expose().starts_with("amqps://") {
-            self.invalid("rabbitmq.tls_ca_file", "TLS settings need an amqps:// url");
-        }
+        let (display, amqps) = self.check("rabbitmq.url", amqp_display(url.expose()))?;
+        let tls = if amqps {
+            self.amqp_tls(tls_ca_file, cert, key, skip_verify)
+        } else {
+            let given = [
+                ("rabbitmq.tls_ca_file", tls_ca_file.is_some()),
+                ("rabbitmq.tls_cert_file", cert.is_some()),
+                ("rabbitmq.tls_key_file", key.is_some()),
+                ("rabbitmq.tls_insecure_skip_verify", skip_verify),
+            ];
+            for (key, _) in given.iter().filter(|(_, set)| *set) {
+                self.invalid(key, "TLS settings need an amqps:// url");
+            }
+            None
+        };
         Some(RabbitConfig {
             url,
             display,
             confirm_timeout,
             connection_name,
-            tls_ca_file,
-            tls_client,
+            tls,
         })
+    }
+
+    /// The TLS settings of an amqps:// url, built once here so that an
+    /// unreadable CA, certificate or key file is a config error.
+    fn amqp_tls(
+        &mut self,
+        ca_file: Option<String>,
+        cert: Option<String>,
+        key: Option<String>,
+        skip_verify: bool,
+    ) -> Option<AmqpTls> {
+        let trust = match (ca_file, skip_verify) {
+            (Some(_), true) => {
+                self.invalid(
+                    "rabbitmq.tls_insecure_skip_verify",
+                    "tls_ca_file asks for verification; remove one of the two",
+                );
+                return None;
+            }
+            (Some(path), false) => Trust::CaFile(path),
+            (None, false) => Trust::SystemRoots,
+            (None, true) => Trust::Anyone,
+        };
+        let client = match (cert, key) {
+            (Some(c), Some(k)) => Some((c, k)),
+            (None, None) => None,
+            (Some(_), None) => {
+                self.invalid(
+                    "rabbitmq.tls_key_file",
+                    "missing; tls_cert_file needs its key",
+                );
+                return None;
+            }
+            (None, Some(_)) => {
+                self.invalid(
+                    "rabbitmq.tls_cert_file",
+                    "missing; tls_key_file needs its certificate",
+                );
+                return None;
+            }
+        };
+        let key = match (&trust, &client) {
+            (Trust::CaFile(_), _) => "rabbitmq.tls_ca_file",
+            (_, Some(_)) => "rabbitmq.tls_cert_file",
+            _ => "rabbitmq.url",
+        };
+        let built = tls_client_config(
+            &trust,
+            client.as_ref().map(|(c, k)| (c.as_str(), k.as_str())),
+        );
+        self.check(key, built.map(|_| AmqpTls { trust, client }))
     }
 }
 
-/// Validates an AMQP URL and describes it without its password.
-pub fn amqp_display(url: &str) -> Result<String, String> {
+/// Validates an AMQP URL and describes it without its password; `true`
+/// for amqps:// (in any letter case).
+pub fn amqp_display(url: &str) -> Result<(String, bool), String> {
     let uri: AMQPUri = url.parse().map_err(|e: String| {
         format!(
             "not a valid AMQP URL (expected amqp://user:password@host:5672/vhost): {}",
@@ -94,13 +162,9 @@ pub fn amqp_display(url: &str) -> Result<String, String> {
         )
     })?;
     let a = &uri.authority;
-    let tls = if uri.scheme == AMQPScheme::AMQPS {
-        " (TLS)"
-    } else {
-        ""
-    };
-    Ok(format!(
-        "{}:{}/{} as {}{tls}",
+    let display = format!(
+        "{}:{}/{} as {}",
         a.host, a.port, uri.vhost, a.userinfo.username
-    ))
+    );
+    Ok((display, uri.scheme == AMQPScheme::AMQPS))
 }

@@ -47,6 +47,7 @@ pub struct RawRabbit {
     pub tls_ca_file: Option<String>,
     pub tls_cert_file: Option<String>,
     pub tls_key_file: Option<String>,
+    pub tls_insecure_skip_verify: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

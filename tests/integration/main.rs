@@ -17,4 +17,5 @@ mod rollback;
 mod shutdown;
 mod sources;
 mod stuck;
+mod tls_peers;
 mod wakeup;

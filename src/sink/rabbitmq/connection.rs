@@ -12,8 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_core::Stream;
-use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
-use lapin::uri::AMQPUri;
+use lapin::uri::{AMQPScheme, AMQPUri};
 use lapin::{Connection, ConnectionProperties, Event};
 use prometheus::{IntCounter, IntGauge};
 use tokio::sync::{Notify, watch};
@@ -21,32 +20,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::backoff::Backoff;
-use crate::config::RabbitConfig;
+use crate::config::{AmqpTls, RabbitConfig};
 use crate::telemetry::ErrorChain;
-
-/// The CA bundle and client identity for amqps:// (empty: system roots).
-fn tls_config(config: &RabbitConfig) -> Result<OwnedTLSConfig, lapin::Error> {
-    let read = |path: &str| {
-        std::fs::read(path).map_err(|e| {
-            lapin::Error::from(std::io::Error::other(format!("cannot read {path:?}: {e}")))
-        })
-    };
-    let cert_chain = match &config.tls_ca_file {
-        Some(path) => Some(String::from_utf8_lossy(&read(path)?).into_owned()),
-        None => None,
-    };
-    let identity = match &config.tls_client {
-        Some((cert, key)) => Some(OwnedIdentity::PKCS8 {
-            pem: read(cert)?,
-            key: read(key)?,
-        }),
-        None => None,
-    };
-    Ok(OwnedTLSConfig {
-        identity,
-        cert_chain,
-    })
-}
+use crate::tls::Trust;
 
 /// Reconnect delays: quick first retry, then at most every 30 s.
 const RECONNECT: Backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
@@ -106,9 +82,23 @@ impl Broker {
         }
         let props = ConnectionProperties::default()
             .with_connection_name(config.connection_name.clone().into());
-        let tls = tls_config(config)?;
-        let runtime = lapin::runtime::default_runtime()?;
-        let connect = Connection::connect_uri_with_config(uri, props, tls, runtime);
+        // The scheme decides, not the settings: an amqps:// URL is never
+        // connected without TLS, even if its settings were somehow absent
+        // (then the system's roots are trusted).
+        let connect: std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send>> =
+            match uri.scheme {
+                AMQPScheme::AMQPS => {
+                    let tls = config.tls.clone().unwrap_or(AmqpTls {
+                        trust: Trust::SystemRoots,
+                        client: None,
+                    });
+                    Box::pin(async move { super::tls::connect(uri, props, &tls).await })
+                }
+                AMQPScheme::AMQP => {
+                    let runtime = lapin::runtime::default_runtime()?;
+                    Box::pin(Connection::connect_uri_with_runtime(uri, props, runtime))
+                }
+            };
         match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
             Ok(result) => result,
             Err(_) => Err(lapin::Error::from(std::io::Error::new(
@@ -165,6 +155,16 @@ impl Broker {
 
     /// Keeps a connection up until `stop` fires, then closes it cleanly.
     pub async fn run(self: Arc<Self>, stop: CancellationToken) {
+        if let Some(tls) = &self.config.tls
+            && tls.trust == Trust::Anyone
+        {
+            warn!(
+                broker = %self.config.display,
+                "rabbitmq TLS certificate verification is OFF (tls_insecure_skip_verify = true): \
+                 the connection is encrypted, but anyone on the network path can pose as the broker \
+                 and read the credentials; set tls_ca_file instead"
+            );
+        }
         let mut failures = 0u32;
         while !stop.is_cancelled() {
             let attempt = tokio::select! {
@@ -175,7 +175,7 @@ impl Broker {
                 Ok(conn) => {
                     failures = 0;
                     self.metrics.connects.inc();
-                    info!(broker = %self.config.display, "connected to rabbitmq");
+                    info!(broker = %self.config.describe(), "connected to rabbitmq");
                     self.watch(Arc::new(conn), &stop).await;
                 }
                 Err(err) => {

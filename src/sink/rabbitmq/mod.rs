@@ -2,13 +2,15 @@
 //!
 //! `connection.rs` keeps one connection up for the whole process,
 //! `publish.rs` sends a batch on a channel of its own, `confirm.rs` turns
-//! the broker's answers into [`super::Outcome`]s.
+//! the broker's answers into [`super::Outcome`]s, `tls.rs` does the TLS
+//! handshake of amqps:// itself.
 
 mod confirm;
 mod connection;
 mod frame;
 mod isolate;
 mod publish;
+mod tls;
 
 pub use connection::{Broker, BrokerMetrics};
 pub use publish::{BrokerUnavailable, Publisher, exchange_exists};
