@@ -9,6 +9,7 @@
 //! field they fill and are listed in `config/outboxd.toml`.
 
 mod interpolate;
+mod pg_url;
 mod rabbitmq;
 mod raw;
 mod secret;

@@ -4,10 +4,10 @@ use std::collections::HashSet;
 use std::str::FromStr;
 use std::time::Duration;
 
-use tokio_postgres::config::{Host, SslMode};
+use tokio_postgres::config::SslMode;
 
+use super::pg_url::{PgUrl, parse_pg};
 use super::raw::RawSource;
-use super::secret::scrub;
 use super::{Secret, Validator, in_range};
 use crate::backoff::Backoff;
 use crate::ident::TableName;
@@ -182,6 +182,10 @@ impl Validator<'_> {
         let database = url
             .as_ref()
             .and_then(|u| self.check(&k("database_url"), parse_pg(u.expose())));
+        let (url_sslmode, url_sslrootcert) = database
+            .as_ref()
+            .map(|d| (d.sslmode.clone(), d.sslrootcert.clone()))
+            .unwrap_or_default();
         let table = self
             .string_opt(&k("table"), raw.table)
             .unwrap_or_else(|| DEFAULT_TABLE.to_owned());
@@ -266,9 +270,8 @@ impl Validator<'_> {
         );
         let tls = self.pg_tls(
             &k,
-            raw.sslmode,
-            raw.sslrootcert,
-            database.as_ref().map(|(c, _)| c.get_ssl_mode()),
+            (raw.sslmode, raw.sslrootcert),
+            (url_sslmode, url_sslrootcert),
         );
         let max_message_bytes = self.check(
             &k("max_message_bytes"),
@@ -290,7 +293,11 @@ impl Validator<'_> {
                 format!("{c:?} must be 1 to {MAX_CHANNEL_BYTES} bytes (set notify_channel to a shorter name)"),
             );
         }
-        let (mut database, database_display) = database?;
+        let PgUrl {
+            config: mut database,
+            display: database_display,
+            ..
+        } = database?;
         let tls = tls?;
         // tokio-postgres insists on TLS when it is on, and skips it when off.
         database.ssl_mode(if tls == PgTls::Off {
@@ -325,18 +332,21 @@ impl Validator<'_> {
 }
 
 impl Validator<'_> {
-    /// `sslmode` (default: the URL's own, else prefer) and `sslrootcert`.
+    /// `sslmode` and `sslrootcert`, from the keys or from the connection
+    /// string (libpq's parameters of the same names); given in both places
+    /// they must agree. The default is prefer (no TLS, see `crate::tls`).
     fn pg_tls(
         &mut self,
         k: &dyn Fn(&str) -> String,
-        mode: Option<String>,
-        root: Option<String>,
-        from_url: Option<SslMode>,
+        (mode, root): (Option<String>, Option<String>),
+        (url_mode, url_root): (Option<String>, Option<String>),
     ) -> Option<PgTls> {
         let mode = self.string_opt(&k("sslmode"), mode);
         let root = self.string_opt(&k("sslrootcert"), root);
+        let mode = self.agree(&k("sslmode"), "sslmode", mode, url_mode)?;
+        let root = self.agree(&k("sslrootcert"), "sslrootcert", root, url_root)?;
         let mode = match mode.as_deref() {
-            Some("disable" | "prefer") => PgTls::Off,
+            None | Some("disable" | "prefer") => PgTls::Off,
             Some("require") => PgTls::Require,
             Some("verify-full") => PgTls::VerifyFull {
                 ca_file: root.clone(),
@@ -348,10 +358,6 @@ impl Validator<'_> {
                 );
                 return None;
             }
-            None => match from_url {
-                Some(SslMode::Require) => PgTls::Require,
-                _ => PgTls::Off,
-            },
         };
         if root.is_some() && !matches!(mode, PgTls::VerifyFull { .. }) {
             self.invalid(
@@ -365,6 +371,30 @@ impl Validator<'_> {
             &k("sslrootcert"),
             crate::tls::client_config(&mode).map(|_| mode),
         )
+    }
+
+    /// A setting given as a key and in the connection string: either one,
+    /// or both with the same value. `None` (with the error recorded) if
+    /// they differ.
+    fn agree(
+        &mut self,
+        key: &str,
+        name: &str,
+        from_key: Option<String>,
+        from_url: Option<String>,
+    ) -> Option<Option<String>> {
+        match (from_key, from_url) {
+            (Some(a), Some(b)) if a != b => {
+                self.invalid(
+                    key,
+                    format!(
+                        "{a:?} differs from the database_url's {name}={b:?}; give it in one place"
+                    ),
+                );
+                None
+            }
+            (a, b) => Some(a.or(b)),
+        }
     }
 }
 
@@ -406,32 +436,4 @@ fn check_exchange(name: &str) -> Result<(), String> {
         ));
     }
     Ok(())
-}
-
-/// Parses a PostgreSQL URL or key=value string and describes it without secrets.
-pub fn parse_pg(url: &str) -> Result<(tokio_postgres::Config, String), String> {
-    let mut config = tokio_postgres::Config::from_str(url).map_err(|e| {
-        format!(
-            "not a valid PostgreSQL connection string (expected postgres://user@host:5432/dbname): {}",
-            scrub(&e.to_string(), url)
-        )
-    })?;
-    if config.get_hosts().is_empty() {
-        return Err("names no host (expected postgres://user@host:5432/dbname)".to_owned());
-    }
-    if config.get_application_name().is_none() {
-        config.application_name("outboxd");
-    }
-    if config.get_connect_timeout().is_none() {
-        config.connect_timeout(Duration::from_secs(10));
-    }
-    let host = match &config.get_hosts()[0] {
-        Host::Tcp(h) => h.clone(),
-        Host::Unix(p) => p.display().to_string(),
-    };
-    let port = config.get_ports().first().copied().unwrap_or(5432);
-    let user = config.get_user().unwrap_or("(default user)");
-    let db = config.get_dbname().unwrap_or(user);
-    let display = format!("{host}:{port}/{db} as {user}");
-    Ok((config, display))
 }

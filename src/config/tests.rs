@@ -385,11 +385,43 @@ fn sslmode_comes_from_the_key_or_else_the_url() {
     // the URL's sslmode is used when the key is absent
     assert_eq!(tls("", "?sslmode=require"), PgTls::Require);
     assert_eq!(tls("", "?sslmode=disable"), PgTls::Off);
-    // the key wins over the URL
-    assert_eq!(tls("sslmode = \"disable\"", "?sslmode=require"), PgTls::Off);
+    // the key and the URL may both say it, if they agree
+    assert_eq!(
+        tls("sslmode = \"require\"", "?sslmode=require"),
+        PgTls::Require
+    );
+    // and must not disagree: the key used to win silently, so a URL's
+    // require could be downgraded to no TLS by a key elsewhere (issue 8)
+    let both = MINIMAL
+        .replace("/orders\"", "/orders?sslmode=require\"")
+        .replace(
+            "name = \"orders\"",
+            "name = \"orders\"\nsslmode = \"disable\"",
+        );
+    let msg = err(&both);
+    assert!(
+        msg.contains("source[0].sslmode")
+            && msg.contains("differs from the database_url's sslmode"),
+        "{msg}"
+    );
     assert_eq!(
         tls("sslmode = \"verify-full\"", ""),
         PgTls::VerifyFull { ca_file: None }
+    );
+    // libpq's verify-full and sslrootcert in the URL, which tokio-postgres
+    // does not know, become the source's TLS settings
+    assert_eq!(
+        tls("", "?sslmode=verify-full"),
+        PgTls::VerifyFull { ca_file: None }
+    );
+    let root = MINIMAL.replace(
+        "/orders\"",
+        "/orders?sslmode=verify-full&sslrootcert=/nonexistent/ca.pem\"",
+    );
+    let msg = err(&root);
+    assert!(
+        msg.contains("source[0].sslrootcert") && msg.contains("/nonexistent/ca.pem"),
+        "{msg}"
     );
 }
 
