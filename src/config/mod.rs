@@ -14,6 +14,7 @@ mod rabbitmq;
 mod raw;
 mod secret;
 mod source;
+mod toml_error;
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -121,8 +122,8 @@ impl Config {
         text: &str,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigError> {
-        let raw: RawConfig =
-            toml::from_str(text).map_err(|e| ConfigError::Syntax(e.to_string()))?;
+        let raw: RawConfig = toml::from_str(text)
+            .map_err(|e| ConfigError::Syntax(toml_error::describe(text, &e)))?;
         let mut v = Validator {
             env,
             errors: Vec::new(),

@@ -152,12 +152,37 @@ impl Validator<'_> {
     }
 }
 
+/// What to do about reserved characters in the user info of a URL.
+const ENCODE_HINT: &str = "percent-encode these characters in the user name and password: \
+     `@` as %40, `/` as %2F, `?` as %3F, `#` as %23, `%` as %25 (and `:` as %3A in the user name)";
+
 /// Validates an AMQP URL and describes it without its password; `true`
 /// for amqps:// (in any letter case).
 pub fn amqp_display(url: &str) -> Result<(String, bool), String> {
+    // The host part ends at the first `/`, `?` or `#`; two `@` in it mean
+    // one belongs to the password. The URL parser would take the last `@`
+    // (and so get it right), but other tools read the same URL differently:
+    // refuse it rather than guess. Nothing of the URL is echoed.
+    let after_scheme = url.split_once("://").map_or("", |(_, rest)| rest);
+    let authority = &after_scheme[..after_scheme
+        .find(['/', '?', '#'])
+        .unwrap_or(after_scheme.len())];
+    if authority.matches('@').count() > 1 {
+        return Err(format!(
+            "the user name or password contains an unencoded `@`; {ENCODE_HINT}"
+        ));
+    }
     let uri: AMQPUri = url.parse().map_err(|e: String| {
+        let hint = if after_scheme.len() > authority.len()
+            && after_scheme[authority.len()..].contains('@')
+        {
+            // `amqp://user:pa/ss@host`: the host part ended inside the password.
+            format!("; {ENCODE_HINT}")
+        } else {
+            String::new()
+        };
         format!(
-            "not a valid AMQP URL (expected amqp://user:password@host:5672/vhost): {}",
+            "not a valid AMQP URL (expected amqp://user:password@host:5672/vhost): {}{hint}",
             scrub(&e, url)
         )
     })?;
@@ -167,4 +192,46 @@ pub fn amqp_display(url: &str) -> Result<(String, bool), String> {
         a.host, a.port, uri.vhost, a.userinfo.username
     );
     Ok((display, uri.scheme == AMQPScheme::AMQPS))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_with_reserved_characters_in_the_password_are_refused_without_echo() {
+        let cases: [(&str, Result<&str, &str>); 6] = [
+            // an ordinary URL
+            (
+                "amqp://guest:guest@127.0.0.1:5672/%2f",
+                Ok("127.0.0.1:5672// as guest"),
+            ),
+            // an encoded `@` in the password is fine
+            ("amqps://guest:S3c%40ret7@h/v", Ok("h:5671/v as guest")),
+            // an `@` in a vhost (after the host part) is not ours to judge
+            ("amqp://g:g@h/v@x", Ok("h:5672/v@x as g")),
+            // an unencoded `@` in the password
+            (
+                "amqp://guest:S3c@ret7@127.0.0.1:5672/%2f",
+                Err("unencoded `@`"),
+            ),
+            // a `/` in the password cuts the host part short
+            ("amqp://guest:S3c/ret7@127.0.0.1/%2f", Err("`/` as %2F")),
+            // a `#` likewise
+            ("amqp://guest:S3c#ret7@127.0.0.1/%2f", Err("`#` as %23")),
+        ];
+        for (url, want) in cases {
+            match (amqp_display(url), want) {
+                (Ok((display, _)), Ok(want)) => assert_eq!(display, want, "{url}"),
+                (Err(msg), Err(needle)) => {
+                    assert!(msg.contains(needle), "{url}: {needle:?} not in {msg:?}");
+                    assert!(
+                        !msg.contains("S3c") && !msg.contains("ret7"),
+                        "{url}: {msg}"
+                    );
+                }
+                (got, want) => panic!("{url}: got {got:?}, want {want:?}"),
+            }
+        }
+    }
 }

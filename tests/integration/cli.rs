@@ -78,6 +78,93 @@ fn bad_configs_exit_non_zero_naming_the_key_and_the_source() {
     }
 }
 
+/// Issue 8, finding 5: a config error names the key and where it is, and
+/// never prints the secret that happens to be on that line or in that URL.
+#[test]
+fn config_errors_name_the_key_and_never_print_a_secret() {
+    const RABBIT: &str = "[rabbitmq]\nurl = \"amqp://guest:guest@127.0.0.1:5672/%2f\"\n";
+    const SOURCE: &str =
+        "[[source]]\nname = \"orders\"\ndatabase_url = \"postgres://root@127.0.0.1/x\"\n";
+    // (what, config, key named, secret)
+    let cases: [(&str, String, &str, &str); 8] = [
+        // junk after the value: toml used to quote the whole line
+        (
+            "junk after a url",
+            format!("[rabbitmq]\nurl = \"amqp://guest:TomlLeak1@127.0.0.1/%2f\" x\n{SOURCE}"),
+            "rabbitmq.url",
+            "TomlLeak1",
+        ),
+        // an unclosed quote
+        (
+            "unclosed quote",
+            format!("[rabbitmq]\nurl = \"amqp://guest:TomlLeak2@127.0.0.1/%2f\n{SOURCE}"),
+            "rabbitmq.url",
+            "TomlLeak2",
+        ),
+        // a misspelled key holding a URL
+        (
+            "misspelled key",
+            format!(
+                "{RABBIT}[[source]]\nname = \"orders\"\ndatabse_url = \"postgres://root:TomlLeak3@127.0.0.1/x\"\n"
+            ),
+            "databse_url",
+            "TomlLeak3",
+        ),
+        // serde quoted string values in type errors
+        (
+            "string for a number",
+            format!("{RABBIT}{SOURCE}batch_size = \"TomlLeak4\"\n"),
+            "source[0].batch_size",
+            "TomlLeak4",
+        ),
+        // an unencoded `@`: the host used to be `ret7@127.0.0.1`
+        (
+            "@ in a database password",
+            format!(
+                "{RABBIT}[[source]]\nname = \"orders\"\ndatabase_url = \"postgres://root:S3c@ret7@127.0.0.1/db\"\n"
+            ),
+            "source[0].database_url",
+            "ret7",
+        ),
+        // the same in the other half of that password
+        (
+            "@ in a database password, first half",
+            format!(
+                "{RABBIT}[[source]]\nname = \"orders\"\ndatabase_url = \"postgres://root:S3c@ret7@127.0.0.1/db\"\n"
+            ),
+            "%40",
+            "S3c",
+        ),
+        // an unencoded `@` in the broker's password
+        (
+            "@ in an amqp password",
+            format!("[rabbitmq]\nurl = \"amqp://guest:S3c@ret8@127.0.0.1:5672/%2f\"\n{SOURCE}"),
+            "rabbitmq.url",
+            "ret8",
+        ),
+        // a bad port in a URL that carries a password
+        (
+            "bad port",
+            format!(
+                "{RABBIT}[[source]]\nname = \"orders\"\ndatabase_url = \"postgres://root:TomlLeak5@127.0.0.1:5x/db\"\n"
+            ),
+            "invalid value for option `port`",
+            "TomlLeak5",
+        ),
+    ];
+    for (what, text, key, secret) in cases {
+        for cmd in ["run", "check", "migrate"] {
+            let (code, out, err) = run_to_end(&[cmd], &text);
+            assert_eq!(code, Some(2), "{what} / {cmd}: exit code, stderr: {err}");
+            assert!(err.contains(key), "{what} / {cmd}: {key:?} not in {err:?}");
+            assert!(
+                !out.contains(secret) && !err.contains(secret),
+                "{what} / {cmd}: {secret:?} leaked: {out}{err}"
+            );
+        }
+    }
+}
+
 #[tokio::test]
 async fn migrate_twice_changes_nothing() {
     let db = TestDb::empty("obx_migrate").await;
