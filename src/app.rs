@@ -70,8 +70,12 @@ pub async fn run(config: Config, drain: CancellationToken) -> Result<(), AppErro
             publisher,
             metrics.source(&cfg.name),
         ));
-        // A healthy loop turns at least once per poll interval.
-        let stuck_after = cfg.poll_interval * 3 + Duration::from_secs(10);
+        // A healthy loop turns at least once per poll interval. Saturating:
+        // the config bounds poll_interval, this is the second line of defence.
+        let stuck_after = cfg
+            .poll_interval
+            .saturating_mul(3)
+            .saturating_add(Duration::from_secs(10));
         health.push((src.health.clone(), stuck_after));
         helpers.spawn(source::wakeup::run(
             src.clone(),

@@ -20,13 +20,19 @@ pub struct TableName {
 
 impl TableName {
     /// Parses `table` or `schema.table`; the schema defaults to `public`.
+    /// Errors quote the whole value, not only the part that is wrong.
     pub fn parse(input: &str) -> Result<Self, String> {
         let (schema, table) = match input.split_once('.') {
+            Some((_, table)) if table.contains('.') => {
+                return Err(format!(
+                    "{input:?} has more than one `.`; write `table` or `schema.table`"
+                ));
+            }
             Some((schema, table)) => (schema, table),
             None => ("public", input),
         };
-        check_ident(schema).map_err(|e| format!("schema {e}"))?;
-        check_ident(table).map_err(|e| format!("table {e}"))?;
+        check_ident(schema).map_err(|e| format!("{input:?}: schema {e}"))?;
+        check_ident(table).map_err(|e| format!("{input:?}: table {e}"))?;
         Ok(Self {
             schema: schema.to_owned(),
             table: table.to_owned(),
@@ -136,8 +142,15 @@ mod tests {
             &"x".repeat(64),
         ];
         for case in cases {
-            assert!(TableName::parse(case).is_err(), "accepted {case:?}");
+            let err = TableName::parse(case).expect_err(case);
+            // the message quotes the whole value, not just the bad part
+            assert!(err.contains(&format!("{case:?}")), "{case:?}: {err}");
         }
+        assert!(
+            TableName::parse("a.b.c")
+                .unwrap_err()
+                .contains("more than one `.`")
+        );
     }
 
     #[test]

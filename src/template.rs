@@ -113,6 +113,17 @@ impl Template {
         })
     }
 
+    /// Bytes of fixed text: every key rendered from it is at least this long.
+    pub fn literal_len(&self) -> usize {
+        self.parts
+            .iter()
+            .map(|p| match p {
+                Part::Literal(text) => text.len(),
+                Part::Field(_) => 0,
+            })
+            .sum()
+    }
+
     /// True when the template has no placeholders (its output never varies).
     pub fn is_constant(&self) -> bool {
         self.parts.iter().all(|p| matches!(p, Part::Literal(_)))
@@ -196,6 +207,23 @@ mod tests {
             Template::parse("{}"),
             Err(TemplateError::UnknownPlaceholder(_))
         ));
+    }
+
+    #[test]
+    fn counts_its_fixed_text() {
+        let cases = [
+            // only a placeholder
+            ("{event_type}", 0),
+            // two literal bytes around two placeholders
+            ("{aggregate_type}.{event_type}", 1),
+            // escaped braces count once each
+            ("{{x}}", 3),
+            // multi-byte characters count in bytes, as AMQP does
+            ("é.{source}", 3),
+        ];
+        for (tpl, want) in cases {
+            assert_eq!(Template::parse(tpl).unwrap().literal_len(), want, "{tpl}");
+        }
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! Substitution happens after TOML parsing, on each string value, so a
 //! variable holding quotes or newlines cannot change the structure of the
 //! file. `${VAR:-default}` uses `default` when `VAR` is unset or empty (the
-//! default cannot contain `}`). `$${` is a literal `${`. A variable that is
+//! default cannot contain `}` or a `${`). `$${` is a literal `${`. A variable that is
 //! not set and has no default is an error that names both the variable and
 //! the config key it was found in.
 
@@ -41,6 +41,14 @@ pub fn interpolate(
                     key: key.to_owned(),
                     reason: format!(
                         "`${{{name}}}` is not a valid variable name (letters, digits and `_`, not starting with a digit)"
+                    ),
+                });
+            }
+            if default.is_some_and(|d| d.contains("${")) {
+                return Err(ConfigError::Invalid {
+                    key: key.to_owned(),
+                    reason: format!(
+                        "nested `${{` in the default of `${{{name}:-…}}` is not supported; write the default literally"
                     ),
                 });
             }
@@ -136,6 +144,15 @@ mod tests {
         assert!(interpolate("${1A}", "k", &env).is_err());
         // spaces are not allowed in a name
         assert!(interpolate("${A B}", "k", &env).is_err());
+        // a variable in a default is not supported, and says so (it used
+        // to leave a literal `${V}` behind, then an unrelated parse error)
+        let err = interpolate("${U:-${V}}", "k", &env)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("nested `${`") && err.contains("`${U:-…}`"),
+            "{err}"
+        );
     }
 }
 

@@ -34,6 +34,43 @@ pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9187";
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default interval of the backlog query behind `outboxd_pending_messages`.
 pub const DEFAULT_BACKLOG_INTERVAL: Duration = Duration::from_secs(5);
+/// Allowed `metrics.backlog_interval`: one `count(*)` per source each time.
+pub const BACKLOG_INTERVAL_RANGE: Range = Range::new(Duration::from_millis(100), HOUR);
+/// Allowed `shutdown.drain_timeout` (0: abandon in-flight batches at once).
+pub const DRAIN_TIMEOUT_RANGE: Range = Range::new(Duration::ZERO, HOUR);
+/// The most a `*_file` secret may hold: a URL is never that long, and a
+/// file like `/dev/zero` must not be read until memory runs out.
+pub const MAX_SECRET_FILE_BYTES: u64 = 64 * 1024;
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+/// The values a duration setting may take. Below `min` it cannot work (a
+/// 1 ns confirm timeout fails every message); above `max` it is a mistake
+/// that would also overflow the arithmetic done on it
+/// (`poll_interval * 3` panicked for `"18446744073709551615s"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Range {
+    pub min: Duration,
+    pub max: Duration,
+}
+
+impl Range {
+    pub const fn new(min: Duration, max: Duration) -> Self {
+        Self { min, max }
+    }
+
+    fn check(&self, value: Duration, text: &str) -> Result<Duration, String> {
+        if (self.min..=self.max).contains(&value) {
+            Ok(value)
+        } else {
+            Err(format!(
+                "must be between {} and {}, got {text:?}",
+                humantime::format_duration(self.min),
+                humantime::format_duration(self.max)
+            ))
+        }
+    }
+}
 
 /// The validated configuration.
 #[derive(Debug, Clone)]
@@ -163,10 +200,18 @@ impl Validator<'_> {
             }),
         );
         let backlog_interval = self
-            .duration_opt("metrics.backlog_interval", raw.metrics.backlog_interval)
+            .duration_in(
+                "metrics.backlog_interval",
+                raw.metrics.backlog_interval,
+                BACKLOG_INTERVAL_RANGE,
+            )
             .unwrap_or(DEFAULT_BACKLOG_INTERVAL);
         let drain_timeout = self
-            .duration_opt("shutdown.drain_timeout", raw.shutdown.drain_timeout)
+            .duration_in(
+                "shutdown.drain_timeout",
+                raw.shutdown.drain_timeout,
+                DRAIN_TIMEOUT_RANGE,
+            )
             .unwrap_or(DEFAULT_DRAIN_TIMEOUT);
         let rabbitmq = match raw.rabbitmq {
             Some(r) => self.rabbitmq(r),
@@ -220,9 +265,11 @@ impl Validator<'_> {
         self.check(key, value.parse())
     }
 
-    fn duration_opt(&mut self, key: &str, value: Option<String>) -> Option<Duration> {
+    /// A duration within `range`, if the key is set (and valid).
+    fn duration_in(&mut self, key: &str, value: Option<String>, range: Range) -> Option<Duration> {
         let value = self.string_opt(key, value)?;
-        self.check(key, parse_duration(&value))
+        let parsed = self.check(key, parse_duration(&value))?;
+        self.check(key, range.check(parsed, &value))
     }
 
     /// A secret given either inline (`key`) or as a file (`key_file`), never both.
@@ -238,17 +285,18 @@ impl Validator<'_> {
                 self.invalid(key, "give the value or its `_file` variant, not both");
                 None
             }
-            (Some(v), None) => self.string_opt(key, Some(v)).map(Secret::new),
+            (Some(v), None) => {
+                let v = self.string_opt(key, Some(v))?;
+                if v.is_empty() {
+                    self.invalid(key, "is empty");
+                    return None;
+                }
+                Some(Secret::new(v))
+            }
             (None, Some(path)) => {
                 let path = self.string_opt(file_key, Some(path))?;
-                match std::fs::read_to_string(&path) {
-                    // Mounted secrets usually end in a newline that is not part of the value.
-                    Ok(v) => Some(Secret::new(v.trim_end_matches(['\n', '\r']).to_owned())),
-                    Err(e) => {
-                        self.invalid(file_key, format!("cannot read {path:?}: {e}"));
-                        None
-                    }
-                }
+                let value = self.check(file_key, read_secret_file(&path))?;
+                Some(Secret::new(value))
             }
             (None, None) => {
                 self.invalid(key, "missing (set it, or its `_file` variant)");
@@ -256,6 +304,30 @@ impl Validator<'_> {
             }
         }
     }
+}
+
+/// A `*_file` secret: at most [`MAX_SECRET_FILE_BYTES`] of UTF-8 text,
+/// not empty once the trailing newline that mounted secrets usually end in
+/// is removed. Errors name the file, never its content.
+fn read_secret_file(path: &str) -> Result<String, String> {
+    use std::io::Read;
+    let file = std::fs::File::open(path).map_err(|e| format!("cannot read {path:?}: {e}"))?;
+    let mut bytes = Vec::new();
+    file.take(MAX_SECRET_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("cannot read {path:?}: {e}"))?;
+    if bytes.len() as u64 > MAX_SECRET_FILE_BYTES {
+        return Err(format!(
+            "{path:?} holds more than {} KiB; a URL is never that long (is it the right file?)",
+            MAX_SECRET_FILE_BYTES / 1024
+        ));
+    }
+    let text = String::from_utf8(bytes).map_err(|_| format!("{path:?} is not UTF-8 text"))?;
+    let value = text.trim_end_matches(['\n', '\r']);
+    if value.is_empty() {
+        return Err(format!("{path:?} is empty"));
+    }
+    Ok(value.to_owned())
 }
 
 /// Parses "250ms", "30s", "5m", "7d" and the like.

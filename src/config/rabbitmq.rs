@@ -6,11 +6,20 @@ use lapin::uri::{AMQPScheme, AMQPUri};
 
 use super::raw::RawRabbit;
 use super::secret::scrub;
-use super::{Secret, Validator};
+use super::{Range, Secret, Validator};
 use crate::tls::{Trust, tls_client_config};
 
 /// How long a batch waits for the broker's confirms before it counts them as failed.
 pub const DEFAULT_CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
+/// Allowed `confirm_timeout`: below a second, confirms that are merely a
+/// little slow count as failures and every batch is sent again (1 ns made
+/// 373 duplicates of 500 rows).
+pub const CONFIRM_TIMEOUT_RANGE: Range =
+    Range::new(Duration::from_secs(1), Duration::from_secs(3600));
+/// `connection_name` is sent as a client property; RabbitMQ resets a
+/// connection whose properties are huge, so the name is kept to what an
+/// AMQP short string holds.
+pub const MAX_CONNECTION_NAME_BYTES: usize = 255;
 
 #[derive(Debug, Clone)]
 pub struct RabbitConfig {
@@ -63,14 +72,24 @@ impl Validator<'_> {
     pub(super) fn rabbitmq(&mut self, raw: RawRabbit) -> Option<RabbitConfig> {
         let url = self.secret("rabbitmq.url", "rabbitmq.url_file", raw.url, raw.url_file);
         let confirm_timeout = self
-            .duration_opt("rabbitmq.confirm_timeout", raw.confirm_timeout)
+            .duration_in(
+                "rabbitmq.confirm_timeout",
+                raw.confirm_timeout,
+                CONFIRM_TIMEOUT_RANGE,
+            )
             .unwrap_or(DEFAULT_CONFIRM_TIMEOUT);
-        if confirm_timeout.is_zero() {
-            self.invalid("rabbitmq.confirm_timeout", "must be greater than zero");
-        }
         let connection_name = self
             .string_opt("rabbitmq.connection_name", raw.connection_name)
             .unwrap_or_else(|| "outboxd".to_owned());
+        if connection_name.len() > MAX_CONNECTION_NAME_BYTES {
+            self.invalid(
+                "rabbitmq.connection_name",
+                format!(
+                    "is {} bytes long; at most {MAX_CONNECTION_NAME_BYTES} (the broker resets connections with huge client properties)",
+                    connection_name.len()
+                ),
+            );
+        }
         let tls_ca_file = self.string_opt("rabbitmq.tls_ca_file", raw.tls_ca_file);
         let cert = self.string_opt("rabbitmq.tls_cert_file", raw.tls_cert_file);
         let key = self.string_opt("rabbitmq.tls_key_file", raw.tls_key_file);

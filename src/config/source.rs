@@ -8,7 +8,7 @@ use tokio_postgres::config::SslMode;
 
 use super::pg_url::{PgUrl, parse_pg};
 use super::raw::RawSource;
-use super::{Secret, Validator, in_range};
+use super::{Range, Secret, Validator, in_range};
 use crate::backoff::Backoff;
 use crate::ident::TableName;
 use crate::template::Template;
@@ -20,9 +20,21 @@ pub const DEFAULT_BATCH_SIZE: i64 = 500;
 pub const MAX_BATCH_SIZE: i64 = 10_000;
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(1);
 pub const MIN_POLL_INTERVAL: Duration = Duration::from_millis(10);
+/// Allowed `poll_interval` (a healthy loop turns once per interval, and
+/// `/healthz` allows three of them).
+pub const POLL_INTERVAL_RANGE: Range = Range::new(MIN_POLL_INTERVAL, HOUR);
 pub const DEFAULT_MAX_IN_FLIGHT: i64 = 4;
 pub const DEFAULT_RETRY_INITIAL: Duration = Duration::from_secs(1);
 pub const DEFAULT_RETRY_MAX: Duration = Duration::from_secs(300);
+/// Allowed `retry_initial` and `retry_max`: a row's next try is
+/// `available_at = now() + delay`, which must stay a sane timestamp.
+pub const RETRY_RANGE: Range = Range::new(Duration::from_millis(1), Duration::from_secs(24 * 3600));
+/// Allowed `retention`: up to 100 years (36,525 days), well inside what `now() - interval`
+/// can compute in PostgreSQL (whose timestamps end 4713 BC).
+pub const RETENTION_RANGE: Range = Range::new(Duration::ZERO, Duration::from_secs(36_525 * 86_400));
+/// AMQP short strings (routing keys) are at most 255 bytes.
+const MAX_ROUTING_KEY_BYTES: usize = 255;
+const HOUR: Duration = Duration::from_secs(3600);
 pub const DEFAULT_MAX_ATTEMPTS: i64 = 10;
 /// 16 MiB: well under RabbitMQ's own limit (128 MiB in 3.10), and messages
 /// that size are usually a mistake.
@@ -199,7 +211,9 @@ impl Validator<'_> {
             .unwrap_or_else(|| DEFAULT_ROUTING_KEY.to_owned());
         let routing_key = self.check(
             &k("routing_key"),
-            Template::parse(&routing_key).map_err(|e| e.to_string()),
+            Template::parse(&routing_key)
+                .map_err(|e| e.to_string())
+                .and_then(check_routing_key),
         );
         let batch_size = self.check(
             &k("batch_size"),
@@ -210,18 +224,12 @@ impl Validator<'_> {
             ),
         );
         let poll_interval = self
-            .duration_opt(&k("poll_interval"), raw.poll_interval)
+            .duration_in(&k("poll_interval"), raw.poll_interval, POLL_INTERVAL_RANGE)
             .unwrap_or(DEFAULT_POLL_INTERVAL);
-        if poll_interval < MIN_POLL_INTERVAL {
-            self.invalid(
-                &k("poll_interval"),
-                format!("must be at least {MIN_POLL_INTERVAL:?}"),
-            );
-        }
         let after_publish = self
             .parse_opt(&k("after_publish"), raw.after_publish)
             .unwrap_or(AfterPublish::Delete);
-        let retention = self.duration_opt(&k("retention"), raw.retention);
+        let retention = self.duration_in(&k("retention"), raw.retention, RETENTION_RANGE);
         if retention.is_some() && after_publish == AfterPublish::Delete {
             self.invalid(
                 &k("retention"),
@@ -253,10 +261,10 @@ impl Validator<'_> {
             in_range(raw.pool_size.unwrap_or(default_pool), 1, 256),
         );
         let retry_initial = self
-            .duration_opt(&k("retry_initial"), raw.retry_initial)
+            .duration_in(&k("retry_initial"), raw.retry_initial, RETRY_RANGE)
             .unwrap_or(DEFAULT_RETRY_INITIAL);
         let retry_max = self
-            .duration_opt(&k("retry_max"), raw.retry_max)
+            .duration_in(&k("retry_max"), raw.retry_max, RETRY_RANGE)
             .unwrap_or(DEFAULT_RETRY_MAX);
         if retry_initial.is_zero() || retry_initial > retry_max {
             self.invalid(
@@ -417,6 +425,23 @@ fn check_name(name: &str) -> Result<(), String> {
              (it becomes a metrics label and a message header)"
         ))
     }
+}
+
+/// A routing-key template whose fixed text alone is too long for AMQP
+/// would make every row that uses it a bad row.
+fn check_routing_key(template: Template) -> Result<Template, String> {
+    let fixed = template.literal_len();
+    if fixed <= MAX_ROUTING_KEY_BYTES {
+        return Ok(template);
+    }
+    let what = if template.is_constant() {
+        "is"
+    } else {
+        "has fixed text of"
+    };
+    Err(format!(
+        "{what} {fixed} bytes; AMQP routing keys are at most {MAX_ROUTING_KEY_BYTES} bytes, so every row using it would be parked"
+    ))
 }
 
 /// RabbitMQ's own rule for exchange names.

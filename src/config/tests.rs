@@ -534,3 +534,177 @@ fn amqps_urls_always_get_tls_settings_and_amqp_urls_never() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `MINIMAL` with `line` added to the `[[source]]`.
+fn with_source_line(line: &str) -> String {
+    MINIMAL.replace("name = \"orders\"", &format!("name = \"orders\"\n{line}"))
+}
+
+/// `MINIMAL` with `line` added to `[rabbitmq]`.
+fn with_rabbit_line(line: &str) -> String {
+    MINIMAL.replace("[rabbitmq]\n", &format!("[rabbitmq]\n{line}\n"))
+}
+
+#[test]
+fn values_that_cannot_work_are_rejected_with_the_key_and_a_reason() {
+    let long_literal = "x".repeat(300);
+    let cases: Vec<(&str, String, &[&str])> = vec![
+        // u64::MAX seconds: parsed fine, then `poll_interval * 3` panicked
+        (
+            "endless poll",
+            with_source_line("poll_interval = \"18446744073709551615s\""),
+            &["source[0].poll_interval", "between 10ms and 1h"],
+        ),
+        // below the floor
+        (
+            "tiny poll",
+            with_source_line("poll_interval = \"1ms\""),
+            &["source[0].poll_interval", "between 10ms and 1h"],
+        ),
+        // 1 ns timed out every confirm: 373 duplicates of 500 rows
+        (
+            "nanosecond confirm",
+            with_rabbit_line("confirm_timeout = \"1ns\""),
+            &["rabbitmq.confirm_timeout", "between 1s and 1h", "\"1ns\""],
+        ),
+        // a drain longer than any orchestrator waits
+        (
+            "drain",
+            format!("[shutdown]\ndrain_timeout = \"1000h\"\n{MINIMAL}"),
+            &["shutdown.drain_timeout", "between 0s and 1h"],
+        ),
+        // a count(*) per source every millisecond
+        (
+            "backlog",
+            format!("[metrics]\nbacklog_interval = \"1ms\"\n{MINIMAL}"),
+            &["metrics.backlog_interval", "between 100ms and 1h"],
+        ),
+        // a retry delay that pushes available_at out of PostgreSQL's range
+        (
+            "retry max",
+            with_source_line("retry_max = \"400000000000s\""),
+            &["source[0].retry_max", "between 1ms and 1day"],
+        ),
+        // beyond what `now() - interval` can compute
+        (
+            "retention",
+            with_source_line("after_publish = \"mark\"\nretention = \"200years\""),
+            &["source[0].retention", "100years"],
+        ),
+        // a constant routing key no broker accepts: every row parked
+        (
+            "long constant routing key",
+            with_source_line(&format!("routing_key = \"{long_literal}\"")),
+            &["source[0].routing_key", "is 300 bytes", "at most 255"],
+        ),
+        // the fixed part alone is too long, whatever the placeholder holds
+        (
+            "long literal part",
+            with_source_line(&format!("routing_key = \"{{event_type}}.{long_literal}\"")),
+            &["source[0].routing_key", "fixed text of 301 bytes"],
+        ),
+        // the broker resets a connection with a huge client property
+        (
+            "connection name",
+            with_rabbit_line(&format!("connection_name = \"{long_literal}\"")),
+            &["rabbitmq.connection_name", "300 bytes", "at most 255"],
+        ),
+        // an empty URL used to be "names no host"
+        (
+            "empty url",
+            MINIMAL.replace("postgres://root@127.0.0.1:5432/orders", ""),
+            &["source[0].database_url", "is empty"],
+        ),
+        // a variable in a default used to leave `${V}` behind
+        (
+            "nested default",
+            MINIMAL.replace("postgres://root@127.0.0.1:5432/orders", "${U:-${V}}"),
+            &["source[0].database_url", "nested `${`"],
+        ),
+        // a parameter tokio-postgres does not know: named
+        (
+            "unknown parameter",
+            MINIMAL.replace("/orders\"", "/orders?foo=1\""),
+            &[
+                "source[0].database_url",
+                "unknown connection string parameter `foo`",
+            ],
+        ),
+        // a port that is not a number: tokio-postgres' own cause
+        (
+            "bad port",
+            MINIMAL.replace(
+                "postgres://root@127.0.0.1:5432/orders",
+                "host=127.0.0.1 port=5x",
+            ),
+            &["source[0].database_url", "invalid value for option `port`"],
+        ),
+        // three parts: the whole value is named
+        (
+            "three-part table",
+            with_source_line("table = \"a.b.c\""),
+            &["source[0].table", "\"a.b.c\"", "more than one `.`"],
+        ),
+    ];
+    for (what, text, needles) in cases {
+        let msg = err(&text);
+        for needle in needles {
+            assert!(msg.contains(needle), "{what}: {needle:?} not in {msg:?}");
+        }
+    }
+    // the bounds themselves are accepted
+    for line in [
+        "poll_interval = \"10ms\"",
+        "poll_interval = \"1h\"",
+        "retry_max = \"1day\"",
+        "after_publish = \"mark\"\nretention = \"100years\"",
+        &format!("routing_key = \"{}\"", "k".repeat(255)),
+    ] {
+        load(&with_source_line(line)).unwrap_or_else(|e| panic!("{line}: {e}"));
+    }
+    load(&with_rabbit_line("confirm_timeout = \"1s\"")).unwrap();
+    load(&with_rabbit_line(&format!(
+        "connection_name = \"{}\"",
+        "n".repeat(255)
+    )))
+    .unwrap();
+}
+
+#[test]
+fn secret_files_must_hold_a_little_utf8_text() {
+    let dir = std::env::temp_dir().join(format!("outboxd-secret-files-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = |name: &str, bytes: &[u8]| {
+        let path = dir.join(name);
+        std::fs::write(&path, bytes).unwrap();
+        path.display().to_string()
+    };
+    let cases = [
+        // empty: used to be "names no host"
+        (file("empty", b""), "is empty"),
+        // only the newline a mounted secret ends in
+        (file("newline", b"\n"), "is empty"),
+        // not text
+        (
+            file("binary", b"postgres://root:\xff\xfe@h/d"),
+            "is not UTF-8 text",
+        ),
+        // a megabyte: more than any URL
+        (file("huge", &vec![b'a'; 1 << 20]), "more than 64 KiB"),
+        // endless: read only up to the cap, not until memory runs out
+        ("/dev/zero".to_owned(), "more than 64 KiB"),
+    ];
+    for (path, needle) in cases {
+        let text = MINIMAL.replace(
+            "database_url = \"postgres://root@127.0.0.1:5432/orders\"",
+            &format!("database_url_file = {path:?}"),
+        );
+        let msg = err(&text);
+        assert!(
+            msg.contains("source[0].database_url_file") && msg.contains(needle),
+            "{path}: {needle:?} not in {msg:?}"
+        );
+        assert!(!msg.contains("root:"), "{path}: content leaked in {msg:?}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -12,7 +12,8 @@ const OK_SOURCE: &str = "[rabbitmq]\nurl = \"amqp://guest:guest@127.0.0.1:5672/%
 
 #[test]
 fn bad_configs_exit_non_zero_naming_the_key_and_the_source() {
-    let cases: [(&str, String, &[&str]); 8] = [
+    let long = "x".repeat(300);
+    let cases: [(&str, String, &[&str]); 17] = [
         ("syntax", "[rabbitmq\n".into(), &["line 1"]),
         (
             "unknown key",
@@ -54,6 +55,62 @@ fn bad_configs_exit_non_zero_naming_the_key_and_the_source() {
             "hostile table",
             format!("{OK_SOURCE}table = 'outbox\"; DROP TABLE x; --'\n"),
             &["source[0].table", "\"orders\""],
+        ),
+        // Issue 8, finding 7: values that cannot work. This one panicked
+        // (exit 101) multiplying the duration.
+        (
+            "endless poll interval",
+            format!("{OK_SOURCE}poll_interval = \"18446744073709551615s\"\n"),
+            &["source[0].poll_interval", "between 10ms and 1h"],
+        ),
+        (
+            "nanosecond confirm timeout",
+            OK_SOURCE.replace("[rabbitmq]\n", "[rabbitmq]\nconfirm_timeout = \"1ns\"\n"),
+            &["rabbitmq.confirm_timeout", "between 1s and 1h"],
+        ),
+        (
+            "constant routing key too long",
+            format!("{OK_SOURCE}routing_key = \"{long}\"\n"),
+            &["source[0].routing_key", "300 bytes"],
+        ),
+        (
+            "connection name too long",
+            OK_SOURCE.replace(
+                "[rabbitmq]\n",
+                &format!("[rabbitmq]\nconnection_name = \"{long}\"\n"),
+            ),
+            &["rabbitmq.connection_name", "300 bytes"],
+        ),
+        (
+            "retention beyond PostgreSQL",
+            format!("{OK_SOURCE}after_publish = \"mark\"\nretention = \"500years\"\n"),
+            &["source[0].retention", "100years"],
+        ),
+        (
+            "endless secret file",
+            OK_SOURCE.replace(
+                "database_url = \"postgres://root@127.0.0.1/x\"",
+                "database_url_file = \"/dev/zero\"",
+            ),
+            &["source[0].database_url_file", "more than 64 KiB"],
+        ),
+        (
+            "unknown url parameter",
+            OK_SOURCE.replace("127.0.0.1/x", "127.0.0.1/x?sslmod=require"),
+            &[
+                "source[0].database_url",
+                "unknown connection string parameter `sslmod`",
+            ],
+        ),
+        (
+            "nested default",
+            OK_SOURCE.replace("postgres://root@127.0.0.1/x", "${U:-${V}}"),
+            &["source[0].database_url", "nested `${`"],
+        ),
+        (
+            "three-part table",
+            format!("{OK_SOURCE}table = \"a.b.c\"\n"),
+            &["source[0].table", "\"a.b.c\""],
         ),
     ];
     for (what, text, needles) in cases {

@@ -34,7 +34,12 @@ pub(super) async fn collect(
     timeout: Duration,
     outcomes: &mut [Outcome],
 ) -> ChannelEnd {
-    let deadline = Instant::now() + timeout;
+    // The config bounds the timeout; a year stands in for "never" should
+    // an unbounded one reach here (Instant + Duration panics on overflow).
+    let now = Instant::now();
+    let deadline = now
+        .checked_add(timeout)
+        .unwrap_or_else(|| now + Duration::from_secs(365 * 86_400));
     let mut end = ChannelEnd::Healthy;
     for (index, confirm) in pending {
         outcomes[index] = match tokio::time::timeout_at(deadline, confirm).await {
