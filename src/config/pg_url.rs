@@ -74,8 +74,9 @@ const UNSUPPORTED: [&str; 16] = [
     "client_encoding",
 ];
 
-const AT_SIGN: &str = "the host part contains `@`: in a postgres:// URL an `@` in the user name \
-     or password must be percent-encoded as %40 (and `%` as %25); or use the keyword form \
+const AT_SIGN: &str = "the URL's `@` is not where it can only end the user name and password: \
+     in a postgres:// URL percent-encode `@` as %40, `/` as %2F, `?` as %3F and `%` as %25 \
+     in the user name and password (and `@` anywhere else); or use the keyword form \
      (host=… user=… password='…')";
 
 /// Parses a PostgreSQL URL or keyword string and describes it without secrets.
@@ -174,13 +175,16 @@ fn check_param(key: &str) -> Result<(), String> {
 /// tokio-postgres, which takes the user info up to the first `@`.
 fn split_url(url: &str, after_scheme: &str) -> Result<(String, Vec<(String, String)>), String> {
     let scheme_len = url.len() - after_scheme.len();
-    let host_start = after_scheme.find('@').map_or(0, |at| at + 1);
-    let host_end = after_scheme[host_start..]
-        .find(['/', '?'])
-        .map_or(after_scheme.len(), |i| host_start + i);
-    if after_scheme[host_start..host_end].contains('@') {
+    // tokio-postgres ends the user info at the first `@` anywhere, libpq at
+    // the first `@` or `/`. They agree, and no piece of a password can end
+    // up as the host (which is logged), only with at most one `@`, before
+    // any `/` or `?`.
+    let first_separator = after_scheme.find(['/', '?']).unwrap_or(after_scheme.len());
+    let at = after_scheme.find('@');
+    if after_scheme.matches('@').count() > 1 || at.is_some_and(|at| at > first_separator) {
         return Err(AT_SIGN.to_owned());
     }
+    let host_start = at.map_or(0, |at| at + 1);
     let Some(q) = after_scheme[host_start..].find('?').map(|i| host_start + i) else {
         return Ok((url.to_owned(), Vec::new()));
     };
@@ -243,6 +247,17 @@ fn keywords(text: &str) -> Result<Vec<(String, String)>, String> {
                 } else {
                     value.push(c);
                 }
+            }
+            // `user= password=x`: libpq skips the blank after `=`, so the
+            // user name would be "password=x", and it is logged.
+            if let Some((name, _)) = value.split_once('=')
+                && (KNOWN.contains(&name) || UNSUPPORTED.contains(&name))
+            {
+                return Err(format!(
+                    "the value of `{}` starts with `{name}=`; write an empty value as {}=''",
+                    printable_key(&key),
+                    printable_key(&key)
+                ));
             }
         }
         out.push((key, value));
@@ -337,8 +352,13 @@ mod tests {
                 Some("require"),
                 None,
             ),
-            // a `?` and `/` in the password are fine (the user info ends at `@`)
-            ("postgres://u:p%3Fa/s?s@h/db", "h:5432/db as u", None, None),
+            // a `?` and `/` in the password, encoded
+            (
+                "postgres://u:p%3Fa%2Fs%3Fs@h/db",
+                "h:5432/db as u",
+                None,
+                None,
+            ),
             // an encoded `@` in the password
             (
                 "postgres://root:S3c%40ret7@127.0.0.1/db",
@@ -378,11 +398,19 @@ mod tests {
 
     #[test]
     fn mistakes_name_their_cause_and_never_a_secret() {
-        let cases: [(&str, &str); 10] = [
+        let cases: [(&str, &str); 14] = [
             // an unencoded `@` in the password: the host would be `ret7@127.0.0.1`
             ("postgres://root:S3c@ret7@127.0.0.1/db", "%40"),
             // the same without a password separator
-            ("postgresql://S3c@ret7@h:5432/db", "must be percent-encoded"),
+            ("postgresql://S3c@ret7@h:5432/db", "encode `@` as %40"),
+            // a password starting with `@` and holding a `/`: its end
+            // would have been the host
+            ("postgres://:@S3c/@127.0.0.1/db", "%2F"),
+            // an `@` in a parameter without user info: tokio-postgres would
+            // take everything before it as the user name
+            ("postgres://h/db?password=S3c@ret7", "encode `@` as %40"),
+            // an unencoded `/` in a password: libpq would stop there
+            ("postgres://u:S3c/ret7@h/db", "`/` as %2F"),
             // a parameter nobody has
             (
                 "postgres://root@h/db?sslmod=require",
@@ -405,6 +433,12 @@ mod tests {
             ("postgres://h/db?S3cret", "has no `=`"),
             // no host at all
             ("dbname=x", "names no host"),
+            // an empty value followed by a blank: the next pair would
+            // become the value (a user name of "password=S3cret", logged)
+            (
+                "host=h user= password=S3cret",
+                "write an empty value as user=''",
+            ),
         ];
         for (input, needle) in cases {
             let msg = parse_pg(input).map(|_| ()).unwrap_err();

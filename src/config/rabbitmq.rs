@@ -178,30 +178,29 @@ const ENCODE_HINT: &str = "percent-encode these characters in the user name and 
 /// Validates an AMQP URL and describes it without its password; `true`
 /// for amqps:// (in any letter case).
 pub fn amqp_display(url: &str) -> Result<(String, bool), String> {
-    // The host part ends at the first `/`, `?` or `#`; two `@` in it mean
-    // one belongs to the password. The URL parser would take the last `@`
-    // (and so get it right), but other tools read the same URL differently:
-    // refuse it rather than guess. Nothing of the URL is echoed.
+    // The URL parser takes the host part to end at the first `/`, `?` or
+    // `#`, and the user info to end at the last `@` before that. A password
+    // with an unencoded `@`, `/`, `?` or `#` is then read wrongly, and a
+    // piece of it can become the host or the port, which are logged. So:
+    // exactly one `@` if any, and inside the host part. Nothing of the URL
+    // is echoed.
     let after_scheme = url.split_once("://").map_or("", |(_, rest)| rest);
     let authority = &after_scheme[..after_scheme
         .find(['/', '?', '#'])
         .unwrap_or(after_scheme.len())];
-    if authority.matches('@').count() > 1 {
+    if after_scheme.matches('@').count() > 1 {
         return Err(format!(
-            "the user name or password contains an unencoded `@`; {ENCODE_HINT}"
+            "the URL has more than one `@` (write an `@` in the vhost as %40); {ENCODE_HINT}"
+        ));
+    }
+    if !authority.contains('@') && after_scheme.contains('@') {
+        return Err(format!(
+            "the host part ends before the URL's `@`; {ENCODE_HINT}"
         ));
     }
     let uri: AMQPUri = url.parse().map_err(|e: String| {
-        let hint = if after_scheme.len() > authority.len()
-            && after_scheme[authority.len()..].contains('@')
-        {
-            // `amqp://user:pa/ss@host`: the host part ended inside the password.
-            format!("; {ENCODE_HINT}")
-        } else {
-            String::new()
-        };
         format!(
-            "not a valid AMQP URL (expected amqp://user:password@host:5672/vhost): {}{hint}",
+            "not a valid AMQP URL (expected amqp://user:password@host:5672/vhost): {}",
             scrub(&e, url)
         )
     })?;
@@ -219,7 +218,7 @@ mod tests {
 
     #[test]
     fn urls_with_reserved_characters_in_the_password_are_refused_without_echo() {
-        let cases: [(&str, Result<&str, &str>); 6] = [
+        let cases: [(&str, Result<&str, &str>); 9] = [
             // an ordinary URL
             (
                 "amqp://guest:guest@127.0.0.1:5672/%2f",
@@ -227,12 +226,22 @@ mod tests {
             ),
             // an encoded `@` in the password is fine
             ("amqps://guest:S3c%40ret7@h/v", Ok("h:5671/v as guest")),
-            // an `@` in a vhost (after the host part) is not ours to judge
-            ("amqp://g:g@h/v@x", Ok("h:5672/v@x as g")),
+            // an `@` in a vhost is encoded too
+            ("amqp://g:g@h/v%40x", Ok("h:5672/v@x as g")),
+            // an unencoded one could be a password's: refused
+            ("amqp://g:g@h/v@x", Err("more than one `@`")),
+            // a password starting with `@` and holding a `?` used to make
+            // its end the host
+            ("amqp://guest:@ret7?@127.0.0.1", Err("more than one `@`")),
+            // a password of digits before a `/` would have become the port
+            (
+                "amqp://guest:1234/ret7@127.0.0.1/%2f",
+                Err("host part ends before"),
+            ),
             // an unencoded `@` in the password
             (
                 "amqp://guest:S3c@ret7@127.0.0.1:5672/%2f",
-                Err("unencoded `@`"),
+                Err("more than one `@`"),
             ),
             // a `/` in the password cuts the host part short
             ("amqp://guest:S3c/ret7@127.0.0.1/%2f", Err("`/` as %2F")),

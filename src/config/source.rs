@@ -260,17 +260,27 @@ impl Validator<'_> {
             &k("pool_size"),
             in_range(raw.pool_size.unwrap_or(default_pool), 1, 256),
         );
+        let raw_retry_initial_set = raw.retry_initial.is_some();
         let retry_initial = self
             .duration_in(&k("retry_initial"), raw.retry_initial, RETRY_RANGE)
             .unwrap_or(DEFAULT_RETRY_INITIAL);
         let retry_max = self
             .duration_in(&k("retry_max"), raw.retry_max, RETRY_RANGE)
             .unwrap_or(DEFAULT_RETRY_MAX);
-        if retry_initial.is_zero() || retry_initial > retry_max {
-            self.invalid(
-                &k("retry_initial"),
-                format!("must be greater than zero and at most retry_max ({retry_max:?})"),
-            );
+        if retry_initial > retry_max {
+            // Blame the key that was set: a retry_max below the default
+            // retry_initial is retry_max's mistake.
+            if raw_retry_initial_set {
+                self.invalid(
+                    &k("retry_initial"),
+                    format!("must be at most retry_max ({retry_max:?})"),
+                );
+            } else {
+                self.invalid(
+                    &k("retry_max"),
+                    format!("must be at least retry_initial ({retry_initial:?}, its default)"),
+                );
+            }
         }
         let max_attempts = self.check(
             &k("max_attempts"),
@@ -351,8 +361,9 @@ impl Validator<'_> {
     ) -> Option<PgTls> {
         let mode = self.string_opt(&k("sslmode"), mode);
         let root = self.string_opt(&k("sslrootcert"), root);
-        let mode = self.agree(&k("sslmode"), "sslmode", mode, url_mode)?;
-        let root = self.agree(&k("sslrootcert"), "sslrootcert", root, url_root)?;
+        // An error names where the value came from: its key, or the URL.
+        let (mode, mode_key) = self.agree(k, "sslmode", mode, url_mode)?;
+        let (root, root_key) = self.agree(k, "sslrootcert", root, url_root)?;
         let mode = match mode.as_deref() {
             None | Some("disable" | "prefer") => PgTls::Off,
             Some("require") => PgTls::Require,
@@ -361,47 +372,46 @@ impl Validator<'_> {
             },
             Some(other) => {
                 self.invalid(
-                    &k("sslmode"),
-                    format!("must be \"disable\", \"prefer\", \"require\" or \"verify-full\", got {other:?}"),
+                    &mode_key,
+                    format!("sslmode must be \"disable\", \"prefer\", \"require\" or \"verify-full\", got {other:?}"),
                 );
                 return None;
             }
         };
         if root.is_some() && !matches!(mode, PgTls::VerifyFull { .. }) {
             self.invalid(
-                &k("sslrootcert"),
-                "only applies with sslmode = \"verify-full\"",
+                &root_key,
+                "sslrootcert only applies with sslmode = \"verify-full\"",
             );
             return None;
         }
         // Build it once now, so an unreadable CA file is a config error.
-        self.check(
-            &k("sslrootcert"),
-            crate::tls::client_config(&mode).map(|_| mode),
-        )
+        self.check(&root_key, crate::tls::client_config(&mode).map(|_| mode))
     }
 
     /// A setting given as a key and in the connection string: either one,
-    /// or both with the same value. `None` (with the error recorded) if
-    /// they differ.
+    /// or both with the same value; with the key path to blame for it.
+    /// `None` (with the error recorded) if the two differ.
     fn agree(
         &mut self,
-        key: &str,
+        k: &dyn Fn(&str) -> String,
         name: &str,
         from_key: Option<String>,
         from_url: Option<String>,
-    ) -> Option<Option<String>> {
+    ) -> Option<(Option<String>, String)> {
         match (from_key, from_url) {
             (Some(a), Some(b)) if a != b => {
                 self.invalid(
-                    key,
+                    &k(name),
                     format!(
                         "{a:?} differs from the database_url's {name}={b:?}; give it in one place"
                     ),
                 );
                 None
             }
-            (a, b) => Some(a.or(b)),
+            (Some(a), _) => Some((Some(a), k(name))),
+            (None, Some(b)) => Some((Some(b), k("database_url"))),
+            (None, None) => Some((None, k(name))),
         }
     }
 }
