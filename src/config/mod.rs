@@ -35,9 +35,10 @@ pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default interval of the backlog query behind `outboxd_pending_messages`.
 pub const DEFAULT_BACKLOG_INTERVAL: Duration = Duration::from_secs(5);
 /// Allowed `metrics.backlog_interval`: one `count(*)` per source each time.
-pub const BACKLOG_INTERVAL_RANGE: Range = Range::new(Duration::from_millis(100), HOUR);
+pub const BACKLOG_INTERVAL_RANGE: DurationRange =
+    DurationRange::new(Duration::from_millis(100), HOUR);
 /// Allowed `shutdown.drain_timeout` (0: abandon in-flight batches at once).
-pub const DRAIN_TIMEOUT_RANGE: Range = Range::new(Duration::ZERO, HOUR);
+pub const DRAIN_TIMEOUT_RANGE: DurationRange = DurationRange::new(Duration::ZERO, HOUR);
 /// The most a `*_file` secret may hold: a URL is never that long, and a
 /// file like `/dev/zero` must not be read until memory runs out.
 pub const MAX_SECRET_FILE_BYTES: u64 = 64 * 1024;
@@ -49,12 +50,12 @@ const HOUR: Duration = Duration::from_secs(3600);
 /// that would also overflow the arithmetic done on it
 /// (`poll_interval * 3` panicked for `"18446744073709551615s"`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Range {
+pub struct DurationRange {
     pub min: Duration,
     pub max: Duration,
 }
 
-impl Range {
+impl DurationRange {
     pub const fn new(min: Duration, max: Duration) -> Self {
         Self { min, max }
     }
@@ -266,7 +267,12 @@ impl Validator<'_> {
     }
 
     /// A duration within `range`, if the key is set (and valid).
-    fn duration_in(&mut self, key: &str, value: Option<String>, range: Range) -> Option<Duration> {
+    fn duration_in(
+        &mut self,
+        key: &str,
+        value: Option<String>,
+        range: DurationRange,
+    ) -> Option<Duration> {
         let value = self.string_opt(key, value)?;
         let parsed = self.check(key, parse_duration(&value))?;
         self.check(key, range.check(parsed, &value))

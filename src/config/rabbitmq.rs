@@ -6,7 +6,7 @@ use lapin::uri::{AMQPScheme, AMQPUri};
 
 use super::raw::RawRabbit;
 use super::secret::scrub;
-use super::{Range, Secret, Validator};
+use super::{DurationRange, Secret, Validator};
 use crate::tls::{Trust, tls_client_config};
 
 /// How long a batch waits for the broker's confirms before it counts them as failed.
@@ -14,8 +14,8 @@ pub const DEFAULT_CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
 /// Allowed `confirm_timeout`: below a second, confirms that are merely a
 /// little slow count as failures and every batch is sent again (1 ns made
 /// 373 duplicates of 500 rows).
-pub const CONFIRM_TIMEOUT_RANGE: Range =
-    Range::new(Duration::from_secs(1), Duration::from_secs(3600));
+pub const CONFIRM_TIMEOUT_RANGE: DurationRange =
+    DurationRange::new(Duration::from_secs(1), Duration::from_secs(3600));
 /// `connection_name` is sent as a client property; RabbitMQ resets a
 /// connection whose properties are huge, so the name is kept to what an
 /// AMQP short string holds.

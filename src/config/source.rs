@@ -8,7 +8,7 @@ use tokio_postgres::config::SslMode;
 
 use super::pg_url::{PgUrl, parse_pg};
 use super::raw::RawSource;
-use super::{Range, Secret, Validator, in_range};
+use super::{DurationRange, Secret, Validator, in_range};
 use crate::backoff::Backoff;
 use crate::ident::TableName;
 use crate::template::Template;
@@ -22,16 +22,18 @@ pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(1);
 pub const MIN_POLL_INTERVAL: Duration = Duration::from_millis(10);
 /// Allowed `poll_interval` (a healthy loop turns once per interval, and
 /// `/healthz` allows three of them).
-pub const POLL_INTERVAL_RANGE: Range = Range::new(MIN_POLL_INTERVAL, HOUR);
+pub const POLL_INTERVAL_RANGE: DurationRange = DurationRange::new(MIN_POLL_INTERVAL, HOUR);
 pub const DEFAULT_MAX_IN_FLIGHT: i64 = 4;
 pub const DEFAULT_RETRY_INITIAL: Duration = Duration::from_secs(1);
 pub const DEFAULT_RETRY_MAX: Duration = Duration::from_secs(300);
 /// Allowed `retry_initial` and `retry_max`: a row's next try is
 /// `available_at = now() + delay`, which must stay a sane timestamp.
-pub const RETRY_RANGE: Range = Range::new(Duration::from_millis(1), Duration::from_secs(24 * 3600));
-/// Allowed `retention`: up to 100 years (36,525 days), well inside what `now() - interval`
-/// can compute in PostgreSQL (whose timestamps end 4713 BC).
-pub const RETENTION_RANGE: Range = Range::new(Duration::ZERO, Duration::from_secs(36_525 * 86_400));
+pub const RETRY_RANGE: DurationRange =
+    DurationRange::new(Duration::from_millis(1), Duration::from_secs(24 * 3600));
+/// Allowed `retention`: up to 100 years (36,525 days), well inside what
+/// `now() - interval` can compute in PostgreSQL (timestamps end 4713 BC).
+pub const RETENTION_RANGE: DurationRange =
+    DurationRange::new(Duration::ZERO, Duration::from_secs(36_525 * 86_400));
 /// AMQP short strings (routing keys) are at most 255 bytes.
 const MAX_ROUTING_KEY_BYTES: usize = 255;
 const HOUR: Duration = Duration::from_secs(3600);
