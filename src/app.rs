@@ -17,9 +17,9 @@ use tracing::{error, info, warn};
 use crate::admin::{self, AdminState};
 use crate::config::{AfterPublish, Config};
 use crate::metrics::Metrics;
-use crate::relay;
-use crate::sink::rabbitmq::{Broker, Publisher};
-use crate::source::{self, Source};
+use crate::relay::Relay;
+use crate::sink::rabbitmq::{Broker, RabbitPublisher};
+use crate::source::{self, Source, SourceHealth};
 
 /// Time given to aborted batches and helper tasks to wind down after the drain.
 const WIND_DOWN: Duration = Duration::from_secs(3);
@@ -60,15 +60,16 @@ pub async fn run(config: Config, drain: CancellationToken) -> Result<(), AppErro
     let abort = CancellationToken::new();
     let mut helpers = JoinSet::new();
     let mut relays = JoinSet::new();
-    let mut health = Vec::new();
+    let mut health_list = Vec::new();
     for cfg in &config.sources {
         let pool = source::pool::build(cfg).map_err(AppError::Setup)?;
-        let publisher = Publisher::new(broker.clone(), config.rabbitmq.confirm_timeout);
+        let health = Arc::new(SourceHealth::new(&cfg.name));
+        let source_metrics = metrics.source(&cfg.name);
         let src = Arc::new(Source::new(
             cfg.clone(),
             pool,
-            publisher,
-            metrics.source(&cfg.name),
+            source_metrics.clone(),
+            health.clone(),
         ));
         // A healthy loop turns at least once per poll interval. Saturating:
         // the config bounds poll_interval, this is the second line of defence.
@@ -76,7 +77,7 @@ pub async fn run(config: Config, drain: CancellationToken) -> Result<(), AppErro
             .poll_interval
             .saturating_mul(3)
             .saturating_add(Duration::from_secs(10));
-        health.push((src.health.clone(), stuck_after));
+        health_list.push((health.clone(), stuck_after));
         helpers.spawn(source::wakeup::run(
             src.clone(),
             config.metrics.backlog_interval,
@@ -89,19 +90,24 @@ pub async fn run(config: Config, drain: CancellationToken) -> Result<(), AppErro
                 helpers_stop.clone(),
             ));
         }
-        relays.spawn(relay::run(
-            src,
-            broker.clone(),
-            drain.clone(),
-            abort.clone(),
-        ));
+        let relay = Arc::new(Relay {
+            config: cfg.clone(),
+            metrics: source_metrics,
+            health,
+            capture: src,
+            publisher: Arc::new(RabbitPublisher::new(
+                broker.clone(),
+                config.rabbitmq.confirm_timeout,
+            )),
+        });
+        relays.spawn(relay.run(drain.clone(), abort.clone()));
     }
 
     let server_stop = CancellationToken::new();
     let state = Arc::new(AdminState {
         metrics: metrics.clone(),
         broker: broker.clone(),
-        sources: health,
+        sources: health_list,
         draining: drain.clone(),
     });
     let server = tokio::spawn(admin::serve(listener, state, server_stop.clone()));

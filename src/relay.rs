@@ -1,36 +1,43 @@
 //! The per-source loop: wake-up, claim, publish, confirm, settle.
 //!
-//! One [`run`] task per source schedules batches; each batch runs as its
-//! own task ([`batch`]) on its own pooled connection and its own channel,
-//! and up to `max_in_flight` of them run at once. Under low load a single
-//! row is claimed and sent the moment its NOTIFY arrives; under backlog
-//! every batch comes back full, so the loop keeps the pipeline full until a
-//! claim comes back short.
+//! A [`Relay`] joins one [`Capture`] (where rows come from) and one
+//! [`Publisher`] (where they go); `app.rs` builds both and hands them in.
+//! Its [`Relay::run`] loop schedules batches; each batch runs as a task of
+//! its own (`batch.rs`: claim, to message, send, decide, settle) and up to
+//! `max_in_flight` of them run at once. Under low load a single row is
+//! claimed and sent the moment its wake-up arrives; under backlog every
+//! batch comes back full, so the loop keeps the pipeline full until a claim
+//! comes back short.
 //!
-//! Every outcome of a batch is decided in one `match` in [`Loop::settled`]:
-//! a database error pauses the source with backoff (rows stay in the table),
+//! Every end of a task is handled in one `match` in [`Loop::ended`]: a
+//! database error pauses the source with backoff (rows stay in the table),
 //! a broker outage pauses it until the broker is back (rows untouched), and
-//! row failures were already recorded on the rows by the batch itself.
+//! row failures were already settled on the rows by the batch itself.
 
 mod batch;
+mod decide;
+mod report;
+mod state;
+#[cfg(test)]
+mod tests;
 
-use crate::metrics::SourceError;
-use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio::sync::{oneshot, watch};
-use tokio::task::{self, JoinSet};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use crate::backoff::Backoff;
-use crate::config::Ordering as RowOrder;
-use crate::sink::rabbitmq::Broker;
-use crate::source::{DEAD_UNKNOWN, Source, flag};
-pub use batch::{BatchEnd, ClaimFrom, Claimed, batch, set_flag, sweep};
+use crate::config::{Ordering, SourceConfig};
+use crate::metrics::{SourceError, SourceMetrics};
+use crate::sink::Publisher;
+use crate::source::flag::RECHECK_AFTER_ARM;
+use crate::source::{Capture, ClaimFrom, Claimed, DbError, FlagSet, SourceHealth};
+use crate::telemetry::ErrorChain;
+pub use batch::BatchEnd;
+pub use decide::{Disposition, decide};
+use state::{Cursor, Held, InFlight, Pause, TaskEnd, WakeFlag};
 
 /// After a claim comes back empty within this long of one that found rows,
 /// the relay keeps claiming every [`LINGER_STEP`] instead of arming the
@@ -43,390 +50,376 @@ const LINGER_STEP: Duration = Duration::from_millis(2);
 /// the relay (a row deleted by hand, a purged dead letter).
 const SWEEP_EVERY: Duration = Duration::from_secs(30);
 
-/// Pause after database errors: quick first retry, at most every 30 s.
-const DB_RETRY: Backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
-
-/// The scheduling state of one source's loop.
-struct Loop {
-    source: Arc<Source>,
-    broker: Arc<Broker>,
-    tasks: JoinSet<BatchEnd>,
-    /// A wake-up or poll said rows may be due.
-    due: bool,
-    /// The last claim came back full: keep the pipeline full.
-    backlog: bool,
-    /// The claim report of the batch that is claiming now. One claim runs
-    /// at a time, so pipelined claims never walk each other's locked rows.
-    claiming: Option<oneshot::Receiver<Claimed>>,
-    /// While batches are in flight, the next claim starts after this id
-    /// (the highest id claimed in this run) instead of at the table's head.
-    frontier: i64,
-    /// The next claim starts at the head of the table: it finds rows that a
-    /// claim after the frontier cannot (retries come due, late commits of
-    /// lower ids). Set by every poll tick and after errors.
-    full_scan: bool,
-    /// What we last set the wake-up flag to (`None`: unknown, or no flag table).
-    flag: Option<bool>,
-    /// A flag task is running.
-    flag_busy: bool,
-    /// The flag table exists (cleared for good when it does not).
-    flag_exists: bool,
-    /// Set the flag on the next empty claim even if we think it is set:
-    /// another relay on the same table may have disarmed it and gone away.
-    /// Set by each poll tick.
-    flag_recheck: bool,
-    /// When a claim last found rows.
-    last_rows_at: Option<Instant>,
-    /// Claim again at this instant (lingering after a recent busy spell).
-    linger_until: Option<Instant>,
-    /// `ordering = "aggregate"`: the partitions we own (from the listener)...
-    owned: watch::Receiver<Arc<Vec<i32>>>,
-    /// ...and those each batch in flight holds.
-    busy: HashMap<task::Id, Vec<i32>>,
-    /// Rows each batch in flight claimed (reported if the drain gives up).
-    in_flight: HashMap<task::Id, usize>,
-    /// The task that is claiming now.
-    claiming_task: Option<task::Id>,
-    /// A sweep task is running.
-    sweep_busy: bool,
-    next_sweep: Instant,
-    draining: bool,
-    db_failures: u32,
-    /// When the database last failed (the failure count decays after a
-    /// quiet spell, not after any one success: a claim that finds nothing
-    /// must not reset the backoff of a batch that keeps failing).
-    last_db_failure: Option<Instant>,
-    /// Batches in a row whose rows the database refused to change at all.
-    settle_failures: u32,
-    /// No claims before this instant (after a database error).
-    paused_until: Option<Instant>,
+/// One source's relay: where its rows come from, where they go, and what
+/// it reports.
+pub struct Relay<C, P> {
+    pub config: SourceConfig,
+    pub metrics: SourceMetrics,
+    pub health: Arc<SourceHealth>,
+    pub capture: Arc<C>,
+    pub publisher: Arc<P>,
 }
 
-/// Runs the source until a drain completes or `abort` fires.
-///
-/// `drain`: stop taking wake-ups, but keep claiming until a claim finds
-/// nothing (with `ordering = "aggregate"`, a claim over every free
-/// partition, after the batches that released rows have settled), then
-/// return once nothing is in flight. `abort`: drop whatever is
-/// in flight (its transactions roll back, its rows stay) and return.
-/// Returns how many claimed rows were abandoned that way (0 after a
-/// complete drain).
-pub async fn run(
-    source: Arc<Source>,
-    broker: Arc<Broker>,
-    drain: CancellationToken,
-    abort: CancellationToken,
-) -> usize {
-    let mut abandoned = 0;
-    let mut state = Loop {
-        source: source.clone(),
-        broker: broker.clone(),
-        tasks: JoinSet::new(),
-        due: true,
-        backlog: false,
-        claiming: None,
-        frontier: 0,
-        full_scan: true,
-        flag: None,
-        flag_busy: false,
-        flag_exists: true,
-        flag_recheck: false,
-        last_rows_at: None,
-        linger_until: None,
-        owned: source.partitions.subscribe(),
-        busy: HashMap::new(),
-        in_flight: HashMap::new(),
-        claiming_task: None,
-        sweep_busy: false,
-        next_sweep: Instant::now(),
-        draining: false,
-        db_failures: 0,
-        last_db_failure: None,
-        settle_failures: 0,
-        paused_until: None,
-    };
-    let mut poll = tokio::time::interval(source.config.poll_interval);
-    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let max = source.config.max_in_flight;
-    let ordered = source.config.ordering == RowOrder::Aggregate;
-    info!(
-        source = %source.config.name,
-        database = %source.config.database_display,
-        table = %source.config.table,
-        "relay started"
-    );
-    loop {
-        source.health.beat();
-        let paused = state.paused_until.is_some_and(|t| Instant::now() < t);
-        // The sweep goes before the next claim when it is due, so a steady
-        // backlog (a claim always about to start) cannot starve it.
-        if !paused
-            && !state.draining
-            && !state.sweep_busy
-            && !state.flag_busy
-            && state.claiming.is_none()
-            && state.tasks.len() < max
-            && Instant::now() >= state.next_sweep
-        {
-            state.sweep_busy = true;
-            state.next_sweep = Instant::now() + SWEEP_EVERY;
-            state.tasks.spawn(sweep(source.clone()));
-        }
-        let from = if !paused
-            && broker.can_publish()
-            && state.claiming.is_none()
-            // Not beside a flag update or a sweep either: an idle source
-            // then needs one pooled connection, not two.
-            && !state.flag_busy
-            && !state.sweep_busy
-            && state.tasks.len() < max
-            && (state.due || state.backlog)
-        {
-            state.claim_from()
-        } else {
-            None
+/// The scheduling state of one source's loop.
+struct Loop<C, P> {
+    relay: Arc<Relay<C, P>>,
+    tasks: InFlight,
+    cursor: Cursor,
+    flag: WakeFlag,
+    pause: Pause,
+    /// `ordering = "aggregate"`: the partitions we own (from the listener).
+    owned: watch::Receiver<Arc<Vec<i32>>>,
+    next_sweep: Instant,
+    draining: bool,
+}
+
+impl<C: Capture, P: Publisher> Relay<C, P> {
+    /// Runs the source until a drain completes or `abort` fires.
+    ///
+    /// `drain`: stop taking wake-ups, but keep claiming until a claim finds
+    /// nothing (with `ordering = "aggregate"`, a claim over every free
+    /// partition, after the batches that released rows have settled), then
+    /// return once nothing is in flight. `abort`: drop whatever is in
+    /// flight (its transactions roll back, its rows stay) and return.
+    /// Returns how many claimed rows were abandoned that way (0 after a
+    /// complete drain).
+    pub async fn run(self: Arc<Self>, drain: CancellationToken, abort: CancellationToken) -> usize {
+        let mut state = Loop {
+            owned: self.capture.partitions(),
+            relay: self.clone(),
+            tasks: InFlight::new(),
+            cursor: Cursor::new(),
+            flag: WakeFlag::new(),
+            pause: Pause::default(),
+            next_sweep: Instant::now(),
+            draining: false,
         };
-        if let Some(from) = from {
-            state.full_scan = false;
-            state.due = false;
-            let (tx, rx) = oneshot::channel();
-            state.claiming = Some(rx);
-            let handle = state.tasks.spawn(batch(source.clone(), from, tx));
-            state.claiming_task = Some(handle.id());
-        }
-        if state.draining
-            && state.tasks.is_empty()
-            && (!(state.due || state.backlog)
-                || !broker.can_publish()
-                // No partitions to claim from (the listener that holds
-                // them is down): waiting cannot drain anything.
-                || state.claim_from().is_none())
-        {
-            info!(source = %source.config.name, "drained; relay stopped");
-            break;
-        }
-        let pause = state.paused_until;
-        let linger = state.linger_until;
-        tokio::select! {
-            biased;
-            _ = abort.cancelled() => {
-                let n = state.tasks.len();
-                abandoned = state.in_flight.values().sum();
-                state.tasks.abort_all();
-                while state.tasks.join_next().await.is_some() {}
-                warn!(source = %source.config.name, batches = n, rows = abandoned, "drain time is up; in-flight batches rolled back, their rows stay in the outbox and are sent after a restart");
+        let mut poll = tokio::time::interval(self.config.poll_interval);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let ordered = self.config.ordering == Ordering::Aggregate;
+        let name = &self.config.name;
+        info!(
+            source = %name,
+            database = %self.config.database_display,
+            table = %self.config.table,
+            "relay started"
+        );
+        let mut abandoned = 0;
+        loop {
+            self.health.beat();
+            let now = Instant::now();
+            // The sweep goes before the next claim when it is due, so a
+            // steady backlog (a claim always about to start) cannot starve it.
+            if state.can_sweep(now) {
+                state.start_sweep(now);
+            }
+            if state.can_claim(now)
+                && let Some(from) = state.claim_from()
+            {
+                state.start_batch(from);
+            }
+            if state.drained() {
+                info!(source = %name, "drained; relay stopped");
                 break;
             }
-            report = claim_report(&mut state.claiming), if state.claiming.is_some() => {
-                state.claiming = None;
-                if let Some(id) = state.claiming_task.take() {
-                    if !report.partitions.is_empty() {
-                        state.busy.insert(id, report.partitions.clone());
+            let pause = state.pause.until;
+            let linger = state.cursor.linger_until;
+            tokio::select! {
+                biased;
+                _ = abort.cancelled() => {
+                    let batches = state.tasks.batches.len();
+                    abandoned = state.tasks.rows();
+                    state.tasks.set.abort_all();
+                    while state.tasks.set.join_next().await.is_some() {}
+                    warn!(source = %name, batches, rows = abandoned, "drain time is up; in-flight batches rolled back, their rows stay in the outbox and are sent after a restart");
+                    break;
+                }
+                report = claim_report(&mut state.tasks.claiming), if state.tasks.claiming.is_some() => {
+                    state.claimed(report);
+                }
+                Some(joined) = state.tasks.set.join_next_with_id(), if !state.tasks.is_empty() => match joined {
+                    Ok((id, end)) => {
+                        state.tasks.batches.remove(&id);
+                        state.ended(end);
                     }
-                    if report.rows > 0 {
-                        state.in_flight.insert(id, report.rows);
+                    Err(join_error) => {
+                        state.tasks.batches.remove(&join_error.id());
+                        // A task panicked: a bug, but a batch's transaction
+                        // is gone with it and its rows are intact; carry on.
+                        error!(source = %name, error = %join_error, "a relay task failed unexpectedly; its rows will be claimed again");
+                        state.cursor.due = true;
+                        state.cursor.full_scan = true;
                     }
+                },
+                _ = drain.cancelled(), if !state.draining => {
+                    state.draining = true;
+                    // One more claim takes whatever was committed before the signal.
+                    state.cursor.due = true;
+                    info!(source = %name, "draining: publishing what is committed, then stopping");
                 }
-                state.backlog = report.full;
-                state.frontier = if state.backlog {
-                    state.frontier.max(report.max_id)
-                } else {
-                    0
-                };
-                if report.rows > 0 {
-                    // More may have committed since: claim again (while this
-                    // batch publishes) until a claim comes back empty. While
-                    // draining too: a short claim of some partitions says
-                    // nothing of the others.
-                    state.due = true;
+                _ = self.capture.wake().notified(), if !state.draining => state.cursor.due = true,
+                Ok(()) = state.owned.changed(), if ordered => {
+                    // New partitions may hold rows; lost ones are skipped by
+                    // the next claim (and guarded by the batch lock meanwhile).
+                    state.cursor.due = !state.draining;
                 }
-                let now = Instant::now();
-                if report.rows > 0 {
-                    state.last_rows_at = Some(now);
-                    state.flag_after(&report);
-                } else if state.last_rows_at.is_some_and(|t| now - t < LINGER_WINDOW) {
-                    // Busy a moment ago: look again shortly instead of arming
-                    // the flag, so producers under steady load never notify.
-                    state.linger_until = Some(now + LINGER_STEP);
-                } else {
-                    state.flag_after(&report);
+                _ = poll.tick(), if !state.draining => {
+                    self.capture.upkeep();
+                    state.cursor.due = true;
+                    state.cursor.full_scan = true;
+                    state.flag.recheck = true;
                 }
-            }
-            Some(joined) = state.tasks.join_next_with_id(), if !state.tasks.is_empty() => match joined {
-                Ok((id, end)) => {
-                    state.busy.remove(&id);
-                    state.in_flight.remove(&id);
-                    state.settled(end);
+                _ = self.publisher.publishable(&abort), if !self.publisher.can_publish() && !state.draining => {}
+                _ = tokio::time::sleep_until(pause.unwrap_or_else(Instant::now)), if pause.is_some() => {
+                    state.pause.until = None;
                 }
-                Err(join_error) => {
-                    state.busy.remove(&join_error.id());
-                    state.in_flight.remove(&join_error.id());
-                    // A batch task panicked: a bug, but its transaction is
-                    // gone with it and its rows are intact; carry on.
-                    error!(source = %source.config.name, error = %join_error, "batch task failed unexpectedly; its rows will be claimed again");
-                    state.due = true;
-                    state.full_scan = true;
+                _ = tokio::time::sleep_until(linger.unwrap_or_else(Instant::now)), if linger.is_some() => {
+                    state.cursor.linger_until = None;
+                    state.cursor.due = !state.draining;
                 }
-            },
-            _ = drain.cancelled(), if !state.draining => {
-                state.draining = true;
-                // One more claim takes whatever was committed before the signal.
-                state.due = true;
-                info!(source = %source.config.name, "draining: publishing what is committed, then stopping");
-            }
-            _ = source.wake.notified(), if !state.draining => state.due = true,
-            Ok(()) = state.owned.changed(), if ordered => {
-                // New partitions may hold rows; lost ones are skipped by the
-                // next claim (and guarded by the batch lock meanwhile).
-                state.due = !state.draining;
-            }
-            _ = poll.tick(), if !state.draining => {
-                crate::source::pool::reap_idle(&source.pool);
-                state.due = true;
-                state.full_scan = true;
-                state.flag_recheck = true;
-            }
-            _ = broker.wait_publishable(&abort), if !broker.can_publish() && !state.draining => {}
-            _ = tokio::time::sleep_until(pause.unwrap_or_else(Instant::now)), if pause.is_some() => {
-                state.paused_until = None;
-            }
-            _ = tokio::time::sleep_until(linger.unwrap_or_else(Instant::now)), if linger.is_some() => {
-                state.linger_until = None;
-                state.due = !state.draining;
             }
         }
+        self.publisher.close().await;
+        abandoned
     }
-    source.publisher.close().await;
-    abandoned
 }
 
 /// The claim report, or an empty one if the batch ended without sending it.
-async fn claim_report(claiming: &mut Option<oneshot::Receiver<Claimed>>) -> Claimed {
+async fn claim_report(
+    claiming: &mut Option<(tokio::task::Id, oneshot::Receiver<Claimed>)>,
+) -> Claimed {
     match claiming {
-        Some(rx) => rx.await.unwrap_or_default(),
+        Some((_, rx)) => rx.await.unwrap_or_default(),
         None => std::future::pending().await,
     }
 }
 
-impl Loop {
-    /// The one place that decides what a finished batch means for the source.
-    fn settled(&mut self, end: BatchEnd) {
-        let source = self.source.clone();
-        let name = &source.config.name;
+impl<C: Capture, P: Publisher> Loop<C, P> {
+    fn max_in_flight(&self) -> usize {
+        self.relay.config.max_in_flight
+    }
+
+    /// A sweep may start: due, nothing else running beside which it would
+    /// need a second connection, room in flight.
+    fn can_sweep(&self, now: Instant) -> bool {
+        !self.pause.active(now)
+            && !self.draining
+            && !self.tasks.sweep_running
+            && !self.flag.running
+            && self.tasks.claiming.is_none()
+            && self.tasks.len() < self.max_in_flight()
+            && now >= self.next_sweep
+    }
+
+    /// A claim may start: not paused, the broker takes messages, no claim
+    /// running, not beside a flag update or a sweep (an idle source then
+    /// needs one pooled connection, not two), room in flight, and a reason.
+    fn can_claim(&self, now: Instant) -> bool {
+        !self.pause.active(now)
+            && self.relay.publisher.can_publish()
+            && self.tasks.claiming.is_none()
+            && !self.flag.running
+            && !self.tasks.sweep_running
+            && self.tasks.len() < self.max_in_flight()
+            && self.cursor.wants_claim()
+    }
+
+    /// Draining is over: nothing in flight, and nothing left to claim (or
+    /// no way to: the broker is away, or there are no partitions).
+    fn drained(&self) -> bool {
+        self.draining
+            && self.tasks.is_empty()
+            && (!self.cursor.wants_claim()
+                || !self.relay.publisher.can_publish()
+                || self.claim_from().is_none())
+    }
+
+    fn start_sweep(&mut self, now: Instant) {
+        self.tasks.sweep_running = true;
+        self.next_sweep = now + SWEEP_EVERY;
+        let capture = self.relay.capture.clone();
+        self.tasks
+            .set
+            .spawn(async move { TaskEnd::Sweep(capture.sweep().await) });
+    }
+
+    fn start_batch(&mut self, from: ClaimFrom) {
+        self.cursor.full_scan = false;
+        self.cursor.due = false;
+        let (tx, rx) = oneshot::channel();
+        let relay = self.relay.clone();
+        let handle = self
+            .tasks
+            .set
+            .spawn(async move { TaskEnd::Batch(batch::batch(relay, from, tx).await) });
+        self.tasks.claiming = Some((handle.id(), rx));
+    }
+
+    fn start_flag(&mut self, armed: bool) {
+        self.flag.running = true;
+        let capture = self.relay.capture.clone();
+        self.tasks.set.spawn(async move {
+            TaskEnd::Flag {
+                armed,
+                result: capture.set_flag(armed).await,
+            }
+        });
+    }
+
+    /// A claim report came in.
+    fn claimed(&mut self, report: Claimed) {
+        if let Some((id, _)) = self.tasks.claiming.take()
+            && report.rows > 0
+        {
+            self.tasks.batches.insert(
+                id,
+                Held {
+                    partitions: report.partitions.clone(),
+                    rows: report.rows,
+                },
+            );
+        }
+        self.cursor.claimed(&report);
+        let now = Instant::now();
+        if report.rows > 0 {
+            self.cursor.last_rows_at = Some(now);
+            self.flag_after(report.rows);
+        } else if self
+            .cursor
+            .last_rows_at
+            .is_some_and(|t| now - t < LINGER_WINDOW)
+        {
+            // Busy a moment ago: look again shortly instead of arming the
+            // flag, so producers under steady load never notify.
+            self.cursor.linger_until = Some(now + LINGER_STEP);
+        } else {
+            self.flag_after(0);
+        }
+    }
+
+    /// Keeps the wake-up flag in step with the claims: armed once caught up
+    /// (an empty claim), disarmed while busy (a claim that found rows).
+    fn flag_after(&mut self, rows: usize) {
+        if self.tasks.sweep_running || self.draining {
+            return;
+        }
+        if let Some(armed) = self.flag.wanted(rows) {
+            self.start_flag(armed);
+        }
+    }
+
+    /// The one place that decides what a finished task means for the source.
+    fn ended(&mut self, end: TaskEnd) {
+        let name = self.relay.config.name.clone();
         match end {
-            BatchEnd::Empty => self.db_ok(false),
-            BatchEnd::Settled {
+            TaskEnd::Batch(BatchEnd::Empty) => self.db_ok(false),
+            TaskEnd::Batch(BatchEnd::Settled {
                 claimed,
                 delivered,
                 failed,
                 parked,
                 refused,
                 untouched,
-            } => {
+            }) => {
                 self.db_ok(untouched == 0);
                 // With the flag disarmed no notification will come for rows
                 // committed meanwhile: claim again until a claim is empty.
                 // While draining too: settling released the next rows of
                 // the delivered aggregates.
-                self.due = true;
+                self.cursor.due = true;
                 if untouched > 0 {
-                    // Those rows are due again at once: without a pause
-                    // they would be sent again and again.
-                    self.settle_failures += 1;
-                    let delay = DB_RETRY.jittered(self.settle_failures.min(20));
-                    self.paused_until = Some(Instant::now() + delay);
+                    let delay = self.pause.settle_refused();
                     warn!(source = %name, rows = untouched, retry_in = ?delay, "the database refused every change to some rows; pausing the source before they are claimed again");
                 } else {
-                    self.settle_failures = 0;
+                    self.pause.settle_ok();
                 }
                 debug!(source = %name, claimed, delivered, failed, parked, refused, "batch settled");
             }
-            BatchEnd::Flag { armed } => {
-                self.flag_busy = false;
-                self.flag = Some(armed);
-                if armed {
-                    self.linger_until = Some(Instant::now() + flag::RECHECK_AFTER_ARM);
-                }
-                // Claim once more. Just armed: for rows whose commit read the
-                // flag before it was armed. Just disarmed: the claims may have
-                // caught up meanwhile (an empty claim while this task ran could
-                // not arm), and with the flag down nothing else would wake us.
-                self.due = !self.draining;
-            }
-            BatchEnd::Swept(released) => {
-                self.sweep_busy = false;
-                self.db_ok(false);
-                if released > 0 {
-                    info!(source = %name, rows = released, "released held rows whose earlier rows are gone");
-                    self.due = !self.draining;
-                }
-            }
-            BatchEnd::FlagMissing(reason) => {
-                self.flag_busy = false;
-                self.flag_exists = false;
-                warn!(source = %name, error = %reason, "the wake-up flag table is missing (run `outboxd migrate`); new rows are found by the poll every poll_interval");
-            }
-            BatchEnd::Db(err) => {
-                self.flag_busy = false;
-                self.sweep_busy = false;
-                // Look again: the dead-letter table may be what went away.
-                source.dead_table.store(DEAD_UNKNOWN, Ordering::SeqCst);
-                self.db_failures += 1;
-                self.last_db_failure = Some(Instant::now());
-                self.backlog = false;
-                self.full_scan = true;
-                self.due = !self.draining;
-                let delay = DB_RETRY.jittered(self.db_failures.min(20));
-                self.paused_until = Some(Instant::now() + delay);
-                self.source.metrics.error(SourceError::Database).inc();
-                self.source.metrics.up.set(0);
-                let was_up = self.source.health.set_db_up(false, Some(err.to_string()));
-                if was_up || self.db_failures == 1 {
-                    warn!(source = %name, error = %err, retry_in = ?delay, "source database failed; rows stay in the outbox, retrying");
-                } else {
-                    debug!(source = %name, error = %err, attempt = self.db_failures, retry_in = ?delay, "source database still failing");
-                }
-                if self.draining {
-                    warn!(source = %name, "cannot drain while the database fails; stopping with rows left for the next start");
-                }
-            }
-            BatchEnd::BrokerDown(reason) => {
-                self.backlog = false;
-                self.full_scan = true;
-                self.due = !self.draining;
-                self.broker.report_failure();
+            TaskEnd::Batch(BatchEnd::BrokerDown(reason)) => {
+                self.cursor.restart(self.draining);
+                self.relay.publisher.report_failure();
                 debug!(source = %name, %reason, "broker unavailable; waiting for it before claiming again");
+            }
+            TaskEnd::Batch(BatchEnd::Db(err)) => self.db_failed(&err),
+            TaskEnd::Flag { armed, result } => {
+                self.flag.running = false;
+                match result {
+                    Ok(FlagSet::Done) => {
+                        self.flag.last = Some(armed);
+                        if armed {
+                            self.cursor.linger_until = Some(Instant::now() + RECHECK_AFTER_ARM);
+                        }
+                        // Claim once more. Just armed: for rows whose commit
+                        // read the flag before it was armed. Just disarmed:
+                        // the claims may have caught up meanwhile (an empty
+                        // claim while this task ran could not arm), and with
+                        // the flag down nothing else would wake us.
+                        self.cursor.due = !self.draining;
+                    }
+                    Ok(FlagSet::Missing(reason)) => {
+                        self.flag.exists = false;
+                        warn!(source = %name, error = %reason, "the wake-up flag table is missing (run `outboxd migrate`); new rows are found by the poll every poll_interval");
+                    }
+                    Err(err) => self.db_failed(&err),
+                }
+            }
+            TaskEnd::Sweep(result) => {
+                self.tasks.sweep_running = false;
+                match result {
+                    Ok(released) => {
+                        self.db_ok(false);
+                        if released > 0 {
+                            info!(source = %name, rows = released, "released held rows whose earlier rows are gone");
+                            self.cursor.due = !self.draining;
+                        }
+                    }
+                    Err(err) => self.db_failed(&err),
+                }
             }
         }
     }
 
-    /// Keeps the wake-up flag in step with the claims: armed once caught
-    /// up (an empty claim), disarmed while busy (a claim that found rows).
-    fn flag_after(&mut self, report: &Claimed) {
-        if self.flag_busy || self.sweep_busy || !self.flag_exists || self.draining {
-            return;
+    fn db_failed(&mut self, err: &DbError) {
+        let name = &self.relay.config.name;
+        // Look again: the dead-letter table may be what went away.
+        self.relay.capture.after_error();
+        self.cursor.restart(self.draining);
+        let (delay, failures) = self.pause.db_failed();
+        self.relay.metrics.error(SourceError::Database).inc();
+        self.relay.metrics.up.set(0);
+        let error = ErrorChain(err).to_string();
+        let was_up = self.relay.health.set_db_up(false, Some(error.clone()));
+        if was_up || failures == 1 {
+            warn!(source = %name, %error, retry_in = ?delay, "source database failed; rows stay in the outbox, retrying");
+        } else {
+            debug!(source = %name, %error, attempt = failures, retry_in = ?delay, "source database still failing");
         }
-        let want = report.rows == 0;
-        let recheck = std::mem::take(&mut self.flag_recheck);
-        if self.flag != Some(want) || (want && recheck) {
-            self.flag_busy = true;
-            self.tasks.spawn(set_flag(self.source.clone(), want));
+        if self.draining {
+            warn!(source = %name, "cannot drain while the database fails; stopping with rows left for the next start");
+        }
+    }
+
+    fn db_ok(&mut self, settled: bool) {
+        self.pause.db_ok(settled);
+        self.relay.metrics.up.set(1);
+        if !self.relay.health.set_db_up(true, None) {
+            info!(source = %self.relay.config.name, "source database reachable");
         }
     }
 
     /// What the next claim takes, or `None` if there is nothing to claim
     /// from (aggregate order with every owned partition busy or none owned).
     fn claim_from(&self) -> Option<ClaimFrom> {
-        let cfg = &self.source.config;
-        if cfg.ordering == RowOrder::None {
+        let cfg = &self.relay.config;
+        if cfg.ordering == Ordering::None {
             // Only a backlog run claims after the frontier: there the head
             // of the table is locked by the batches in flight. Otherwise the
             // claim starts at the head, where a row with a lower id that
             // committed late (ids are taken at insert, not at commit) waits.
-            let after = if self.full_scan || !self.backlog {
+            let after = if self.cursor.full_scan || !self.cursor.backlog {
                 0
             } else {
-                self.frontier
+                self.cursor.frontier
             };
             return Some(ClaimFrom::After(after));
         }
@@ -434,7 +427,7 @@ impl Loop {
         let free: Vec<i32> = owned
             .iter()
             .copied()
-            .filter(|p| !self.busy.values().any(|held| held.contains(p)))
+            .filter(|p| !self.tasks.holds(*p))
             .collect();
         if free.is_empty() {
             return None;
@@ -448,21 +441,5 @@ impl Loop {
             owned.len().div_ceil(cfg.max_in_flight) as i64
         };
         Some(ClaimFrom::Partitions { free, most })
-    }
-
-    /// The database answered. `settled`: a batch committed every change it
-    /// planned, which ends a run of failures at once; any other success
-    /// ends it only after a quiet spell as long as the longest pause.
-    fn db_ok(&mut self, settled: bool) {
-        let quiet = self
-            .last_db_failure
-            .is_none_or(|t| t.elapsed() >= DB_RETRY.max);
-        if settled || quiet {
-            self.db_failures = 0;
-        }
-        self.source.metrics.up.set(1);
-        if !self.source.health.set_db_up(true, None) {
-            info!(source = %self.source.config.name, "source database reachable");
-        }
     }
 }

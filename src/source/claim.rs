@@ -9,11 +9,199 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use deadpool_postgres::{Object, Pool};
 use tokio_postgres::Row;
 use tokio_postgres::types::FromSql;
 
+use super::capture::{Claim, ClaimFrom, Claimed};
+use super::{DbError, Source, step};
 use crate::ident::TableName;
 use crate::message::OutboxRow;
+
+/// A claimed batch: a pooled connection with its transaction open, so the
+/// claimed rows stay locked (`FOR UPDATE`) until the batch is settled or
+/// given back. Dropped while still open (its task aborted, a step failed),
+/// it is rolled back on a task of its own, and if even that fails the
+/// connection leaves the pool: PostgreSQL rolls back when it closes.
+pub struct PollBatch {
+    client: Option<Object>,
+}
+
+impl PollBatch {
+    async fn begin(pool: &Pool) -> Result<Self, DbError> {
+        let client = step("get a connection", pool.get()).await?;
+        let batch = Self {
+            client: Some(client),
+        };
+        step("begin", batch.client().batch_execute("BEGIN")).await?;
+        Ok(batch)
+    }
+
+    /// The connection, inside the batch's transaction.
+    pub fn client(&self) -> &Object {
+        // Only `finish` takes it, and it consumes the batch.
+        self.client
+            .as_ref()
+            .expect("a batch holds its connection until it is finished")
+    }
+
+    pub async fn commit(self) -> Result<(), DbError> {
+        self.finish("commit", "COMMIT").await
+    }
+
+    pub async fn rollback(self) -> Result<(), DbError> {
+        self.finish("rollback", "ROLLBACK").await
+    }
+
+    async fn finish(mut self, what: &'static str, sql: &str) -> Result<(), DbError> {
+        step(what, self.client().batch_execute(sql)).await?;
+        // Back to the pool, transaction closed.
+        self.client.take();
+        Ok(())
+    }
+}
+
+impl Drop for PollBatch {
+    fn drop(&mut self) {
+        let Some(client) = self.client.take() else {
+            return;
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(async move {
+                    let rolled_back =
+                        tokio::time::timeout(super::DB_TIMEOUT, client.batch_execute("ROLLBACK"))
+                            .await;
+                    if !matches!(rolled_back, Ok(Ok(()))) {
+                        drop(Object::take(client));
+                    }
+                });
+            }
+            Err(_) => drop(Object::take(client)),
+        }
+    }
+}
+
+/// Claims the next due rows of `source`. Empty claims are finished here:
+/// committed if the walk marked rows held, else rolled back, so the
+/// connection is back in the pool before the loop hears of it.
+pub async fn claim(source: &Source, from: ClaimFrom) -> Result<Claim<PollBatch>, DbError> {
+    let batch = PollBatch::begin(&source.pool).await?;
+    let (rows, report, looked) = match from {
+        ClaimFrom::After(after) => after_id(source, &batch, after).await?,
+        ClaimFrom::Partitions { free, most } => heads(source, &batch, free, most).await?,
+    };
+    // Only a row without an id fails the claim; any other column that
+    // cannot be read makes a bad row of its own (parked, named by its id).
+    let rows = rows
+        .iter()
+        .map(decode)
+        .collect::<Result<Vec<OutboxRow>, _>>()
+        .map_err(|e| DbError::Failed {
+            step: "decode claimed rows (does the table match sql/outbox.sql?)",
+            source: Box::new(e),
+        })?;
+    if rows.is_empty() {
+        // Commit rather than roll back when the walk looked at rows: it
+        // may have marked some held, and that must stay.
+        if looked {
+            batch.commit().await?;
+        } else {
+            batch.rollback().await?;
+        }
+        return Ok(Claim {
+            rows,
+            report,
+            batch: None,
+        });
+    }
+    Ok(Claim {
+        rows,
+        report,
+        batch: Some(batch),
+    })
+}
+
+/// `ordering = "none"`: due rows after an id. Returns (rows, report, walked).
+async fn after_id(
+    source: &Source,
+    batch: &PollBatch,
+    after: i64,
+) -> Result<(Vec<Row>, Claimed, bool), DbError> {
+    let client = batch.client();
+    let limit = source.config.batch_size as i64;
+    let stmt = step(
+        "prepare claim",
+        client.prepare_cached(&source.queries.claim),
+    )
+    .await?;
+    let rows = step("claim", client.query(&stmt, &[&limit, &after])).await?;
+    let report = Claimed {
+        rows: rows.len(),
+        max_id: rows
+            .last()
+            .and_then(|r| r.try_get::<_, i64>(0).ok())
+            .unwrap_or(after),
+        full: rows.len() >= source.config.batch_size,
+        partitions: Vec::new(),
+    };
+    Ok((rows, report, false))
+}
+
+/// `ordering = "aggregate"`: lock the free partitions with the oldest due
+/// rows, then take the head of each aggregate in them (see `order.rs`).
+async fn heads(
+    source: &Source,
+    batch: &PollBatch,
+    free: Vec<i32>,
+    most: i64,
+) -> Result<(Vec<Row>, Claimed, bool), DbError> {
+    let client = batch.client();
+    let order = &source.queries.order;
+    let limit = source.config.batch_size as i64;
+    // To find the partitions with the oldest rows, a few rows per
+    // partition wanted are enough; the claim walks the full batch.
+    let look = (most * 4).clamp(64, limit.max(64));
+    let stmt = step("prepare partition lock", client.prepare_cached(&order.lock)).await?;
+    let locked: Vec<i32> = step(
+        "lock partitions",
+        client.query_one(
+            &stmt,
+            &[&free, &look, &source.queries.lock_keys.batch, &most],
+        ),
+    )
+    .await?
+    .try_get(0)
+    .unwrap_or_default();
+    let mut walked = Vec::new();
+    if !locked.is_empty() {
+        // A new statement, so its snapshot sees every commit of the
+        // batches that held these partitions before us.
+        let sql = if source.dead.exists(client).await? {
+            &order.claim
+        } else {
+            &order.claim_no_dead
+        };
+        let stmt = step("prepare claim", client.prepare_cached(sql)).await?;
+        walked = step("claim", client.query(&stmt, &[&locked, &limit])).await?;
+    }
+    let looked_at = walked.len();
+    // Rows that are not the head of their aggregate come back with no
+    // columns; the claim may have marked them held.
+    walked.retain(|r| r.try_get::<_, Option<i64>>(0).ok().flatten().is_some());
+    let report = Claimed {
+        rows: walked.len(),
+        max_id: 0,
+        full: looked_at >= source.config.batch_size,
+        // A batch with nothing to send ends at once and holds nothing.
+        partitions: if walked.is_empty() {
+            Vec::new()
+        } else {
+            locked
+        },
+    };
+    Ok((walked, report, looked_at > 0))
+}
 
 /// The columns every claim returns, in this order: the one definition that
 /// both claim statements (`ordering` none and aggregate) and [`decode`] use.

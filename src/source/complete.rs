@@ -1,52 +1,22 @@
-//! Step 5: settle a batch in the claim transaction. Delivered rows are
-//! deleted (or marked). A failed row is either retried (`attempts + 1`, its
-//! `last_error`, and an `available_at` in the future, so it steps aside for
-//! the backoff time while the rest of the table keeps flowing) or parked:
-//! moved to the dead-letter table, where it no longer blocks anything and
-//! an operator can see it and replay it. [`decide`] is the one place that
-//! chooses between the two.
+//! Step 5: settle a batch in the claim transaction, as the relay planned
+//! it ([`Plan`]). Delivered rows are deleted (or marked). A failed row is
+//! either retried (`attempts + 1`, its `last_error`, and an `available_at`
+//! in the future, so it steps aside for the backoff time while the rest of
+//! the table keeps flowing) or parked: moved to the dead-letter table,
+//! where it no longer blocks anything and an operator can see it and
+//! replay it. With `ordering = "aggregate"` the next row of each delivered
+//! aggregate is released. Whether to retry or park is the relay's choice
+//! (`relay::decide`).
 
-use deadpool_postgres::Transaction;
+use deadpool_postgres::Object;
 use tokio_postgres::types::ToSql;
 
 use crate::config::AfterPublish;
 use crate::ident::TableName;
-use crate::sink::FailureReason;
 use crate::telemetry::ErrorChain;
 
 /// `last_error` is for people; a few hundred bytes say enough.
 const MAX_ERROR_CHARS: usize = 500;
-
-/// What happens to a row that was not delivered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Disposition {
-    Retry,
-    Park,
-}
-
-/// Retry or park a row that failed for `reason` on attempt number `attempt`
-/// (1 for the first try).
-pub fn decide(reason: FailureReason, attempt: u32, max_attempts: u32) -> Disposition {
-    match reason {
-        // The row's content is the problem; trying again cannot help.
-        FailureReason::BadRow => Disposition::Park,
-        // The broker refuses this row (no route, no exchange, a full queue
-        // that rejects): likely to need an operator after enough tries.
-        FailureReason::Returned
-        | FailureReason::Nacked
-        | FailureReason::ExchangeNotFound
-        | FailureReason::Refused => {
-            if attempt >= max_attempts {
-                Disposition::Park
-            } else {
-                Disposition::Retry
-            }
-        }
-        // The broker or the link failed, not the row: never park for it,
-        // however long an outage lasts.
-        FailureReason::Timeout | FailureReason::Connection => Disposition::Retry,
-    }
-}
 
 pub struct Sql {
     delivered: String,
@@ -107,8 +77,8 @@ pub struct Plan {
     pub delivered: Vec<i64>,
     /// Rows to try again later: (id, error, delay in ms).
     pub retry: Vec<(i64, String, i64)>,
-    /// Rows to move to the dead-letter table: (id, error, reason).
-    pub park: Vec<(i64, String, FailureReason)>,
+    /// Rows to move to the dead-letter table: (id, error, reason label).
+    pub park: Vec<(i64, String, &'static str)>,
     /// Each row's delay in ms for a retry, should its delivered or parked
     /// settlement be refused by the database.
     pub fallback_delay_ms: Vec<(i64, i64)>,
@@ -122,7 +92,7 @@ impl Plan {
         self.retry.push((id, clip(error), delay_ms));
     }
 
-    pub fn park(&mut self, id: i64, error: &str, reason: FailureReason) {
+    pub fn park(&mut self, id: i64, error: &str, reason: &'static str) {
         self.park.push((id, clip(error), reason));
     }
 
@@ -141,8 +111,8 @@ fn clip(error: &str) -> String {
 /// What settling came to, once the transaction commits.
 #[derive(Debug, Default)]
 pub struct Settled {
-    /// Rows moved to the dead-letter table, with their reason.
-    pub parked: Vec<(i64, FailureReason)>,
+    /// Rows moved to the dead-letter table.
+    pub parked: Vec<i64>,
     /// Rows the database would not settle as planned (a delivered row it
     /// would not delete, a row it would not park): they were rescheduled
     /// with backoff instead, with this error in `last_error`.
@@ -164,17 +134,13 @@ pub struct Settled {
 /// row that cannot be removed, or a bad row that cannot be parked, is
 /// rescheduled with backoff instead, its `last_error` saying why. Only an
 /// error of the connection itself fails the whole batch.
-pub async fn settle(
-    tx: &Transaction<'_>,
-    sql: &Sql,
-    plan: &Plan,
-) -> Result<Settled, tokio_postgres::Error> {
+pub async fn settle(tx: &Object, sql: &Sql, plan: &Plan) -> Result<Settled, tokio_postgres::Error> {
     tx.batch_execute("SAVEPOINT outboxd_settle").await?;
     match settle_all(tx, sql, plan).await {
         Ok(()) => {
             tx.batch_execute("RELEASE SAVEPOINT outboxd_settle").await?;
             Ok(Settled {
-                parked: plan.park.iter().map(|(id, _, r)| (*id, *r)).collect(),
+                parked: plan.park.iter().map(|(id, _, _)| *id).collect(),
                 ..Settled::default()
             })
         }
@@ -187,11 +153,7 @@ pub async fn settle(
     }
 }
 
-async fn settle_all(
-    tx: &Transaction<'_>,
-    sql: &Sql,
-    plan: &Plan,
-) -> Result<(), tokio_postgres::Error> {
+async fn settle_all(tx: &Object, sql: &Sql, plan: &Plan) -> Result<(), tokio_postgres::Error> {
     if !plan.delivered.is_empty() {
         let stmt = tx.prepare_cached(&sql.delivered).await?;
         tx.execute(&stmt, &[&plan.delivered]).await?;
@@ -206,7 +168,7 @@ async fn settle_all(
     if !plan.park.is_empty() {
         let ids: Vec<i64> = plan.park.iter().map(|r| r.0).collect();
         let errors: Vec<&str> = plan.park.iter().map(|r| r.1.as_str()).collect();
-        let reasons: Vec<&str> = plan.park.iter().map(|r| r.2.as_str()).collect();
+        let reasons: Vec<&str> = plan.park.iter().map(|r| r.2).collect();
         let stmt = tx.prepare_cached(&sql.parked).await?;
         tx.execute(&stmt, &[&ids, &errors, &reasons]).await?;
     }
@@ -219,7 +181,7 @@ async fn settle_all(
 
 /// The slow path: each row on its own, under a savepoint.
 async fn settle_each(
-    tx: &Transaction<'_>,
+    tx: &Object,
     sql: &Sql,
     plan: &Plan,
 ) -> Result<Settled, tokio_postgres::Error> {
@@ -242,10 +204,9 @@ async fn settle_each(
         }
     }
     for (id, error, reason) in &plan.park {
-        let params: [&(dyn ToSql + Sync); 3] =
-            [&vec![*id], &vec![error.as_str()], &vec![reason.as_str()]];
+        let params: [&(dyn ToSql + Sync); 3] = [&vec![*id], &vec![error.as_str()], &vec![*reason]];
         match one(tx, &sql.parked, &params).await? {
-            Ok(()) => out.parked.push((*id, *reason)),
+            Ok(()) => out.parked.push(*id),
             Err(e) => reschedule.push((*id, format!("cannot be parked ({e}): {error}"))),
         }
     }
@@ -272,7 +233,7 @@ async fn settle_each(
 /// failing (the batch is lost); the inner one is the database refusing
 /// this statement, already rolled back to the savepoint.
 async fn one(
-    tx: &Transaction<'_>,
+    tx: &Object,
     sql: &str,
     params: &[&(dyn ToSql + Sync)],
 ) -> Result<Result<(), String>, tokio_postgres::Error> {
@@ -292,38 +253,6 @@ async fn one(
             tx.batch_execute("ROLLBACK TO SAVEPOINT outboxd_row")
                 .await?;
             Ok(Err(ErrorChain(&err).to_string()))
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use FailureReason::*;
-
-    #[test]
-    fn decides_retry_or_park_in_one_place() {
-        let cases = [
-            // a bad row is parked on its first attempt
-            (BadRow, 1, 10, Disposition::Park),
-            // refused by the broker: retried until the last attempt...
-            (Returned, 1, 10, Disposition::Retry),
-            (Nacked, 9, 10, Disposition::Retry),
-            // ...and parked on it
-            (ExchangeNotFound, 10, 10, Disposition::Park),
-            (Returned, 11, 10, Disposition::Park),
-            // max_attempts = 1 parks at the first refusal
-            (Nacked, 1, 1, Disposition::Park),
-            // outages never park, however many attempts
-            (Timeout, 1000, 10, Disposition::Retry),
-            (Connection, 1000, 10, Disposition::Retry),
-        ];
-        for (reason, attempt, max, want) in cases {
-            assert_eq!(
-                decide(reason, attempt, max),
-                want,
-                "{reason} attempt {attempt}/{max}"
-            );
         }
     }
 }

@@ -12,7 +12,7 @@
 
 use tokio_postgres::error::SqlState;
 
-use super::{DB_TIMEOUT, DbError, Source, step};
+use super::{DB_TIMEOUT, DbError, FlagSet, Source, step};
 use crate::ident::TableName;
 use crate::telemetry::ErrorChain;
 
@@ -36,16 +36,8 @@ impl Sql {
     }
 }
 
-/// What setting the flag came to.
-pub enum Set {
-    Done,
-    /// The flag table does not exist (an outbox migrated by an older
-    /// version or by hand): the source runs on the poll alone.
-    Missing(String),
-}
-
 /// Arms (`true`) or disarms (`false`) the flag, in its own short transaction.
-pub async fn set(source: &Source, armed: bool) -> Result<Set, DbError> {
+pub async fn set(source: &Source, armed: bool) -> Result<FlagSet, DbError> {
     let what = if armed {
         "arm the wake-up flag"
     } else {
@@ -58,13 +50,13 @@ pub async fn set(source: &Source, armed: bool) -> Result<Set, DbError> {
     };
     let client = step("get a connection", source.pool.get()).await?;
     match tokio::time::timeout(DB_TIMEOUT, client.execute(sql, &[])).await {
-        Ok(Ok(_)) => Ok(Set::Done),
+        Ok(Ok(_)) => Ok(FlagSet::Done),
         Ok(Err(e)) if e.code() == Some(&SqlState::UNDEFINED_TABLE) => {
-            Ok(Set::Missing(ErrorChain(&e).to_string()))
+            Ok(FlagSet::Missing(ErrorChain(&e).to_string()))
         }
         Ok(Err(e)) => Err(DbError::Failed {
             step: what,
-            message: ErrorChain(&e).to_string(),
+            source: Box::new(e),
         }),
         Err(_) => Err(DbError::TimedOut { step: what }),
     }

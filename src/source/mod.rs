@@ -1,9 +1,12 @@
-//! The database side of one source: its pool, its wake-ups, the claim and
-//! completion statements, and the background upkeep (backlog gauge, retention).
+//! The database side of one source: where rows come from (the polling
+//! [`Capture`]: claim, settle), its pool, its wake-ups, and the background
+//! upkeep (backlog gauges, retention). Nothing here knows the broker.
 
 pub mod backlog;
+pub mod capture;
 pub mod claim;
 pub mod complete;
+pub mod dead;
 pub mod flag;
 pub mod health;
 pub mod order;
@@ -12,15 +15,15 @@ pub mod retention;
 pub mod wakeup;
 
 use std::sync::Arc;
-use std::sync::atomic::AtomicU8;
 use std::time::Duration;
 
 use deadpool_postgres::Pool;
 use tokio::sync::{Notify, watch};
 
-use crate::config::SourceConfig;
+use crate::config::{Ordering, SourceConfig};
 use crate::metrics::SourceMetrics;
-use crate::sink::rabbitmq::Publisher;
+pub use capture::{Capture, Claim, ClaimFrom, Claimed, FlagSet};
+pub use complete::{Plan, Settled};
 pub use health::SourceHealth;
 
 /// Statement timeout we apply on our side to every database round trip, so a
@@ -33,18 +36,16 @@ pub struct Queries {
     pub complete: complete::Sql,
     pub backlog: String,
     pub flag: flag::Sql,
-    /// Whether the dead-letter table exists.
-    pub dead_exists: String,
     /// `ordering = "aggregate"`: claims, releases, the sweep, relay count.
     pub order: order::Sql,
     pub lock_keys: order::LockKeys,
 }
 
-/// Everything one source's tasks share.
+/// One source database: everything its tasks share. It is the polling
+/// [`Capture`] of the relay loop (see `capture.rs`).
 pub struct Source {
     pub config: SourceConfig,
     pub pool: Pool,
-    pub publisher: Publisher,
     pub metrics: SourceMetrics,
     pub health: Arc<SourceHealth>,
     pub queries: Queries,
@@ -53,52 +54,36 @@ pub struct Source {
     /// `ordering = "aggregate"`: the partitions this relay owns, kept by the
     /// listener (which holds their locks) and read by the relay loop.
     pub partitions: watch::Sender<Arc<Vec<i32>>>,
-    /// Whether the dead-letter table exists: [`DEAD_UNKNOWN`] until a batch
-    /// or the sweep (every 30 s) has looked, and again after a database
-    /// error. While it is missing nothing is parked (failing rows are
-    /// retried instead, because a batch whose parking fails would roll back
-    /// and resend its delivered rows again and again) and no aggregate waits
-    /// for a parked row.
-    pub dead_table: AtomicU8,
+    pub dead: dead::DeadTable,
 }
-
-pub const DEAD_UNKNOWN: u8 = 0;
-pub const DEAD_EXISTS: u8 = 1;
-pub const DEAD_MISSING: u8 = 2;
 
 impl Source {
     pub fn new(
         config: SourceConfig,
         pool: Pool,
-        publisher: Publisher,
         metrics: SourceMetrics,
+        health: Arc<SourceHealth>,
     ) -> Self {
         let order = order::Sql::new(&config);
-        let release = (config.ordering == crate::config::Ordering::Aggregate)
-            .then(|| order.release_next.clone());
+        let release = (config.ordering == Ordering::Aggregate).then(|| order.release_next.clone());
         let queries = Queries {
             claim: claim::sql(&config.table),
             complete: complete::Sql::new(&config.table, config.after_publish, release),
             backlog: backlog::sql(&config),
             flag: flag::Sql::new(&config.table),
-            dead_exists: format!(
-                "SELECT to_regclass({}) IS NOT NULL",
-                crate::ident::quote_literal(&config.table.sibling("_dead"))
-            ),
             order,
             lock_keys: order::LockKeys::new(&config.table),
         };
         metrics.up.set(0);
         Self {
-            health: Arc::new(SourceHealth::new(&config.name)),
+            dead: dead::DeadTable::new(&config.name, &config.table),
+            health,
             config,
             pool,
-            publisher,
             metrics,
             queries,
             wake: Notify::new(),
             partitions: watch::Sender::new(Arc::new(Vec::new())),
-            dead_table: AtomicU8::new(DEAD_UNKNOWN),
         }
     }
 }
@@ -133,11 +118,15 @@ async fn connect_inner(config: &SourceConfig) -> Result<tokio_postgres::Client, 
     }
 }
 
-/// A database step that failed, with the step named for the log.
+/// A database step that failed, with the step named and its cause kept.
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
-    #[error("{step}: {message}")]
-    Failed { step: &'static str, message: String },
+    #[error("{step} failed")]
+    Failed {
+        step: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("{step}: no answer within {DB_TIMEOUT:?}")]
     TimedOut { step: &'static str },
 }
@@ -148,13 +137,13 @@ pub async fn step<T, E>(
     fut: impl std::future::Future<Output = Result<T, E>>,
 ) -> Result<T, DbError>
 where
-    E: std::error::Error,
+    E: std::error::Error + Send + Sync + 'static,
 {
     match tokio::time::timeout(DB_TIMEOUT, fut).await {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => Err(DbError::Failed {
             step,
-            message: crate::telemetry::ErrorChain(&e).to_string(),
+            source: Box::new(e),
         }),
         Err(_) => Err(DbError::TimedOut { step }),
     }

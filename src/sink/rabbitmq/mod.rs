@@ -13,4 +13,4 @@ mod publish;
 mod tls;
 
 pub use connection::{Broker, BrokerMetrics};
-pub use publish::{BrokerUnavailable, Publisher, exchange_exists};
+pub use publish::{RabbitPublisher, exchange_exists};

@@ -25,8 +25,9 @@ use super::connection::Broker;
 use super::frame;
 use super::isolate::{self, Suspects};
 use crate::message::Outbound;
-use crate::sink::{Failure, FailureReason, Outcome};
+use crate::sink::{Failure, FailureReason, Outcome, Publisher, Unavailable};
 use crate::telemetry::ErrorChain;
+use tokio_util::sync::CancellationToken;
 
 /// How long an exchange found by a passive declare is trusted to exist.
 const EXCHANGE_TTL: Duration = Duration::from_secs(60);
@@ -37,13 +38,9 @@ struct PublishFailed {
     refusal: Option<String>,
 }
 
-/// The broker could not be used at all; no message of the batch was sent.
-#[derive(Debug, thiserror::Error)]
-#[error("rabbitmq is unavailable: {0}")]
-pub struct BrokerUnavailable(pub String);
-
-/// A source's publisher: its channel pool and its exchange cache.
-pub struct Publisher {
+/// A source's publisher on RabbitMQ: its channel pool and its exchange
+/// cache, over the process's one connection ([`Broker`]).
+pub struct RabbitPublisher {
     broker: Arc<Broker>,
     idle: Mutex<Vec<Channel>>,
     exchanges: Mutex<HashMap<ShortString, Instant>>,
@@ -52,7 +49,7 @@ pub struct Publisher {
     suspects: Suspects,
 }
 
-impl Publisher {
+impl RabbitPublisher {
     pub fn new(broker: Arc<Broker>, confirm_timeout: Duration) -> Self {
         Self {
             broker,
@@ -63,17 +60,105 @@ impl Publisher {
         }
     }
 
+    fn forget_exchanges(&self) {
+        self.exchanges
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+    }
+
+    /// A confirm-mode channel: a pooled one if it is still open, else a new one.
+    async fn channel(&self, conn: &Connection) -> Result<Channel, Unavailable> {
+        loop {
+            let pooled = self
+                .idle
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .pop();
+            match pooled {
+                Some(ch) if ch.status().connected() => return Ok(ch),
+                Some(_) => continue,
+                None => break,
+            }
+        }
+        let unavailable = |what: &str, err: lapin::Error| {
+            self.broker.report_failure();
+            Unavailable(format!("{what}: {}", ErrorChain(&err)))
+        };
+        let ch = conn
+            .create_channel()
+            .await
+            .map_err(|e| unavailable("cannot open a channel", e))?;
+        ch.confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(|e| unavailable("cannot enable publisher confirms", e))?;
+        Ok(ch)
+    }
+
+    /// Exchanges named in `messages` that do not exist on the broker.
+    async fn missing_exchanges(
+        &self,
+        conn: &Connection,
+        messages: &[Result<Outbound, Failure>],
+    ) -> Result<HashSet<ShortString>, Unavailable> {
+        let mut to_check: Vec<&ShortString> = Vec::new();
+        {
+            let known = self
+                .exchanges
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            for m in messages.iter().flatten() {
+                // The default exchange always exists.
+                if m.exchange.as_str().is_empty() || to_check.contains(&&m.exchange) {
+                    continue;
+                }
+                let fresh = known
+                    .get(&m.exchange)
+                    .is_some_and(|seen| seen.elapsed() < EXCHANGE_TTL);
+                if !fresh {
+                    to_check.push(&m.exchange);
+                }
+            }
+        }
+        let mut missing = HashSet::new();
+        for exchange in to_check {
+            if exchange_exists(conn, exchange).await? {
+                self.exchanges
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .insert(exchange.clone(), Instant::now());
+            } else {
+                missing.insert(exchange.clone());
+            }
+        }
+        Ok(missing)
+    }
+}
+
+impl Publisher for RabbitPublisher {
+    fn can_publish(&self) -> bool {
+        self.broker.can_publish()
+    }
+
+    async fn publishable(&self, stop: &CancellationToken) {
+        self.broker.wait_publishable(stop).await;
+    }
+
+    fn report_failure(&self) {
+        self.broker.report_failure();
+    }
+
     /// Sends a batch. `messages[i]` is either a message or the reason the
     /// row could not become one; the result has one outcome per entry, in
     /// order. `Err` means nothing was sent (no connection, no channel).
-    pub async fn send(
+    async fn send(
         &self,
         messages: Vec<Result<Outbound, Failure>>,
-    ) -> Result<Vec<Outcome>, BrokerUnavailable> {
+    ) -> Result<Vec<Outcome>, Unavailable> {
         let conn = self
             .broker
             .connection()
-            .ok_or_else(|| BrokerUnavailable("not connected".to_owned()))?;
+            .ok_or_else(|| Unavailable("not connected".to_owned()))?;
         let missing = self.missing_exchanges(&conn, &messages).await?;
         let frame_max = conn.configuration().frame_max();
         let channel = self.channel(&conn).await?;
@@ -162,16 +247,9 @@ impl Publisher {
         Ok(outcomes)
     }
 
-    fn forget_exchanges(&self) {
-        self.exchanges
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clear();
-    }
-
     /// Closes the idle channels (at shutdown, before the connection closes,
     /// so lapin does not report channels closing on a closed connection).
-    pub async fn close(&self) {
+    async fn close(&self) {
         let idle: Vec<Channel> =
             std::mem::take(&mut *self.idle.lock().unwrap_or_else(PoisonError::into_inner));
         for ch in idle {
@@ -179,73 +257,6 @@ impl Publisher {
                 let _ = ch.close(200, "outboxd shutting down".into()).await;
             }
         }
-    }
-
-    /// A confirm-mode channel: a pooled one if it is still open, else a new one.
-    async fn channel(&self, conn: &Connection) -> Result<Channel, BrokerUnavailable> {
-        loop {
-            let pooled = self
-                .idle
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .pop();
-            match pooled {
-                Some(ch) if ch.status().connected() => return Ok(ch),
-                Some(_) => continue,
-                None => break,
-            }
-        }
-        let unavailable = |what: &str, err: lapin::Error| {
-            self.broker.report_failure();
-            BrokerUnavailable(format!("{what}: {}", ErrorChain(&err)))
-        };
-        let ch = conn
-            .create_channel()
-            .await
-            .map_err(|e| unavailable("cannot open a channel", e))?;
-        ch.confirm_select(ConfirmSelectOptions::default())
-            .await
-            .map_err(|e| unavailable("cannot enable publisher confirms", e))?;
-        Ok(ch)
-    }
-
-    /// Exchanges named in `messages` that do not exist on the broker.
-    async fn missing_exchanges(
-        &self,
-        conn: &Connection,
-        messages: &[Result<Outbound, Failure>],
-    ) -> Result<HashSet<ShortString>, BrokerUnavailable> {
-        let mut to_check: Vec<&ShortString> = Vec::new();
-        {
-            let known = self
-                .exchanges
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            for m in messages.iter().flatten() {
-                // The default exchange always exists.
-                if m.exchange.as_str().is_empty() || to_check.contains(&&m.exchange) {
-                    continue;
-                }
-                let fresh = known
-                    .get(&m.exchange)
-                    .is_some_and(|seen| seen.elapsed() < EXCHANGE_TTL);
-                if !fresh {
-                    to_check.push(&m.exchange);
-                }
-            }
-        }
-        let mut missing = HashSet::new();
-        for exchange in to_check {
-            if exchange_exists(conn, exchange).await? {
-                self.exchanges
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .insert(exchange.clone(), Instant::now());
-            } else {
-                missing.insert(exchange.clone());
-            }
-        }
-        Ok(missing)
     }
 }
 
@@ -337,11 +348,11 @@ async fn publish_in_order(
 pub async fn exchange_exists(
     conn: &Connection,
     exchange: &ShortString,
-) -> Result<bool, BrokerUnavailable> {
+) -> Result<bool, Unavailable> {
     let probe = conn
         .create_channel()
         .await
-        .map_err(|e| BrokerUnavailable(format!("cannot open a channel: {}", ErrorChain(&e))))?;
+        .map_err(|e| Unavailable(format!("cannot open a channel: {}", ErrorChain(&e))))?;
     let options = ExchangeDeclareOptions {
         passive: true,
         ..ExchangeDeclareOptions::default()
@@ -362,7 +373,7 @@ pub async fn exchange_exists(
             Ok(true)
         }
         Err(err) if is_not_found(&err) => Ok(false),
-        Err(err) => Err(BrokerUnavailable(format!(
+        Err(err) => Err(Unavailable(format!(
             "cannot check exchange {:?}: {}",
             exchange.as_str(),
             ErrorChain(&err)

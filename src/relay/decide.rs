@@ -1,0 +1,223 @@
+//! What becomes of each row once the broker has answered: the one place
+//! that chooses between delivered, retry and park, and which aggregates
+//! may go on. Pure: no database, no broker.
+
+use crate::backoff::Backoff;
+use crate::config::{OnPark, Ordering, SourceConfig};
+use crate::message::OutboxRow;
+use crate::sink::{FailureReason, Outcome};
+use crate::source::Plan;
+
+/// What happens to a row that was not delivered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disposition {
+    Retry,
+    Park,
+}
+
+/// Retry or park a row that failed for `reason` on attempt number `attempt`
+/// (1 for the first try).
+pub fn decide(reason: FailureReason, attempt: u32, max_attempts: u32) -> Disposition {
+    match reason {
+        // The row's content is the problem; trying again cannot help.
+        FailureReason::BadRow => Disposition::Park,
+        // The broker refuses this row (no route, no exchange, a full queue
+        // that rejects, a refusal that closed the channel): likely to need
+        // an operator after enough tries.
+        FailureReason::Returned
+        | FailureReason::Nacked
+        | FailureReason::ExchangeNotFound
+        | FailureReason::Refused => {
+            if attempt >= max_attempts {
+                Disposition::Park
+            } else {
+                Disposition::Retry
+            }
+        }
+        // The broker or the link failed, not the row: never park for it,
+        // however long an outage lasts.
+        FailureReason::Timeout | FailureReason::Connection => Disposition::Retry,
+    }
+}
+
+/// The attempt a failure of `row` is (1 for its first try).
+pub fn attempt_of(row: &OutboxRow) -> u32 {
+    u32::try_from(row.attempts).unwrap_or(0).saturating_add(1)
+}
+
+fn delay_ms(retry: &Backoff, attempt: u32) -> i64 {
+    i64::try_from(retry.jittered(attempt).as_millis()).unwrap_or(i64::MAX)
+}
+
+/// The settlement of a batch: `outcomes[i]` is the broker's answer for
+/// `rows[i]`. Without a dead-letter table (`can_park` false) failing rows
+/// are retried, never parked.
+pub fn plan(cfg: &SourceConfig, rows: &[OutboxRow], outcomes: &[Outcome], can_park: bool) -> Plan {
+    let mut plan = Plan::default();
+    for (row, outcome) in rows.iter().zip(outcomes) {
+        let attempt = attempt_of(row);
+        plan.fallback_delay_ms
+            .push((row.id, delay_ms(&cfg.retry, attempt)));
+        match outcome {
+            Outcome::Delivered => plan.delivered.push(row.id),
+            Outcome::Failed(f) => {
+                let disposition = if can_park {
+                    decide(f.reason, attempt, cfg.max_attempts)
+                } else {
+                    Disposition::Retry
+                };
+                match disposition {
+                    Disposition::Retry => {
+                        plan.retry(row.id, &f.to_string(), delay_ms(&cfg.retry, attempt))
+                    }
+                    Disposition::Park => plan.park(row.id, &f.to_string(), f.reason.as_str()),
+                }
+            }
+        }
+    }
+    let parked: Vec<i64> = plan.park.iter().map(|p| p.0).collect();
+    plan.release = release_list(cfg, rows, &plan.delivered, &parked);
+    plan
+}
+
+/// `ordering = "aggregate"`: the aggregates whose next row may go now,
+/// those of the delivered rows (and of the parked ones with
+/// `on_park = "continue"`), as (types, ids).
+pub fn release_list(
+    cfg: &SourceConfig,
+    rows: &[OutboxRow],
+    delivered: &[i64],
+    parked: &[i64],
+) -> Option<(Vec<String>, Vec<String>)> {
+    if cfg.ordering != Ordering::Aggregate {
+        return None;
+    }
+    let go_on = cfg.on_park == OnPark::Continue;
+    let (types, ids): (Vec<String>, Vec<String>) = rows
+        .iter()
+        .filter(|r| delivered.contains(&r.id) || (go_on && parked.contains(&r.id)))
+        .map(|r| (r.aggregate_type.clone(), r.aggregate_id.clone()))
+        .unzip();
+    (!types.is_empty()).then_some((types, ids))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::sink::Failure;
+    use FailureReason::*;
+
+    #[test]
+    fn decides_retry_or_park_in_one_place() {
+        let cases = [
+            // a bad row is parked on its first attempt
+            (BadRow, 1, 10, Disposition::Park),
+            // refused by the broker: retried until the last attempt...
+            (Returned, 1, 10, Disposition::Retry),
+            (Nacked, 9, 10, Disposition::Retry),
+            (Refused, 9, 10, Disposition::Retry),
+            // ...and parked on it
+            (ExchangeNotFound, 10, 10, Disposition::Park),
+            (Returned, 11, 10, Disposition::Park),
+            (Refused, 10, 10, Disposition::Park),
+            // max_attempts = 1 parks at the first refusal
+            (Nacked, 1, 1, Disposition::Park),
+            // outages never park, however many attempts
+            (Timeout, 1000, 10, Disposition::Retry),
+            (Connection, 1000, 10, Disposition::Retry),
+        ];
+        for (reason, attempt, max, want) in cases {
+            assert_eq!(
+                decide(reason, attempt, max),
+                want,
+                "{reason} attempt {attempt}/{max}"
+            );
+        }
+    }
+
+    fn config(extra: &str) -> SourceConfig {
+        let text = format!(
+            "[rabbitmq]\nurl = \"amqp://127.0.0.1\"\n[[source]]\nname = \"s\"\n\
+             database_url = \"postgres://u@h/db\"\nmax_attempts = 3\n{extra}"
+        );
+        let mut config = Config::from_toml(&text, &|_| None).expect("test config");
+        config.sources.remove(0)
+    }
+
+    fn row(id: i64, aggregate: &str, attempts: i32) -> OutboxRow {
+        OutboxRow {
+            id,
+            aggregate_type: "order".into(),
+            aggregate_id: aggregate.into(),
+            event_type: "E".into(),
+            payload: "{}".into(),
+            headers: String::new(),
+            dedup_key: format!("k{id}"),
+            exchange: None,
+            routing_key: None,
+            created_at: std::time::UNIX_EPOCH,
+            attempts,
+            undecodable: None,
+        }
+    }
+
+    fn failed(reason: FailureReason) -> Outcome {
+        Outcome::Failed(Failure::new(reason, "x"))
+    }
+
+    #[test]
+    fn a_plan_sends_each_row_where_its_outcome_says() {
+        let cfg = config("");
+        let rows = [
+            row(1, "a", 0),
+            row(2, "b", 0),
+            row(3, "c", 2),
+            row(4, "d", 0),
+        ];
+        let outcomes = [
+            Outcome::Delivered,
+            failed(Nacked),
+            // the third refusal of row 3: max_attempts reached
+            failed(Returned),
+            failed(BadRow),
+        ];
+        let plan = plan(&cfg, &rows, &outcomes, true);
+        assert_eq!(plan.delivered, [1]);
+        assert_eq!(plan.retry.iter().map(|r| r.0).collect::<Vec<_>>(), [2]);
+        let parked: Vec<(i64, &str)> = plan.park.iter().map(|p| (p.0, p.2)).collect();
+        assert_eq!(parked, [(3, "returned"), (4, "bad_row")]);
+        assert!(plan.park[0].1.starts_with("returned"), "{}", plan.park[0].1);
+        // Every row has a delay ready, should its settlement be refused.
+        assert_eq!(plan.fallback_delay_ms.len(), 4);
+    }
+
+    #[test]
+    fn without_a_dead_letter_table_nothing_is_parked() {
+        let cfg = config("");
+        let plan = plan(&cfg, &[row(4, "d", 0)], &[failed(BadRow)], false);
+        assert!(plan.park.is_empty());
+        assert_eq!(plan.retry.len(), 1);
+    }
+
+    #[test]
+    fn a_held_aggregate_goes_on_after_a_park_only_with_on_park_continue() {
+        let rows = [row(1, "a", 0), row(2, "b", 0)];
+        let outcomes = [Outcome::Delivered, failed(BadRow)];
+        // hold (the default): only the delivered aggregate's next row goes.
+        let hold = plan(&config(""), &rows, &outcomes, true);
+        assert_eq!(hold.release, Some((vec!["order".into()], vec!["a".into()])));
+        // continue: the parked one's aggregate goes on too.
+        let go_on = plan(&config("on_park = \"continue\""), &rows, &outcomes, true);
+        assert_eq!(
+            go_on.release,
+            Some((
+                vec!["order".into(), "order".into()],
+                vec!["a".into(), "b".into()]
+            ))
+        );
+        // Without ordering nothing is held, so nothing is released.
+        let none = plan(&config("ordering = \"none\""), &rows, &outcomes, true);
+        assert_eq!(none.release, None);
+    }
+}
