@@ -113,11 +113,32 @@ pub async fn list<W: Write>(
 }
 
 /// Moves parked rows back into the outbox; returns the ids replayed.
+/// What a replay moved back, and which of the ids asked for were not
+/// parked (an error, once the others are back in the outbox).
+#[derive(Debug)]
+pub struct Replayed {
+    pub done: Vec<i64>,
+    pub missing: Vec<i64>,
+}
+
+impl Replayed {
+    /// `Err` naming the ids that were asked for but not parked.
+    pub fn complete(&self, source: &str) -> Result<(), DeadLetterError> {
+        if self.missing.is_empty() {
+            return Ok(());
+        }
+        Err(DeadLetterError::Refused(format!(
+            "no dead letter with id {:?} in source {source:?}",
+            self.missing
+        )))
+    }
+}
+
 pub async fn replay(
     config: &Config,
     source: &str,
     which: &Selection,
-) -> Result<Vec<i64>, DeadLetterError> {
+) -> Result<Replayed, DeadLetterError> {
     let source = find(config, source)?;
     let client = connect(source).await?;
     let (filter, ids) = selection(which);
@@ -137,7 +158,15 @@ pub async fn replay(
         .map_err(|e| db_error(source, ErrorChain(&e).to_string()))?;
     let mut done: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
     done.sort_unstable();
-    Ok(done)
+    let missing = match which {
+        Selection::Ids(ids) => ids
+            .iter()
+            .copied()
+            .filter(|id| !done.contains(id))
+            .collect(),
+        Selection::All => Vec::new(),
+    };
+    Ok(Replayed { done, missing })
 }
 
 /// Deletes parked rows; without `yes`, only says how many it would delete.

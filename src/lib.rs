@@ -23,6 +23,7 @@ pub mod app;
 pub mod backoff;
 pub mod check;
 pub mod cli;
+pub mod commands;
 pub mod config;
 pub mod dead_letters;
 pub mod ident;

@@ -16,14 +16,30 @@ use crate::config::LogFormat;
 /// lapin logs each returned message at WARN with its payload; we log our own line.
 const ALWAYS_OFF: &str = "lapin::returned_messages=off";
 
+/// Logging could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    #[error("invalid log filter {filter:?} (log.level or RUST_LOG)")]
+    Filter {
+        filter: String,
+        #[source]
+        source: tracing_subscriber::filter::ParseError,
+    },
+    #[error("cannot install the logger")]
+    Install(#[source] Box<dyn Error + Send + Sync>),
+}
+
 /// Installs the global subscriber. `RUST_LOG`, when set, wins over `level`.
-pub fn init(format: LogFormat, level: &str) -> Result<(), String> {
+pub fn init(format: LogFormat, level: &str) -> Result<(), LogError> {
     let base = match std::env::var("RUST_LOG") {
         Ok(env) if !env.trim().is_empty() => env,
         _ => level.to_owned(),
     };
-    let filter = EnvFilter::try_new(format!("{base},{ALWAYS_OFF}"))
-        .map_err(|e| format!("invalid log filter {base:?}: {e}"))?;
+    let filter =
+        EnvFilter::try_new(format!("{base},{ALWAYS_OFF}")).map_err(|source| LogError::Filter {
+            filter: base.clone(),
+            source,
+        })?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -31,7 +47,7 @@ pub fn init(format: LogFormat, level: &str) -> Result<(), String> {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
-    result.map_err(|e| format!("cannot install the logger: {e}"))
+    result.map_err(LogError::Install)
 }
 
 /// Displays an error followed by each of its sources: `a: b: c`.

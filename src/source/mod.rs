@@ -9,6 +9,8 @@ pub mod complete;
 pub mod dead;
 pub mod flag;
 pub mod health;
+#[cfg(test)]
+pub mod memory;
 pub mod order;
 pub mod pool;
 pub mod retention;

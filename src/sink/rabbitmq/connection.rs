@@ -14,13 +14,13 @@ use std::time::Duration;
 use futures_core::Stream;
 use lapin::uri::{AMQPScheme, AMQPUri};
 use lapin::{Connection, ConnectionProperties, Event};
-use prometheus::{IntCounter, IntGauge};
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::backoff::Backoff;
 use crate::config::{AmqpTls, RabbitConfig};
+use crate::metrics::BrokerMetrics;
 use crate::telemetry::ErrorChain;
 use crate::tls::Trust;
 
@@ -33,13 +33,6 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_HEARTBEAT_SECS: u16 = 10;
 /// How often the supervisor double-checks the connection state on its own.
 const STATUS_CHECK: Duration = Duration::from_secs(1);
-
-#[derive(Clone)]
-pub struct BrokerMetrics {
-    pub up: IntGauge,
-    pub blocked: IntGauge,
-    pub connects: IntCounter,
-}
 
 /// What sources need to know about the broker.
 #[derive(Clone, Default)]

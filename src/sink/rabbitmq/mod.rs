@@ -12,5 +12,5 @@ mod isolate;
 mod publish;
 mod tls;
 
-pub use connection::{Broker, BrokerMetrics};
+pub use connection::Broker;
 pub use publish::{RabbitPublisher, exchange_exists};

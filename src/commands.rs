@@ -1,0 +1,141 @@
+//! What each subcommand does once the command line is parsed: the one
+//! entry point the binary calls ([`run`]), returning one [`Error`] that
+//! knows its exit code.
+
+use clap::Parser as _;
+use tokio_util::sync::CancellationToken;
+
+use crate::cli::{Cli, Command, DeadLetters, Which};
+use crate::config::{Config, ConfigError};
+use crate::dead_letters::{self, DeadLetterError, Selection};
+use crate::telemetry::ErrorChain;
+use crate::{app, check, migrate, shutdown, telemetry};
+
+/// Every way a command can fail, each with its exit code.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot start the async runtime")]
+    Runtime(#[source] std::io::Error),
+    #[error("cannot install signal handlers")]
+    Signals(#[source] std::io::Error),
+    #[error("config error: {0}")]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Logging(#[from] telemetry::LogError),
+    #[error(transparent)]
+    Run(#[from] app::AppError),
+    #[error(transparent)]
+    Migrate(#[from] migrate::MigrateError),
+    #[error(transparent)]
+    DeadLetters(#[from] DeadLetterError),
+    #[error("{0} check(s) failed")]
+    Check(usize),
+}
+
+impl Error {
+    /// 0 is success; 1 a failure; 2 bad usage or a bad config (clap exits
+    /// 2 itself on bad usage); 3 `run` stopped at the drain timeout with
+    /// claimed rows left in the outbox, distinct so a supervisor or an
+    /// operator can tell it from a clean stop.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Error::Config(_) | Error::Logging(_) => 2,
+            Error::Run(app::AppError::Abandoned { .. }) => 3,
+            Error::Runtime(_)
+            | Error::Signals(_)
+            | Error::Run(_)
+            | Error::Migrate(_)
+            | Error::DeadLetters(_)
+            | Error::Check(_) => 1,
+        }
+    }
+
+    /// Says what went wrong where the user looks: the log once logging
+    /// runs (for `run` and `migrate`), standard error otherwise.
+    pub fn report(&self) {
+        let error = ErrorChain(self);
+        match self {
+            Error::Run(app::AppError::Abandoned { .. }) => {
+                tracing::warn!(%error, "outboxd stopped before its drain finished");
+            }
+            Error::Run(_) => tracing::error!(%error, "outboxd cannot run"),
+            Error::Migrate(_) => tracing::error!(%error, "migrate failed"),
+            _ => eprintln!("outboxd: {error}"),
+        }
+    }
+}
+
+/// Parses the command line and runs the command on a new runtime.
+pub fn main() -> Result<(), Error> {
+    let cli = Cli::parse();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(Error::Runtime)?
+        .block_on(run(cli))
+}
+
+/// Runs one parsed command: signals first (for `run`), then the config,
+/// then logging, then the command.
+pub async fn run(cli: Cli) -> Result<(), Error> {
+    // Signal handlers first: as PID 1, an unhandled SIGTERM is ignored.
+    let drain = match &cli.command {
+        Command::Run(_) => Some(shutdown::install().map_err(Error::Signals)?),
+        _ => None,
+    };
+    let path = cli.command.config_path().to_owned();
+    let config = Config::load(&path)?;
+    let format = cli.log_format.unwrap_or(config.log.format);
+    telemetry::init(format, &config.log.level)?;
+    match cli.command {
+        Command::Run(_) => {
+            app::run(config, drain.unwrap_or_else(CancellationToken::new)).await?;
+        }
+        Command::Migrate(_) => migrate::run(&config).await?,
+        Command::DeadLetters(action) => dead_letters_command(&config, action).await?,
+        Command::Check(_) => {
+            let failures =
+                check::run(&config, &path.display().to_string(), std::io::stdout()).await;
+            if failures > 0 {
+                return Err(Error::Check(failures));
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn dead_letters_command(config: &Config, action: DeadLetters) -> Result<(), DeadLetterError> {
+    let which = |w: Which| {
+        if w.all {
+            Selection::All
+        } else {
+            Selection::Ids(w.ids)
+        }
+    };
+    match action {
+        DeadLetters::List { source, limit, .. } => {
+            dead_letters::list(config, source.as_deref(), limit, std::io::stdout()).await
+        }
+        DeadLetters::Replay {
+            source, which: w, ..
+        } => {
+            let replayed = dead_letters::replay(config, &source, &which(w)).await?;
+            println!(
+                "replayed {} row(s) of source {source:?} into the outbox: {:?}",
+                replayed.done.len(),
+                replayed.done
+            );
+            replayed.complete(&source)
+        }
+        DeadLetters::Purge {
+            source,
+            which: w,
+            yes,
+            ..
+        } => {
+            let n = dead_letters::purge(config, &source, &which(w), yes).await?;
+            println!("purged {n} dead letter(s) of source {source:?}");
+            Ok(())
+        }
+    }
+}
