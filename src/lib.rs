@@ -8,15 +8,22 @@
 //! # One row's way through the relay
 //! | step | what happens | where |
 //! |---|---|---|
-//! | wake-up | NOTIFY from the table's trigger, or the fallback poll | [`source::wakeup`], [`relay::run`] |
-//! | claim | `SELECT … FOR UPDATE SKIP LOCKED` in a transaction held open | [`source::claim`] |
-//! | publish | row → AMQP message, `basic_publish` with `mandatory` | [`message`], `sink/rabbitmq/publish.rs` |
+//! | wake-up | NOTIFY from the table's trigger, or the fallback poll | [`source::wakeup`], [`relay::Relay::run`] |
+//! | claim | `SELECT … FOR UPDATE SKIP LOCKED` in a transaction held open | [`source::claim`] (through [`source::Capture`]) |
+//! | publish | row → AMQP message, `basic_publish` with `mandatory` | [`message`], `sink/rabbitmq/publish.rs` (through [`sink::Publisher`]) |
 //! | confirm | only a plain ack counts as delivered | `sink/rabbitmq/confirm.rs` |
-//! | settle | delete or mark delivered rows, reschedule failed ones, commit | [`source::complete`] |
+//! | decide | delivered, retry with backoff, or park | `relay/decide.rs` |
+//! | settle | delete or mark delivered rows, reschedule or park failed ones, commit | [`source::complete`] |
 //!
-//! [`relay`] drives these steps for each source; [`app`] starts one relay
-//! per configured source, the broker connection, and the HTTP endpoints in
-//! [`admin`]. [`config`] loads and validates the TOML file.
+//! [`relay`] drives these steps for each source, between two seams: a
+//! [`source::Capture`] says where rows come from (the polling claim on a
+//! [`source::Source`]) and a [`sink::Publisher`] where they go
+//! (`sink::rabbitmq::RabbitPublisher`); neither side imports the other,
+//! and both have in-memory stand-ins for the loop's unit tests. [`app`]
+//! wires one relay per configured source, the broker connection and the
+//! HTTP endpoints in [`admin`]; [`commands`] runs each subcommand and
+//! maps its error to the exit code. [`config`] loads and validates the
+//! TOML file.
 
 pub mod admin;
 pub mod app;
@@ -30,6 +37,7 @@ pub mod ident;
 pub mod message;
 pub mod metrics;
 pub mod migrate;
+pub mod outcome;
 pub mod relay;
 pub mod shutdown;
 pub mod sink;

@@ -12,7 +12,7 @@ use prometheus::{
     IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::sink::FailureReason;
+use crate::outcome::FailureReason;
 
 pub const PUBLISHED: &str = "outboxd_messages_published_total";
 pub const PUBLISH_FAILURES: &str = "outboxd_publish_failures_total";

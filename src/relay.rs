@@ -9,7 +9,7 @@
 //! batch comes back full, so the loop keeps the pipeline full until a claim
 //! comes back short.
 //!
-//! Every end of a task is handled in one `match` in [`Loop::ended`]: a
+//! Every end of a task is handled in one `match` in `Loop::ended`: a
 //! database error pauses the source with backoff (rows stay in the table),
 //! a broker outage pauses it until the broker is back (rows untouched), and
 //! row failures were already settled on the rows by the batch itself.

@@ -1,7 +1,7 @@
 //! The seam between where rows come from and the relay loop that sends
 //! them: a [`Capture`] claims batches of due rows and settles them once the
-//! broker has answered. The polling claim on a [`Source`] is one; a
-//! logical-replication capture plugs in beside it, and the publish,
+//! broker has answered. The polling claim on a `Source` (`poll.rs`) is
+//! one; a logical-replication capture plugs in beside it, and the publish,
 //! confirm and settle path in `relay/` does not change.
 
 use std::future::Future;
@@ -9,9 +9,8 @@ use std::sync::Arc;
 
 use tokio::sync::{Notify, watch};
 
-use super::claim::PollBatch;
-use super::complete::{self, Plan, Settled};
-use super::{DbError, Source, flag, step};
+use super::DbError;
+use super::complete::{Plan, Settled};
 use crate::message::OutboxRow;
 
 /// Where the next claim looks.
@@ -102,60 +101,4 @@ pub trait Capture: Send + Sync + 'static {
 
     /// Called after a database error: forget what may have changed.
     fn after_error(&self);
-}
-
-impl Capture for Source {
-    type Batch = PollBatch;
-
-    async fn claim(&self, from: ClaimFrom) -> Result<Claim<PollBatch>, DbError> {
-        super::claim::claim(self, from).await
-    }
-
-    async fn can_park(&self, batch: &PollBatch) -> Result<bool, DbError> {
-        self.dead.exists(batch.client()).await
-    }
-
-    async fn settle(&self, batch: PollBatch, plan: &Plan) -> Result<Settled, DbError> {
-        let settled = step(
-            "settle",
-            complete::settle(batch.client(), &self.queries.complete, plan),
-        )
-        .await?;
-        batch.commit().await?;
-        Ok(settled)
-    }
-
-    async fn give_back(&self, batch: PollBatch) -> Result<(), DbError> {
-        batch.rollback().await
-    }
-
-    async fn set_flag(&self, armed: bool) -> Result<FlagSet, DbError> {
-        flag::set(self, armed).await
-    }
-
-    async fn sweep(&self) -> Result<u64, DbError> {
-        let client = step("get a connection", self.pool.get()).await?;
-        let sql = if self.dead.look(&client).await? {
-            &self.queries.order.sweep
-        } else {
-            &self.queries.order.sweep_no_dead
-        };
-        step("release held rows", client.execute(sql, &[])).await
-    }
-
-    fn wake(&self) -> &Notify {
-        &self.wake
-    }
-
-    fn partitions(&self) -> watch::Receiver<Arc<Vec<i32>>> {
-        self.partitions.subscribe()
-    }
-
-    fn upkeep(&self) {
-        super::pool::reap_idle(&self.pool);
-    }
-
-    fn after_error(&self) {
-        self.dead.forget();
-    }
 }

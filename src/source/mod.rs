@@ -12,6 +12,7 @@ pub mod health;
 #[cfg(test)]
 pub mod memory;
 pub mod order;
+pub mod poll;
 pub mod pool;
 pub mod retention;
 pub mod wakeup;
