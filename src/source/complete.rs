@@ -224,9 +224,19 @@ async fn settle_each(
     if let (Some(release), Some((types, ids))) = (&sql.release_next, &plan.release)
         && let Err(e) = one(tx, release, &[types, ids]).await?
     {
-        out.release_failed = Some(e);
+        out.release_failed = Some(e.to_string());
     }
     Ok(out)
+}
+
+/// PostgreSQL refused one statement (the transaction goes on).
+struct Refusal(tokio_postgres::Error);
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // tokio-postgres keeps the server's message in the cause.
+        write!(f, "{}", ErrorChain(&self.0))
+    }
 }
 
 /// Runs one statement under a savepoint. The outer `Err` is the connection
@@ -236,7 +246,7 @@ async fn one(
     tx: &Object,
     sql: &str,
     params: &[&(dyn ToSql + Sync)],
-) -> Result<Result<(), String>, tokio_postgres::Error> {
+) -> Result<Result<(), Refusal>, tokio_postgres::Error> {
     tx.batch_execute("SAVEPOINT outboxd_row").await?;
     let result = async {
         let stmt = tx.prepare_cached(sql).await?;
@@ -252,7 +262,7 @@ async fn one(
         Err(err) => {
             tx.batch_execute("ROLLBACK TO SAVEPOINT outboxd_row")
                 .await?;
-            Ok(Err(ErrorChain(&err).to_string()))
+            Ok(Err(Refusal(err)))
         }
     }
 }
