@@ -21,18 +21,25 @@ pub struct TableName {
 impl TableName {
     /// Parses `table` or `schema.table`; the schema defaults to `public`.
     /// Errors quote the whole value, not only the part that is wrong.
-    pub fn parse(input: &str) -> Result<Self, String> {
+    pub fn parse(input: &str) -> Result<Self, TableNameError> {
         let (schema, table) = match input.split_once('.') {
             Some((_, table)) if table.contains('.') => {
-                return Err(format!(
-                    "{input:?} has more than one `.`; write `table` or `schema.table`"
-                ));
+                return Err(TableNameError::TooManyParts {
+                    input: input.to_owned(),
+                });
             }
             Some((schema, table)) => (schema, table),
             None => ("public", input),
         };
-        check_ident(schema).map_err(|e| format!("{input:?}: schema {e}"))?;
-        check_ident(table).map_err(|e| format!("{input:?}: table {e}"))?;
+        let part = |part: &'static str| {
+            move |source| TableNameError::Part {
+                input: input.to_owned(),
+                part,
+                source,
+            }
+        };
+        check_ident(schema).map_err(part("schema"))?;
+        check_ident(table).map_err(part("table"))?;
         Ok(Self {
             schema: schema.to_owned(),
             table: table.to_owned(),
@@ -76,23 +83,56 @@ impl fmt::Display for TableName {
     }
 }
 
+/// What is wrong with one identifier (a schema or a table name).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdentError {
+    #[error("name is empty")]
+    Empty,
+    #[error(
+        "name {name:?} is {} bytes long; PostgreSQL allows {MAX_IDENT_BYTES}",
+        name.len()
+    )]
+    TooLong { name: String },
+    #[error(
+        "name {name:?} may only contain ASCII letters, digits, `_` and `$`, and must not start with a digit"
+    )]
+    BadCharacters { name: String },
+}
+
+/// What is wrong with a table name; the message quotes the whole value,
+/// not only the part that is wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TableNameError {
+    /// Neither `table` nor `schema.table`.
+    #[error("{input:?} has more than one `.`; write `table` or `schema.table`")]
+    TooManyParts { input: String },
+    /// The schema or the table part is not a plain identifier.
+    #[error("{input:?}: {part} {source}")]
+    Part {
+        input: String,
+        /// `"schema"` or `"table"`.
+        part: &'static str,
+        #[source]
+        source: IdentError,
+    },
+}
+
 /// Checks one identifier part; the error says what is wrong with it.
-pub fn check_ident(name: &str) -> Result<(), String> {
+pub fn check_ident(name: &str) -> Result<(), IdentError> {
     if name.is_empty() {
-        return Err("name is empty".to_owned());
+        return Err(IdentError::Empty);
     }
     if name.len() > MAX_IDENT_BYTES {
-        return Err(format!(
-            "name {name:?} is {} bytes long; PostgreSQL allows {MAX_IDENT_BYTES}",
-            name.len()
-        ));
+        return Err(IdentError::TooLong {
+            name: name.to_owned(),
+        });
     }
     let mut chars = name.chars();
     let first_ok = matches!(chars.next(), Some(c) if c == '_' || c.is_ascii_alphabetic());
     if !first_ok || !chars.all(|c| c == '_' || c == '$' || c.is_ascii_alphanumeric()) {
-        return Err(format!(
-            "name {name:?} may only contain ASCII letters, digits, `_` and `$`, and must not start with a digit"
-        ));
+        return Err(IdentError::BadCharacters {
+            name: name.to_owned(),
+        });
     }
     Ok(())
 }
@@ -142,15 +182,32 @@ mod tests {
             &"x".repeat(64),
         ];
         for case in cases {
-            let err = TableName::parse(case).expect_err(case);
+            let err = TableName::parse(case).expect_err(case).to_string();
             // the message quotes the whole value, not just the bad part
             assert!(err.contains(&format!("{case:?}")), "{case:?}: {err}");
         }
         assert!(
             TableName::parse("a.b.c")
                 .unwrap_err()
+                .to_string()
                 .contains("more than one `.`")
         );
+    }
+
+    #[test]
+    fn a_bad_part_is_named_and_kept_as_the_cause() {
+        let err = TableName::parse("public.").unwrap_err();
+        assert_eq!(err.to_string(), r#""public.": table name is empty"#);
+        assert!(matches!(
+            err,
+            TableNameError::Part {
+                part: "table",
+                source: IdentError::Empty,
+                ..
+            }
+        ));
+        let source = std::error::Error::source(&err).map(ToString::to_string);
+        assert_eq!(source.as_deref(), Some("name is empty"));
     }
 
     #[test]

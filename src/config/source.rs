@@ -203,7 +203,10 @@ impl Validator<'_> {
         let table = self
             .string_opt(&k("table"), raw.table)
             .unwrap_or_else(|| DEFAULT_TABLE.to_owned());
-        let table = self.check(&k("table"), TableName::parse(&table));
+        let table = self.check(
+            &k("table"),
+            TableName::parse(&table).map_err(|e| e.to_string()),
+        );
         let exchange = self
             .string_opt(&k("exchange"), raw.exchange)
             .unwrap_or_default();
