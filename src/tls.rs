@@ -9,12 +9,12 @@
 //! `verify-full` checks it against `sslrootcert` (or the system's roots)
 //! and checks the host name.
 
-use std::path::Path;
+use std::io;
 use std::sync::Arc;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signature};
-use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::pem::{self, PemObject};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use tokio_postgres_rustls::MakeRustlsConnect;
@@ -45,17 +45,95 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// Reads every certificate of a PEM file (a CA bundle).
-pub fn read_certs(path: &str) -> Result<Vec<CertificateDer<'static>>, String> {
-    if !Path::new(path).is_file() {
-        return Err(format!("{path:?} is not a readable file"));
+/// Why a TLS client config cannot be built. Messages name files, never
+/// their content.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// Missing, or not readable by this process.
+    #[error("{path:?} is not a readable file: {source}")]
+    Unreadable {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    /// A directory, a device, a socket.
+    #[error("{path:?} is not a readable file: not a regular file")]
+    NotAFile { path: String },
+    #[error("{path:?} is not PEM certificates: {source}")]
+    NotPem {
+        path: String,
+        #[source]
+        source: pem::Error,
+    },
+    #[error("{path:?} holds no certificate")]
+    NoCertificate { path: String },
+    /// rustls refused a CA certificate of the file.
+    #[error("{path:?}: unusable certificate: {source}")]
+    UnusableCertificate {
+        path: String,
+        #[source]
+        source: rustls::Error,
+    },
+    #[error("no system root certificates found; name a CA file (sslrootcert, tls_ca_file)")]
+    NoSystemRoots,
+    // The error text of a PEM parse names no key material.
+    #[error("{path:?} holds no usable key: {source}")]
+    NoKey {
+        path: String,
+        #[source]
+        source: pem::Error,
+    },
+    /// The client certificate and its key do not go together (or rustls
+    /// refuses one of them).
+    #[error("{cert:?} and its key cannot be used: {source}")]
+    ClientAuth {
+        cert: String,
+        #[source]
+        source: rustls::Error,
+    },
+    #[error("TLS setup failed: {0}")]
+    Setup(#[source] rustls::Error),
+}
+
+/// `Ok` if `path` is a regular file (readable or not: opening it says that).
+fn regular_file(path: &str) -> Result<(), TlsError> {
+    let path = path.to_owned();
+    match std::fs::metadata(&path) {
+        Ok(meta) if meta.is_file() => Ok(()),
+        Ok(_) => Err(TlsError::NotAFile { path }),
+        Err(source) => Err(TlsError::Unreadable { path, source }),
     }
+}
+
+/// A PEM error from opening the file is the file's problem, not its content's.
+fn opening(
+    path: &str,
+    other: impl FnOnce(pem::Error) -> TlsError,
+) -> impl FnOnce(pem::Error) -> TlsError {
+    move |e| match e {
+        pem::Error::Io(source) => TlsError::Unreadable {
+            path: path.to_owned(),
+            source,
+        },
+        e => other(e),
+    }
+}
+
+/// Reads every certificate of a PEM file (a CA bundle).
+pub fn read_certs(path: &str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    regular_file(path)?;
+    let not_pem = |source| TlsError::NotPem {
+        path: path.to_owned(),
+        source,
+    };
     let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| format!("cannot read {path:?}: {e}"))?
+        .map_err(opening(path, not_pem))?
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("{path:?} is not PEM certificates: {e}"))?;
+        .map_err(not_pem)?;
     if certs.is_empty() {
-        return Err(format!("{path:?} holds no certificate"));
+        return Err(TlsError::NoCertificate {
+            path: path.to_owned(),
+        });
     }
     Ok(certs)
 }
@@ -88,7 +166,7 @@ impl Trust {
 }
 
 /// The rustls client config for a mode (`None` for plain TCP).
-pub fn client_config(mode: &PgTls) -> Result<Option<ClientConfig>, String> {
+pub fn client_config(mode: &PgTls) -> Result<Option<ClientConfig>, TlsError> {
     let trust = match mode {
         PgTls::Off => return Ok(None),
         PgTls::Require => Trust::Anyone,
@@ -105,10 +183,10 @@ pub fn client_config(mode: &PgTls) -> Result<Option<ClientConfig>, String> {
 pub fn tls_client_config(
     trust: &Trust,
     client_auth: Option<(&str, &str)>,
-) -> Result<ClientConfig, String> {
+) -> Result<ClientConfig, TlsError> {
     let builder = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
-        .map_err(|e| format!("TLS setup failed: {e}"))?;
+        .map_err(TlsError::Setup)?;
     let builder = match trust {
         Trust::Anyone => builder
             .dangerous()
@@ -118,17 +196,17 @@ pub fn tls_client_config(
             for cert in read_certs(path)? {
                 roots
                     .add(cert)
-                    .map_err(|e| format!("{path:?}: unusable certificate: {e}"))?;
+                    .map_err(|source| TlsError::UnusableCertificate {
+                        path: path.clone(),
+                        source,
+                    })?;
             }
             builder.with_root_certificates(roots)
         }
         Trust::SystemRoots => {
             let native = rustls_native_certs_roots();
             if native.is_empty() {
-                return Err(
-                    "no system root certificates found; name a CA file (sslrootcert, tls_ca_file)"
-                        .to_owned(),
-                );
+                return Err(TlsError::NoSystemRoots);
             }
             let mut roots = RootCertStore::empty();
             roots.add_parsable_certificates(native);
@@ -142,18 +220,22 @@ pub fn tls_client_config(
             let key = read_key(key)?;
             builder
                 .with_client_auth_cert(chain, key)
-                .map_err(|e| format!("{cert:?} and its key cannot be used: {e}"))
+                .map_err(|source| TlsError::ClientAuth {
+                    cert: cert.to_owned(),
+                    source,
+                })
         }
     }
 }
 
 /// Reads a private key (PKCS#8, PKCS#1 or SEC1) from a PEM file.
-pub fn read_key(path: &str) -> Result<PrivateKeyDer<'static>, String> {
-    if !Path::new(path).is_file() {
-        return Err(format!("{path:?} is not a readable file"));
-    }
-    // The error text of a PEM parse names no key material.
-    PrivateKeyDer::from_pem_file(path).map_err(|e| format!("{path:?} holds no usable key: {e}"))
+pub fn read_key(path: &str) -> Result<PrivateKeyDer<'static>, TlsError> {
+    regular_file(path)?;
+    let no_key = |source| TlsError::NoKey {
+        path: path.to_owned(),
+        source,
+    };
+    PrivateKeyDer::from_pem_file(path).map_err(opening(path, no_key))
 }
 
 fn rustls_native_certs_roots() -> Vec<CertificateDer<'static>> {
@@ -162,7 +244,7 @@ fn rustls_native_certs_roots() -> Vec<CertificateDer<'static>> {
 }
 
 /// The tokio-postgres connector for a mode.
-pub fn pg_connector(mode: &PgTls) -> Result<Option<MakeRustlsConnect>, String> {
+pub fn pg_connector(mode: &PgTls) -> Result<Option<MakeRustlsConnect>, TlsError> {
     Ok(client_config(mode)?.map(MakeRustlsConnect::new))
 }
 
@@ -215,5 +297,58 @@ impl ServerCertVerifier for AnyCertificate {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error as _;
+
+    use super::*;
+
+    fn scratch(name: &str, content: &str) -> String {
+        let dir = std::env::temp_dir().join(format!("outboxd-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(name);
+        std::fs::write(&path, content).unwrap();
+        path.display().to_string()
+    }
+
+    #[test]
+    fn a_missing_file_keeps_the_io_error_as_its_cause() {
+        let err = read_certs("/nonexistent/ca.pem").unwrap_err();
+        let TlsError::Unreadable { source, .. } = &err else {
+            panic!("{err:?}");
+        };
+        assert_eq!(source.kind(), io::ErrorKind::NotFound);
+        let msg = err.to_string();
+        assert!(
+            msg.starts_with(r#""/nonexistent/ca.pem" is not a readable file: "#),
+            "{msg}"
+        );
+        assert!(err.source().is_some());
+        assert!(matches!(
+            read_key("/nonexistent/key.pem"),
+            Err(TlsError::Unreadable { .. })
+        ));
+    }
+
+    #[test]
+    fn files_without_what_they_should_hold_are_named() {
+        let dir = std::env::temp_dir().display().to_string();
+        assert!(matches!(read_certs(&dir), Err(TlsError::NotAFile { .. })));
+        let empty = scratch("empty.pem", "");
+        let err = read_certs(&empty).unwrap_err();
+        assert!(matches!(err, TlsError::NoCertificate { .. }), "{err:?}");
+        assert!(err.to_string().contains("holds no certificate"), "{err}");
+        let err = read_key(&empty).unwrap_err();
+        assert!(matches!(err, TlsError::NoKey { .. }), "{err:?}");
+        assert!(err.to_string().contains("holds no usable key"), "{err}");
+        let torn = scratch("torn.pem", "-----BEGIN CERTIFICATE-----\nAAAA\n");
+        let err = read_certs(&torn).unwrap_err();
+        assert!(matches!(err, TlsError::NotPem { .. }), "{err:?}");
+        assert!(err.source().is_some());
+        let scratch_dir = std::path::Path::new(&empty).parent().unwrap();
+        std::fs::remove_dir_all(scratch_dir).unwrap();
     }
 }

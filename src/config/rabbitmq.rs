@@ -167,7 +167,12 @@ impl Validator<'_> {
             &trust,
             client.as_ref().map(|(c, k)| (c.as_str(), k.as_str())),
         );
-        self.check(key, built.map(|_| AmqpTls { trust, client }))
+        self.check(
+            key,
+            built
+                .map(|_| AmqpTls { trust, client })
+                .map_err(|e| e.to_string()),
+        )
     }
 }
 

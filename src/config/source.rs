@@ -391,7 +391,12 @@ impl Validator<'_> {
             return None;
         }
         // Build it once now, so an unreadable CA file is a config error.
-        self.check(&root_key, crate::tls::client_config(&mode).map(|_| mode))
+        self.check(
+            &root_key,
+            crate::tls::client_config(&mode)
+                .map(|_| mode)
+                .map_err(|e| e.to_string()),
+        )
     }
 
     /// A setting given as a key and in the connection string: either one,

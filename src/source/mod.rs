@@ -103,7 +103,7 @@ pub async fn connect(config: &SourceConfig) -> Result<tokio_postgres::Client, St
 
 async fn connect_inner(config: &SourceConfig) -> Result<tokio_postgres::Client, String> {
     let chain = |e: tokio_postgres::Error| crate::telemetry::ErrorChain(&e).to_string();
-    match crate::tls::pg_connector(&config.tls)? {
+    match crate::tls::pg_connector(&config.tls).map_err(|e| e.to_string())? {
         None => {
             let (client, connection) = config
                 .database

@@ -39,7 +39,7 @@ pub fn build(config: &SourceConfig) -> Result<Pool, String> {
         // one fails its next query, which the relay retries anyway.
         recycling_method: RecyclingMethod::Fast,
     };
-    let manager = match crate::tls::pg_connector(&config.tls)? {
+    let manager = match crate::tls::pg_connector(&config.tls).map_err(|e| e.to_string())? {
         None => Manager::from_config(database, NoTls, manager_config),
         Some(tls) => Manager::from_config(database, tls, manager_config),
     };

@@ -83,7 +83,7 @@ async fn listen(source: &Source, backlog_interval: Duration) -> String {
     match crate::tls::pg_connector(&source.config.tls) {
         Ok(None) => listen_with(source, backlog_interval, NoTls).await,
         Ok(Some(tls)) => listen_with(source, backlog_interval, tls).await,
-        Err(e) => e,
+        Err(e) => e.to_string(),
     }
 }
 
