@@ -32,7 +32,7 @@ pub enum AppError {
         source: std::io::Error,
     },
     #[error("{0}")]
-    Setup(String),
+    Setup(#[from] source::pool::PoolError),
     /// The drain timeout ended a drain with claimed rows still in flight:
     /// they stay in the outbox and go out after the next start.
     #[error(
@@ -62,7 +62,7 @@ pub async fn run(config: Config, drain: CancellationToken) -> Result<(), AppErro
     let mut relays = JoinSet::new();
     let mut health_list = Vec::new();
     for cfg in &config.sources {
-        let pool = source::pool::build(cfg).map_err(AppError::Setup)?;
+        let pool = source::pool::build(cfg)?;
         let health = Arc::new(SourceHealth::new(&cfg.name));
         let source_metrics = metrics.source(&cfg.name);
         let src = Arc::new(Source::new(

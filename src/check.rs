@@ -228,9 +228,10 @@ async fn check_source<W: Write>(r: &mut Report<W>, source: &SourceConfig) {
                 Level::Fail,
                 &what("database"),
                 &format!(
-                    "cannot connect to {} (sslmode {}): {e}",
+                    "cannot connect to {} (sslmode {}): {}",
                     source.database_display,
-                    source.tls.name()
+                    source.tls.name(),
+                    ErrorChain(&e)
                 ),
             );
             return;

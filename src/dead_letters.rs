@@ -9,17 +9,27 @@ use std::io::Write;
 use tokio_postgres::Client;
 
 use crate::config::{Config, OnPark, Ordering, SourceConfig};
-use crate::telemetry::ErrorChain;
+use crate::source::ConnectError;
 
+/// Why a dead-letters command failed; database errors keep their cause
+/// as the source (tokio-postgres keeps the server's message one further).
 #[derive(Debug, thiserror::Error)]
 pub enum DeadLetterError {
     #[error("no source named {0:?} in the config")]
     UnknownSource(String),
-    #[error("source {source_name:?} ({database}): {message}")]
+    #[error("source {source_name:?} ({database}): cannot connect: {source}")]
+    Connect {
+        source_name: String,
+        database: String,
+        #[source]
+        source: ConnectError,
+    },
+    #[error("source {source_name:?} ({database}): {source}")]
     Database {
         source_name: String,
         database: String,
-        message: String,
+        #[source]
+        source: tokio_postgres::Error,
     },
     #[error("{0}")]
     Refused(String),
@@ -46,14 +56,19 @@ fn find<'a>(config: &'a Config, name: &str) -> Result<&'a SourceConfig, DeadLett
 async fn connect(source: &SourceConfig) -> Result<Client, DeadLetterError> {
     crate::source::connect(source)
         .await
-        .map_err(|e| db_error(source, format!("cannot connect: {e}")))
+        .map_err(|e| DeadLetterError::Connect {
+            source_name: source.name.clone(),
+            database: source.database_display.clone(),
+            source: e,
+        })
 }
 
-fn db_error(source: &SourceConfig, message: String) -> DeadLetterError {
-    DeadLetterError::Database {
+/// Names the source a query failed on: `.map_err(db_error(source))`.
+fn db_error(source: &SourceConfig) -> impl FnOnce(tokio_postgres::Error) -> DeadLetterError {
+    |e| DeadLetterError::Database {
         source_name: source.name.clone(),
         database: source.database_display.clone(),
-        message,
+        source: e,
     }
 }
 
@@ -84,7 +99,7 @@ pub async fn list<W: Write>(
         let rows = client
             .query(&sql, &[&limit])
             .await
-            .map_err(|e| db_error(source, ErrorChain(&e).to_string()))?;
+            .map_err(db_error(source))?;
         for r in &rows {
             let error: String = r.get(5);
             let _ = writeln!(
@@ -155,7 +170,7 @@ pub async fn replay(
     let rows = client
         .query(&sql, &[&ids])
         .await
-        .map_err(|e| db_error(source, ErrorChain(&e).to_string()))?;
+        .map_err(db_error(source))?;
     let mut done: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
     done.sort_unstable();
     let missing = match which {
@@ -187,7 +202,7 @@ pub async fn purge(
                 &[&ids],
             )
             .await
-            .map_err(|e| db_error(source, ErrorChain(&e).to_string()))?
+            .map_err(db_error(source))?
             .get(0);
         return Err(DeadLetterError::Refused(format!(
             "this would delete {n} dead letter(s) of source {:?} for good; re-run with --yes",
@@ -197,7 +212,7 @@ pub async fn purge(
     let purged = client
         .execute(&format!("DELETE FROM {dead} WHERE {filter}"), &[&ids])
         .await
-        .map_err(|e| db_error(source, ErrorChain(&e).to_string()))?;
+        .map_err(db_error(source))?;
     // With on_park = "hold", the later rows of those aggregates waited for
     // the purged rows: release them now rather than at the relay's next sweep.
     if source.ordering == Ordering::Aggregate && source.on_park == OnPark::Hold {
@@ -205,7 +220,7 @@ pub async fn purge(
         client
             .execute(&sweep, &[])
             .await
-            .map_err(|e| db_error(source, ErrorChain(&e).to_string()))?;
+            .map_err(db_error(source))?;
     }
     Ok(purged)
 }

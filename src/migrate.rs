@@ -9,16 +9,28 @@ use tracing::info;
 
 use crate::config::{Config, SourceConfig};
 use crate::ident::{quote_ident, quote_literal};
-use crate::telemetry::ErrorChain;
+use crate::source::ConnectError;
 
 const SQL: &str = include_str!("../sql/outbox.sql");
 
+/// Why `migrate` stopped at a source; the cause is the source of the
+/// error (tokio-postgres keeps the server's own message one level further).
 #[derive(Debug, thiserror::Error)]
-#[error("migrate failed for source {source_name:?} ({database}): {message}")]
-pub struct MigrateError {
-    pub source_name: String,
-    pub database: String,
-    pub message: String,
+pub enum MigrateError {
+    #[error("migrate failed for source {source_name:?} ({database}): cannot connect: {source}")]
+    Connect {
+        source_name: String,
+        database: String,
+        #[source]
+        source: ConnectError,
+    },
+    #[error("migrate failed for source {source_name:?} ({database}): {source}")]
+    Sql {
+        source_name: String,
+        database: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
 }
 
 /// The migration script for one source, with every placeholder filled in.
@@ -71,14 +83,13 @@ pub async fn run(config: &Config) -> Result<(), MigrateError> {
 }
 
 async fn migrate_one(source: &SourceConfig) -> Result<(), MigrateError> {
-    let fail = |message: String| MigrateError {
-        source_name: source.name.clone(),
-        database: source.database_display.clone(),
-        message,
-    };
     let mut client = crate::source::connect(source)
         .await
-        .map_err(|e| fail(format!("cannot connect: {e}")))?;
+        .map_err(|e| MigrateError::Connect {
+            source_name: source.name.clone(),
+            database: source.database_display.clone(),
+            source: e,
+        })?;
     let result = async {
         let tx = client.transaction().await?;
         // "already exists, skipping" notices are the expected case on a re-run.
@@ -88,7 +99,11 @@ async fn migrate_one(source: &SourceConfig) -> Result<(), MigrateError> {
         tx.commit().await
     }
     .await
-    .map_err(|e| fail(ErrorChain(&e).to_string()));
+    .map_err(|e| MigrateError::Sql {
+        source_name: source.name.clone(),
+        database: source.database_display.clone(),
+        source: e,
+    });
     drop(client);
     result
 }

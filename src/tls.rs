@@ -71,8 +71,10 @@ pub enum TlsError {
     #[error("{path:?}: unusable certificate: {source}")]
     UnusableCertificate {
         path: String,
+        // Boxed, as below: a rustls::Error is 64 bytes, and this error
+        // travels inside the connect, migrate and dead-letter errors.
         #[source]
-        source: rustls::Error,
+        source: Box<rustls::Error>,
     },
     #[error("no system root certificates found; name a CA file (sslrootcert, tls_ca_file)")]
     NoSystemRoots,
@@ -89,10 +91,10 @@ pub enum TlsError {
     ClientAuth {
         cert: String,
         #[source]
-        source: rustls::Error,
+        source: Box<rustls::Error>,
     },
     #[error("TLS setup failed: {0}")]
-    Setup(#[source] rustls::Error),
+    Setup(#[source] Box<rustls::Error>),
 }
 
 /// `Ok` if `path` is a regular file (readable or not: opening it says that).
@@ -186,7 +188,7 @@ pub fn tls_client_config(
 ) -> Result<ClientConfig, TlsError> {
     let builder = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
-        .map_err(TlsError::Setup)?;
+        .map_err(|e| TlsError::Setup(Box::new(e)))?;
     let builder = match trust {
         Trust::Anyone => builder
             .dangerous()
@@ -194,12 +196,10 @@ pub fn tls_client_config(
         Trust::CaFile(path) => {
             let mut roots = RootCertStore::empty();
             for cert in read_certs(path)? {
-                roots
-                    .add(cert)
-                    .map_err(|source| TlsError::UnusableCertificate {
-                        path: path.clone(),
-                        source,
-                    })?;
+                roots.add(cert).map_err(|e| TlsError::UnusableCertificate {
+                    path: path.clone(),
+                    source: Box::new(e),
+                })?;
             }
             builder.with_root_certificates(roots)
         }
@@ -220,9 +220,9 @@ pub fn tls_client_config(
             let key = read_key(key)?;
             builder
                 .with_client_auth_cert(chain, key)
-                .map_err(|source| TlsError::ClientAuth {
+                .map_err(|e| TlsError::ClientAuth {
                     cert: cert.to_owned(),
-                    source,
+                    source: Box::new(e),
                 })
         }
     }

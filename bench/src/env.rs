@@ -123,9 +123,10 @@ impl Env {
         );
         let config =
             outboxd::config::Config::from_toml(&text, &|_| None).map_err(|e| e.to_string())?;
+        // The whole chain: the server's message is in the error's source.
         outboxd::migrate::run(&config)
             .await
-            .map_err(|e| e.to_string())
+            .map_err(|e| outboxd::telemetry::ErrorChain(&e).to_string())
     }
 
     /// Inserts `n` rows with ~512-byte payloads.

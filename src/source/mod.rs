@@ -91,30 +91,46 @@ impl Source {
     }
 }
 
+/// Why [`connect`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("{0}")]
+    Tls(#[from] crate::tls::TlsError),
+    /// Refused, unreachable, authentication failed: tokio-postgres says
+    /// which in the error's own source (print with `ErrorChain`).
+    #[error("{0}")]
+    Postgres(#[source] tokio_postgres::Error),
+    #[error("no answer within {DB_TIMEOUT:?}")]
+    TimedOut,
+}
+
 /// Opens one connection outside the pool, in the source's TLS mode, and
 /// drives it on a task of its own (for migrate, check and dead-letters).
-pub async fn connect(config: &SourceConfig) -> Result<tokio_postgres::Client, String> {
+pub async fn connect(config: &SourceConfig) -> Result<tokio_postgres::Client, ConnectError> {
     // A host that accepts the connection and then says nothing must not
     // hang `check`, `migrate` or `dead-letters`.
     tokio::time::timeout(DB_TIMEOUT, connect_inner(config))
         .await
-        .unwrap_or_else(|_| Err(format!("no answer within {DB_TIMEOUT:?}")))
+        .unwrap_or(Err(ConnectError::TimedOut))
 }
 
-async fn connect_inner(config: &SourceConfig) -> Result<tokio_postgres::Client, String> {
-    let chain = |e: tokio_postgres::Error| crate::telemetry::ErrorChain(&e).to_string();
-    match crate::tls::pg_connector(&config.tls).map_err(|e| e.to_string())? {
+async fn connect_inner(config: &SourceConfig) -> Result<tokio_postgres::Client, ConnectError> {
+    match crate::tls::pg_connector(&config.tls)? {
         None => {
             let (client, connection) = config
                 .database
                 .connect(tokio_postgres::NoTls)
                 .await
-                .map_err(chain)?;
+                .map_err(ConnectError::Postgres)?;
             tokio::spawn(connection);
             Ok(client)
         }
         Some(tls) => {
-            let (client, connection) = config.database.connect(tls).await.map_err(chain)?;
+            let (client, connection) = config
+                .database
+                .connect(tls)
+                .await
+                .map_err(ConnectError::Postgres)?;
             tokio::spawn(connection);
             Ok(client)
         }

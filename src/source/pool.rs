@@ -7,15 +7,33 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, QueueMode, RecyclingMethod
 use tokio_postgres::NoTls;
 
 use crate::config::SourceConfig;
+use crate::tls::TlsError;
 
 /// How long a batch waits for a free connection before it counts as a database error.
 const WAIT_TIMEOUT: Duration = Duration::from_secs(30);
 const CREATE_TIMEOUT: Duration = Duration::from_secs(10);
 const RECYCLE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Why a source's pool cannot be built (no connection is involved yet).
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error("cannot build the connection pool for source {name:?}: {source}")]
+    Tls {
+        name: String,
+        #[source]
+        source: TlsError,
+    },
+    #[error("cannot build the connection pool for source {name:?}: {source}")]
+    Build {
+        name: String,
+        #[source]
+        source: deadpool_postgres::BuildError,
+    },
+}
+
 /// Builds the pool; no connection is opened until the first batch needs one,
 /// so a database that is down at start only delays that source.
-pub fn build(config: &SourceConfig) -> Result<Pool, String> {
+pub fn build(config: &SourceConfig) -> Result<Pool, PoolError> {
     let mut database = config.database.clone();
     // An outbox table's statistics are nearly always stale (it fills and
     // empties between autovacuum runs). With stale stats the planner picks
@@ -39,7 +57,11 @@ pub fn build(config: &SourceConfig) -> Result<Pool, String> {
         // one fails its next query, which the relay retries anyway.
         recycling_method: RecyclingMethod::Fast,
     };
-    let manager = match crate::tls::pg_connector(&config.tls).map_err(|e| e.to_string())? {
+    let tls = crate::tls::pg_connector(&config.tls).map_err(|source| PoolError::Tls {
+        name: config.name.clone(),
+        source,
+    })?;
+    let manager = match tls {
         None => Manager::from_config(database, NoTls, manager_config),
         Some(tls) => Manager::from_config(database, tls, manager_config),
     };
@@ -53,11 +75,9 @@ pub fn build(config: &SourceConfig) -> Result<Pool, String> {
         .recycle_timeout(Some(RECYCLE_TIMEOUT))
         .runtime(Runtime::Tokio1)
         .build()
-        .map_err(|e| {
-            format!(
-                "cannot build the connection pool for source {:?}: {e}",
-                config.name
-            )
+        .map_err(|source| PoolError::Build {
+            name: config.name.clone(),
+            source,
         })
 }
 
