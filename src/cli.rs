@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::LogFormat;
+use crate::config::{LogFormat, NotOneOf};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -89,7 +89,7 @@ pub struct ConfigArg {
     pub config: PathBuf,
 }
 
-fn parse_log_format(s: &str) -> Result<LogFormat, String> {
+fn parse_log_format(s: &str) -> Result<LogFormat, NotOneOf> {
     s.parse()
 }
 

@@ -7,7 +7,7 @@
 //! not set and has no default is an error that names both the variable and
 //! the config key it was found in.
 
-use super::ConfigError;
+use super::{ConfigError, Invalid};
 
 /// Replaces every `${NAME}` in `input` with `lookup(NAME)`.
 pub fn interpolate(
@@ -30,7 +30,7 @@ pub fn interpolate(
         } else if let Some(body) = after.strip_prefix('{') {
             let end = body.find('}').ok_or_else(|| ConfigError::Invalid {
                 key: key.to_owned(),
-                reason: "unclosed `${` (write `$${` for a literal `${`)".to_owned(),
+                reason: Invalid::new("unclosed `${` (write `$${` for a literal `${`)"),
             })?;
             let (name, default) = match body[..end].split_once(":-") {
                 Some((name, default)) => (name, Some(default)),
@@ -39,17 +39,17 @@ pub fn interpolate(
             if !is_var_name(name) {
                 return Err(ConfigError::Invalid {
                     key: key.to_owned(),
-                    reason: format!(
+                    reason: Invalid::new(format!(
                         "`${{{name}}}` is not a valid variable name (letters, digits and `_`, not starting with a digit)"
-                    ),
+                    )),
                 });
             }
             if default.is_some_and(|d| d.contains("${")) {
                 return Err(ConfigError::Invalid {
                     key: key.to_owned(),
-                    reason: format!(
+                    reason: Invalid::new(format!(
                         "nested `${{` in the default of `${{{name}:-…}}` is not supported; write the default literally"
-                    ),
+                    )),
                 });
             }
             let value = match (lookup(name).filter(|v| !v.is_empty()), default) {

@@ -16,6 +16,7 @@ mod secret;
 mod source;
 mod toml_error;
 
+use std::error::Error;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -60,15 +61,15 @@ impl DurationRange {
         Self { min, max }
     }
 
-    fn check(&self, value: Duration, text: &str) -> Result<Duration, String> {
+    fn check(&self, value: Duration, text: &str) -> Result<Duration, Invalid> {
         if (self.min..=self.max).contains(&value) {
             Ok(value)
         } else {
-            Err(format!(
+            Err(Invalid::new(format!(
                 "must be between {} and {}, got {text:?}",
                 humantime::format_duration(self.min),
                 humantime::format_duration(self.max)
-            ))
+            )))
         }
     }
 }
@@ -91,12 +92,12 @@ pub enum LogFormat {
 }
 
 impl std::str::FromStr for LogFormat {
-    type Err = String;
+    type Err = NotOneOf;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "text" => Ok(Self::Text),
             "json" => Ok(Self::Json),
-            other => Err(format!("must be \"text\" or \"json\", got {other:?}")),
+            other => Err(NotOneOf::new(r#""text" or "json""#, other)),
         }
     }
 }
@@ -122,14 +123,98 @@ pub enum ConfigError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// Text only: the TOML parser's own error quotes the line, which may
+    /// hold a password (see `toml_error`).
     #[error("{0}")]
     Syntax(String),
     #[error("{key}: {reason}")]
-    Invalid { key: String, reason: String },
+    Invalid {
+        key: String,
+        #[source]
+        reason: Invalid,
+    },
     #[error("{key}: environment variable `{var}` is not set")]
     MissingVariable { key: String, var: String },
     #[error("{}", list(.0))]
     Many(Vec<ConfigError>),
+}
+
+/// Why one value is refused: the reason in words and, when another error
+/// is behind it, that error as the source. The reason already ends with
+/// the cause's text, so a printed chain (`ErrorChain`) does not repeat it,
+/// and the message alone (`to_string`) says everything.
+///
+/// A cause that may quote a secret is not kept, only scrubbed text: the
+/// parse errors of connection strings and AMQP URLs (see `pg_url` and
+/// `rabbitmq`).
+#[derive(Debug, thiserror::Error)]
+#[error("{reason}")]
+pub struct Invalid {
+    reason: String,
+    #[source]
+    cause: Option<Box<dyn Error + Send + Sync>>,
+}
+
+impl Invalid {
+    /// A reason with nothing behind it.
+    pub fn new(reason: impl Into<String>) -> Self {
+        Self {
+            reason: reason.into(),
+            cause: None,
+        }
+    }
+
+    /// `context: cause`, keeping `cause` as the source.
+    pub fn because(context: impl fmt::Display, cause: impl Error + Send + Sync + 'static) -> Self {
+        Self {
+            reason: format!("{context}: {cause}"),
+            cause: Some(Box::new(cause)),
+        }
+    }
+
+    /// An error whose own message is the whole reason, kept as the source.
+    pub fn of(cause: impl Error + Send + Sync + 'static) -> Self {
+        Self {
+            reason: cause.to_string(),
+            cause: Some(Box::new(cause)),
+        }
+    }
+}
+
+/// The typed errors of the parts a config value is checked by: each is
+/// the whole reason, and stays reachable as the source.
+macro_rules! invalid_from {
+    ($($error:ty),+) => {$(
+        impl From<$error> for Invalid {
+            fn from(e: $error) -> Self {
+                Self::of(e)
+            }
+        }
+    )+};
+}
+invalid_from!(
+    NotOneOf,
+    crate::ident::TableNameError,
+    crate::template::TemplateError,
+    crate::tls::TlsError
+);
+
+/// A word that is not one of those a setting takes.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("must be {expected}, got {got:?}")]
+pub struct NotOneOf {
+    /// The words it takes, as the message lists them: `"text" or "json"`.
+    pub expected: &'static str,
+    pub got: String,
+}
+
+impl NotOneOf {
+    pub fn new(expected: &'static str, got: &str) -> Self {
+        Self {
+            expected,
+            got: got.to_owned(),
+        }
+    }
 }
 
 fn list(errors: &[ConfigError]) -> String {
@@ -196,8 +281,13 @@ impl Validator<'_> {
             .unwrap_or_else(|| DEFAULT_METRICS_LISTEN.to_owned());
         let listen = self.check(
             "metrics.listen",
-            listen.parse::<SocketAddr>().map_err(|_| {
-                format!("{listen:?} is not an address like \"127.0.0.1:9187\" or \"0.0.0.0:9187\"")
+            listen.parse::<SocketAddr>().map_err(|e| {
+                Invalid::because(
+                    format_args!(
+                        "{listen:?} is not an address like \"127.0.0.1:9187\" or \"0.0.0.0:9187\""
+                    ),
+                    e,
+                )
             }),
         );
         let backlog_interval = self
@@ -234,16 +324,21 @@ impl Validator<'_> {
         })
     }
 
+    /// Records a problem under `key`.
     fn invalid(&mut self, key: &str, reason: impl Into<String>) {
+        self.refuse(key, Invalid::new(reason));
+    }
+
+    fn refuse(&mut self, key: &str, reason: Invalid) {
         self.errors.push(ConfigError::Invalid {
             key: key.to_owned(),
-            reason: reason.into(),
+            reason,
         });
     }
 
     /// Records `result`'s error under `key`; returns the value if there was one.
-    fn check<T>(&mut self, key: &str, result: Result<T, String>) -> Option<T> {
-        result.map_err(|reason| self.invalid(key, reason)).ok()
+    fn check<T, E: Into<Invalid>>(&mut self, key: &str, result: Result<T, E>) -> Option<T> {
+        result.map_err(|e| self.refuse(key, e.into())).ok()
     }
 
     /// Interpolates an optional string value.
@@ -260,7 +355,7 @@ impl Validator<'_> {
 
     fn parse_opt<T>(&mut self, key: &str, value: Option<String>) -> Option<T>
     where
-        T: std::str::FromStr<Err = String>,
+        T: std::str::FromStr<Err: Into<Invalid>>,
     {
         let value = self.string_opt(key, value)?;
         self.check(key, value.parse())
@@ -315,40 +410,50 @@ impl Validator<'_> {
 /// A `*_file` secret: at most [`MAX_SECRET_FILE_BYTES`] of UTF-8 text,
 /// not empty once the trailing newline that mounted secrets usually end in
 /// is removed. Errors name the file, never its content.
-fn read_secret_file(path: &str) -> Result<String, String> {
+fn read_secret_file(path: &str) -> Result<String, Invalid> {
     use std::io::Read;
-    let file = std::fs::File::open(path).map_err(|e| format!("cannot read {path:?}: {e}"))?;
+    // An io error names no content.
+    let unreadable = |e| Invalid::because(format_args!("cannot read {path:?}"), e);
+    let file = std::fs::File::open(path).map_err(unreadable)?;
     let mut bytes = Vec::new();
     file.take(MAX_SECRET_FILE_BYTES + 1)
         .read_to_end(&mut bytes)
-        .map_err(|e| format!("cannot read {path:?}: {e}"))?;
+        .map_err(unreadable)?;
     if bytes.len() as u64 > MAX_SECRET_FILE_BYTES {
-        return Err(format!(
+        return Err(Invalid::new(format!(
             "{path:?} holds more than {} KiB; a URL is never that long (is it the right file?)",
             MAX_SECRET_FILE_BYTES / 1024
-        ));
+        )));
     }
-    let text = String::from_utf8(bytes).map_err(|_| format!("{path:?} is not UTF-8 text"))?;
+    // Not kept as the cause: a UTF-8 error carries the bytes it read.
+    let text = String::from_utf8(bytes)
+        .map_err(|_| Invalid::new(format!("{path:?} is not UTF-8 text")))?;
     let value = text.trim_end_matches(['\n', '\r']);
     if value.is_empty() {
-        return Err(format!("{path:?} is empty"));
+        return Err(Invalid::new(format!("{path:?} is empty")));
     }
     Ok(value.to_owned())
 }
 
 /// Parses "250ms", "30s", "5m", "7d" and the like.
-pub fn parse_duration(value: &str) -> Result<Duration, String> {
-    humantime::parse_duration(value)
-        .map_err(|e| format!("{value:?} is not a duration like \"500ms\", \"30s\" or \"7d\": {e}"))
+pub fn parse_duration(value: &str) -> Result<Duration, Invalid> {
+    humantime::parse_duration(value).map_err(|e| {
+        Invalid::because(
+            format_args!("{value:?} is not a duration like \"500ms\", \"30s\" or \"7d\""),
+            e,
+        )
+    })
 }
 
 /// Bounds for an integer setting, reported in the error.
-pub(crate) fn in_range(value: i64, min: i64, max: i64) -> Result<usize, String> {
+pub(crate) fn in_range(value: i64, min: i64, max: i64) -> Result<usize, Invalid> {
     if (min..=max).contains(&value) {
         // The range check above makes this conversion lossless.
         Ok(value as usize)
     } else {
-        Err(format!("must be between {min} and {max}, got {value}"))
+        Err(Invalid::new(format!(
+            "must be between {min} and {max}, got {value}"
+        )))
     }
 }
 

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use tokio_postgres::config::Host;
 
+use super::Invalid;
 use super::secret::scrub;
 use crate::telemetry::ErrorChain;
 
@@ -80,7 +81,7 @@ const AT_SIGN: &str = "the URL's `@` is not where it can only end the user name 
      (host=… user=… password='…')";
 
 /// Parses a PostgreSQL URL or keyword string and describes it without secrets.
-pub fn parse_pg(url: &str) -> Result<PgUrl, String> {
+pub fn parse_pg(url: &str) -> Result<PgUrl, Invalid> {
     let (rest, params) = match url
         .strip_prefix("postgres://")
         .or_else(|| url.strip_prefix("postgresql://"))
@@ -119,12 +120,15 @@ pub fn parse_pg(url: &str) -> Result<PgUrl, String> {
     };
     let mut config = tokio_postgres::Config::from_str(&text).map_err(|e| {
         // The cause ("invalid value for option `port`") names no value; the
-        // text is scrubbed all the same, in case a future version echoes it.
+        // text is scrubbed all the same, in case a future version echoes it,
+        // and for that reason the error itself is not kept as a source.
         let cause = scrub(&scrub(&ErrorChain(&e).to_string(), &text), url);
-        format!("not a valid PostgreSQL connection string ({cause}); expected postgres://user@host:5432/dbname or host=… dbname=…")
+        Invalid::new(format!("not a valid PostgreSQL connection string ({cause}); expected postgres://user@host:5432/dbname or host=… dbname=…"))
     })?;
     if config.get_hosts().is_empty() {
-        return Err("names no host (expected postgres://user@host:5432/dbname)".to_owned());
+        return Err(Invalid::new(
+            "names no host (expected postgres://user@host:5432/dbname)",
+        ));
     }
     if config.get_application_name().is_none() {
         config.application_name("outboxd");
@@ -148,32 +152,32 @@ pub fn parse_pg(url: &str) -> Result<PgUrl, String> {
     })
 }
 
-fn check_param(key: &str) -> Result<(), String> {
+fn check_param(key: &str) -> Result<(), Invalid> {
     if KNOWN.contains(&key) {
         Ok(())
     } else if UNSUPPORTED.contains(&key) {
-        Err(format!(
+        Err(Invalid::new(format!(
             "the connection string parameter `{key}` is not supported by outboxd (TLS is set with sslmode and sslrootcert)"
-        ))
+        )))
     } else if !key.is_empty() && key.chars().all(|c| c.is_ascii_lowercase() || c == '_') {
-        Err(format!(
+        Err(Invalid::new(format!(
             "unknown connection string parameter `{key}` (known: {})",
             KNOWN.join(", ")
-        ))
+        )))
     } else {
         // Not a parameter name at all (perhaps a stray piece of a value):
         // not echoed.
-        Err(format!(
+        Err(Invalid::new(format!(
             "a connection string parameter name is not a name (known: {})",
             KNOWN.join(", ")
-        ))
+        )))
     }
 }
 
 /// URL form: (the URL without its query, the query's parameters decoded).
 /// The query starts at the first `?` after the user info, as in
 /// tokio-postgres, which takes the user info up to the first `@`.
-fn split_url(url: &str, after_scheme: &str) -> Result<(String, Vec<(String, String)>), String> {
+fn split_url(url: &str, after_scheme: &str) -> Result<(String, Vec<(String, String)>), Invalid> {
     let scheme_len = url.len() - after_scheme.len();
     // tokio-postgres ends the user info at the first `@` anywhere, libpq at
     // the first `@` or `/`. They agree, and no piece of a password can end
@@ -182,7 +186,7 @@ fn split_url(url: &str, after_scheme: &str) -> Result<(String, Vec<(String, Stri
     let first_separator = after_scheme.find(['/', '?']).unwrap_or(after_scheme.len());
     let at = after_scheme.find('@');
     if after_scheme.matches('@').count() > 1 || at.is_some_and(|at| at > first_separator) {
-        return Err(AT_SIGN.to_owned());
+        return Err(Invalid::new(AT_SIGN));
     }
     let host_start = at.map_or(0, |at| at + 1);
     let Some(q) = after_scheme[host_start..].find('?').map(|i| host_start + i) else {
@@ -191,10 +195,9 @@ fn split_url(url: &str, after_scheme: &str) -> Result<(String, Vec<(String, Stri
     let mut params = Vec::new();
     for pair in after_scheme[q + 1..].split('&').filter(|p| !p.is_empty()) {
         let Some((key, value)) = pair.split_once('=') else {
-            return Err(
-                "a parameter in the URL's query has no `=` (expected ?key=value&key=value)"
-                    .to_owned(),
-            );
+            return Err(Invalid::new(
+                "a parameter in the URL's query has no `=` (expected ?key=value&key=value)",
+            ));
         };
         params.push((decode(key)?, decode(value)?));
     }
@@ -203,7 +206,7 @@ fn split_url(url: &str, after_scheme: &str) -> Result<(String, Vec<(String, Stri
 
 /// Keyword form, as libpq reads it: `key = value` pairs separated by
 /// spaces; a value may be single-quoted, and `\` escapes the next character.
-fn keywords(text: &str) -> Result<Vec<(String, String)>, String> {
+fn keywords(text: &str) -> Result<Vec<(String, String)>, Invalid> {
     let mut out = Vec::new();
     let mut chars = text.chars().peekable();
     loop {
@@ -218,11 +221,10 @@ fn keywords(text: &str) -> Result<Vec<(String, String)>, String> {
         while chars.next_if(|c| c.is_whitespace()).is_some() {}
         if chars.next() != Some('=') {
             // Whatever this is, it may be a piece of a password: not echoed.
-            return Err(
+            return Err(Invalid::new(
                 "not a valid PostgreSQL connection string: expected postgres://user@host:5432/dbname, \
-                 or key=value pairs (a value with spaces must be single-quoted)"
-                    .to_owned(),
-            );
+                 or key=value pairs (a value with spaces must be single-quoted)",
+            ));
         }
         while chars.next_if(|c| c.is_whitespace()).is_some() {}
         let mut value = String::new();
@@ -230,10 +232,10 @@ fn keywords(text: &str) -> Result<Vec<(String, String)>, String> {
             loop {
                 match chars.next() {
                     None => {
-                        return Err(format!(
+                        return Err(Invalid::new(format!(
                             "the quoted value of `{}` is not closed (a `'` inside a value is written \\')",
                             printable_key(&key)
-                        ));
+                        )));
                     }
                     Some('\'') => break,
                     Some('\\') => value.extend(chars.next()),
@@ -253,11 +255,11 @@ fn keywords(text: &str) -> Result<Vec<(String, String)>, String> {
             if let Some((name, _)) = value.split_once('=')
                 && (KNOWN.contains(&name) || UNSUPPORTED.contains(&name))
             {
-                return Err(format!(
+                return Err(Invalid::new(format!(
                     "the value of `{}` starts with `{name}=`; write an empty value as {}=''",
                     printable_key(&key),
                     printable_key(&key)
-                ));
+                )));
             }
         }
         out.push((key, value));
@@ -302,7 +304,7 @@ fn encode(value: &str) -> String {
 }
 
 /// Percent-decodes a URL query part (no `+` for space: libpq has none).
-fn decode(part: &str) -> Result<String, String> {
+fn decode(part: &str) -> Result<String, Invalid> {
     let bytes = part.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -320,8 +322,10 @@ fn decode(part: &str) -> Result<String, String> {
             }
         }
     }
-    String::from_utf8(out)
-        .map_err(|_| "a parameter in the URL's query is not UTF-8 once percent-decoded".to_owned())
+    // Not kept as the cause: a UTF-8 error carries the bytes, maybe a password's.
+    String::from_utf8(out).map_err(|_| {
+        Invalid::new("a parameter in the URL's query is not UTF-8 once percent-decoded")
+    })
 }
 
 #[cfg(test)]
@@ -441,7 +445,7 @@ mod tests {
             ),
         ];
         for (input, needle) in cases {
-            let msg = parse_pg(input).map(|_| ()).unwrap_err();
+            let msg = parse_pg(input).map(|_| ()).unwrap_err().to_string();
             assert!(msg.contains(needle), "{input}: {needle:?} not in {msg:?}");
             for secret in ["S3c", "ret7", "S3cret"] {
                 assert!(!msg.contains(secret), "{input}: {secret} leaked in {msg:?}");

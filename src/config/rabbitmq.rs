@@ -6,7 +6,7 @@ use lapin::uri::{AMQPScheme, AMQPUri};
 
 use super::raw::RawRabbit;
 use super::secret::scrub;
-use super::{DurationRange, Secret, Validator};
+use super::{DurationRange, Invalid, Secret, Validator};
 use crate::tls::{Trust, tls_client_config};
 
 /// How long a batch waits for the broker's confirms before it counts them as failed.
@@ -167,12 +167,7 @@ impl Validator<'_> {
             &trust,
             client.as_ref().map(|(c, k)| (c.as_str(), k.as_str())),
         );
-        self.check(
-            key,
-            built
-                .map(|_| AmqpTls { trust, client })
-                .map_err(|e| e.to_string()),
-        )
+        self.check(key, built.map(|_| AmqpTls { trust, client }))
     }
 }
 
@@ -182,7 +177,7 @@ const ENCODE_HINT: &str = "percent-encode these characters in the user name and 
 
 /// Validates an AMQP URL and describes it without its password; `true`
 /// for amqps:// (in any letter case).
-pub fn amqp_display(url: &str) -> Result<(String, bool), String> {
+pub fn amqp_display(url: &str) -> Result<(String, bool), Invalid> {
     // The URL parser takes the host part to end at the first `/`, `?` or
     // `#`, and the user info to end at the last `@` before that. A password
     // with an unencoded `@`, `/`, `?` or `#` is then read wrongly, and a
@@ -194,20 +189,21 @@ pub fn amqp_display(url: &str) -> Result<(String, bool), String> {
         .find(['/', '?', '#'])
         .unwrap_or(after_scheme.len())];
     if after_scheme.matches('@').count() > 1 {
-        return Err(format!(
+        return Err(Invalid::new(format!(
             "the URL has more than one `@` (write an `@` in the vhost as %40); {ENCODE_HINT}"
-        ));
+        )));
     }
     if !authority.contains('@') && after_scheme.contains('@') {
-        return Err(format!(
+        return Err(Invalid::new(format!(
             "the host part ends before the URL's `@`; {ENCODE_HINT}"
-        ));
+        )));
     }
+    // lapin's error is text that may quote the URL: scrubbed, not kept.
     let uri: AMQPUri = url.parse().map_err(|e: String| {
-        format!(
+        Invalid::new(format!(
             "not a valid AMQP URL (expected amqp://user:password@host:5672/vhost): {}",
             scrub(&e, url)
-        )
+        ))
     })?;
     let a = &uri.authority;
     let display = format!(
@@ -257,6 +253,7 @@ mod tests {
             match (amqp_display(url), want) {
                 (Ok((display, _)), Ok(want)) => assert_eq!(display, want, "{url}"),
                 (Err(msg), Err(needle)) => {
+                    let msg = msg.to_string();
                     assert!(msg.contains(needle), "{url}: {needle:?} not in {msg:?}");
                     assert!(
                         !msg.contains("S3c") && !msg.contains("ret7"),

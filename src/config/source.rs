@@ -8,7 +8,7 @@ use tokio_postgres::config::SslMode;
 
 use super::pg_url::{PgUrl, parse_pg};
 use super::raw::RawSource;
-use super::{DurationRange, Secret, Validator, in_range};
+use super::{DurationRange, Invalid, NotOneOf, Secret, Validator, in_range};
 use crate::backoff::Backoff;
 use crate::ident::TableName;
 use crate::template::Template;
@@ -56,12 +56,12 @@ pub enum AfterPublish {
 }
 
 impl FromStr for AfterPublish {
-    type Err = String;
+    type Err = NotOneOf;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "delete" => Ok(Self::Delete),
             "mark" => Ok(Self::Mark),
-            other => Err(format!("must be \"delete\" or \"mark\", got {other:?}")),
+            other => Err(NotOneOf::new(r#""delete" or "mark""#, other)),
         }
     }
 }
@@ -77,12 +77,12 @@ pub enum Ordering {
 }
 
 impl FromStr for Ordering {
-    type Err = String;
+    type Err = NotOneOf;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "aggregate" => Ok(Self::Aggregate),
             "none" => Ok(Self::None),
-            other => Err(format!("must be \"aggregate\" or \"none\", got {other:?}")),
+            other => Err(NotOneOf::new(r#""aggregate" or "none""#, other)),
         }
     }
 }
@@ -99,12 +99,12 @@ pub enum OnPark {
 }
 
 impl FromStr for OnPark {
-    type Err = String;
+    type Err = NotOneOf;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "hold" => Ok(Self::Hold),
             "continue" => Ok(Self::Continue),
-            other => Err(format!("must be \"hold\" or \"continue\", got {other:?}")),
+            other => Err(NotOneOf::new(r#""hold" or "continue""#, other)),
         }
     }
 }
@@ -203,10 +203,7 @@ impl Validator<'_> {
         let table = self
             .string_opt(&k("table"), raw.table)
             .unwrap_or_else(|| DEFAULT_TABLE.to_owned());
-        let table = self.check(
-            &k("table"),
-            TableName::parse(&table).map_err(|e| e.to_string()),
-        );
+        let table = self.check(&k("table"), TableName::parse(&table));
         let exchange = self
             .string_opt(&k("exchange"), raw.exchange)
             .unwrap_or_default();
@@ -217,7 +214,7 @@ impl Validator<'_> {
         let routing_key = self.check(
             &k("routing_key"),
             Template::parse(&routing_key)
-                .map_err(|e| e.to_string())
+                .map_err(Invalid::from)
                 .and_then(check_routing_key),
         );
         let batch_size = self.check(
@@ -391,12 +388,7 @@ impl Validator<'_> {
             return None;
         }
         // Build it once now, so an unreadable CA file is a config error.
-        self.check(
-            &root_key,
-            crate::tls::client_config(&mode)
-                .map(|_| mode)
-                .map_err(|e| e.to_string()),
-        )
+        self.check(&root_key, crate::tls::client_config(&mode).map(|_| mode))
     }
 
     /// A setting given as a key and in the connection string: either one,
@@ -431,7 +423,7 @@ pub fn default_channel(table: &TableName) -> String {
     format!("outboxd.{}.{}", table.schema, table.table)
 }
 
-fn check_name(name: &str) -> Result<(), String> {
+fn check_name(name: &str) -> Result<(), Invalid> {
     let ok = !name.is_empty()
         && name.len() <= 64
         && name
@@ -440,16 +432,16 @@ fn check_name(name: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!(
+        Err(Invalid::new(format!(
             "{name:?} must be 1 to 64 characters of ASCII letters, digits, `_`, `-` and `.` \
              (it becomes a metrics label and a message header)"
-        ))
+        )))
     }
 }
 
 /// A routing-key template whose fixed text alone is too long for AMQP
 /// would make every row that uses it a bad row.
-fn check_routing_key(template: Template) -> Result<Template, String> {
+fn check_routing_key(template: Template) -> Result<Template, Invalid> {
     let fixed = template.literal_len();
     if fixed <= MAX_ROUTING_KEY_BYTES {
         return Ok(template);
@@ -459,26 +451,26 @@ fn check_routing_key(template: Template) -> Result<Template, String> {
     } else {
         "has fixed text of"
     };
-    Err(format!(
+    Err(Invalid::new(format!(
         "{what} {fixed} bytes; AMQP routing keys are at most {MAX_ROUTING_KEY_BYTES} bytes, so every row using it would be parked"
-    ))
+    )))
 }
 
 /// RabbitMQ's own rule for exchange names.
-fn check_exchange(name: &str) -> Result<(), String> {
+fn check_exchange(name: &str) -> Result<(), Invalid> {
     if name.len() > MAX_EXCHANGE_BYTES {
-        return Err(format!(
+        return Err(Invalid::new(format!(
             "is {} bytes long; AMQP allows {MAX_EXCHANGE_BYTES}",
             name.len()
-        ));
+        )));
     }
     if let Some(c) = name
         .chars()
         .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':')))
     {
-        return Err(format!(
+        return Err(Invalid::new(format!(
             "{name:?} contains {c:?}; exchange names may only contain letters, digits, `-`, `_`, `.` and `:`"
-        ));
+        )));
     }
     Ok(())
 }
