@@ -50,7 +50,7 @@ pub async fn run(source: Arc<Source>, backlog_interval: Duration, stop: Cancella
         failures += 1;
         source.metrics.error(SourceError::Listener).inc();
         let delay = RECONNECT.jittered(failures.min(20));
-        warn!(source = %name, error = %error, retry_in = ?delay, "notification listener lost; polling every poll_interval until it is back");
+        warn!(source = %name, error = %ErrorChain(&error), retry_in = ?delay, "notification listener lost; polling every poll_interval until it is back");
         // Whatever was notified while we were away is found by the next claim.
         source.wake.notify_one();
         tokio::select! {
@@ -77,17 +77,38 @@ type Rebalance<'a> =
 type Query<'a> =
     Pin<Box<dyn Future<Output = Result<tokio_postgres::Row, tokio_postgres::Error>> + Send + 'a>>;
 
+/// Why the listener's connection ended (it always ends in an error: the
+/// listener runs until it is stopped). The tokio-postgres error is the
+/// source; print with `ErrorChain`, which shows the server's message.
+#[derive(Debug, thiserror::Error)]
+enum Stopped {
+    #[error("{0}")]
+    Tls(#[source] crate::tls::TlsError),
+    #[error("cannot connect: {0}")]
+    Connect(#[source] tokio_postgres::Error),
+    #[error("cannot connect: no answer within {:?}", super::DB_TIMEOUT)]
+    ConnectTimedOut,
+    #[error("connection failed: {0}")]
+    Connection(#[source] tokio_postgres::Error),
+    #[error("connection closed by the server")]
+    Closed,
+    #[error("LISTEN failed: {0}")]
+    Listen(#[source] tokio_postgres::Error),
+    #[error("rebalancing partitions failed: {0}")]
+    Rebalance(#[source] tokio_postgres::Error),
+}
+
 /// Connects (in the source's TLS mode), LISTENs, forwards notifications
 /// and runs the backlog query; returns why it stopped.
-async fn listen(source: &Source, backlog_interval: Duration) -> String {
+async fn listen(source: &Source, backlog_interval: Duration) -> Stopped {
     match crate::tls::pg_connector(&source.config.tls) {
         Ok(None) => listen_with(source, backlog_interval, NoTls).await,
         Ok(Some(tls)) => listen_with(source, backlog_interval, tls).await,
-        Err(e) => e.to_string(),
+        Err(e) => Stopped::Tls(e),
     }
 }
 
-async fn listen_with<T>(source: &Source, backlog_interval: Duration, tls: T) -> String
+async fn listen_with<T>(source: &Source, backlog_interval: Duration, tls: T) -> Stopped
 where
     T: MakeTlsConnect<Socket>,
     T::Stream: Send + Unpin,
@@ -106,8 +127,8 @@ where
     let (client, mut connection) =
         match tokio::time::timeout(super::DB_TIMEOUT, database.connect(tls)).await {
             Ok(Ok(pair)) => pair,
-            Ok(Err(e)) => return format!("cannot connect: {}", ErrorChain(&e)),
-            Err(_) => return format!("cannot connect: no answer within {:?}", super::DB_TIMEOUT),
+            Ok(Err(e)) => return Stopped::Connect(e),
+            Err(_) => return Stopped::ConnectTimedOut,
         };
     let listen_sql = format!(
         "SET tcp_keepalives_idle = {}; SET tcp_keepalives_interval = {}; SET tcp_keepalives_count = {}; LISTEN {}",
@@ -138,8 +159,8 @@ where
                 Some(Ok(AsyncMessage::Notification(_))) => source.wake.notify_one(),
                 Some(Ok(AsyncMessage::Notice(notice))) => debug!(source = %source.config.name, %notice, "notice on the listener"),
                 Some(Ok(_)) => {}
-                Some(Err(e)) => return format!("connection failed: {}", ErrorChain(&e)),
-                None => return "connection closed by the server".to_owned(),
+                Some(Err(e)) => return Stopped::Connection(e),
+                None => return Stopped::Closed,
             },
             result = &mut listen, if !listening => match result {
                 Ok(()) => {
@@ -149,7 +170,7 @@ where
                     // Rows committed before LISTEN took effect sent no wake-up we saw.
                     source.wake.notify_one();
                 }
-                Err(e) => return format!("LISTEN failed: {}", ErrorChain(&e)),
+                Err(e) => return Stopped::Listen(e),
             },
             _ = ticker.tick(), if listening && query.is_none() => {
                 query = Some(Box::pin(client.query_one(&source.queries.backlog, &[])));
@@ -189,7 +210,7 @@ where
                             source.partitions.send_replace(Arc::new(owned.iter().copied().collect()));
                         }
                     }
-                    Err(e) => return format!("rebalancing partitions failed: {}", ErrorChain(&e)),
+                    Err(e) => return Stopped::Rebalance(e),
                 }
             }
         }
