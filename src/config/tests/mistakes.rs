@@ -300,3 +300,52 @@ fn values_that_cannot_work_are_rejected_with_the_key_and_a_reason() {
     )))
     .unwrap();
 }
+
+/// A refusal with an error behind it (io, duration, TLS, table name,
+/// template, address) keeps that error as its source, and the printed
+/// chain says each thing once: the message already ends with the cause.
+#[test]
+fn refusals_keep_their_cause_and_print_it_once() {
+    use crate::telemetry::ErrorChain;
+    use std::error::Error as _;
+    let cases = [
+        (
+            with_source_line("sslmode = \"verify-full\"\nsslrootcert = \"/nonexistent/ca.pem\""),
+            "No such file",
+        ),
+        (
+            MINIMAL.replace(
+                "database_url = \"postgres://root@127.0.0.1:5432/orders\"",
+                "database_url_file = \"/nonexistent/x\"",
+            ),
+            "No such file",
+        ),
+        (
+            with_source_line("poll_interval = \"3 fortnights\""),
+            "unknown time unit",
+        ),
+        (with_source_line("table = \"1x\""), "may only contain"),
+        (
+            with_source_line("routing_key = \"{aggregate}\""),
+            "unknown placeholder",
+        ),
+        (
+            format!("[metrics]\nlisten = \"nope\"\n{MINIMAL}"),
+            "invalid socket address",
+        ),
+    ];
+    for (text, cause) in cases {
+        let e = load(&text).unwrap_err();
+        assert!(matches!(e, ConfigError::Invalid { .. }), "{e:?}");
+        let kept = e
+            .source()
+            .and_then(|reason| reason.source())
+            .map(ToString::to_string)
+            .unwrap_or_else(|| panic!("no cause kept: {e}"));
+        assert!(kept.contains(cause), "{cause:?} not in {kept:?}");
+        assert_eq!(ErrorChain(&e).to_string(), e.to_string());
+    }
+    // a plain refusal has nothing behind its reason
+    let e = load(&with_source_line("batch_size = 0")).unwrap_err();
+    assert!(e.source().is_some_and(|reason| reason.source().is_none()));
+}

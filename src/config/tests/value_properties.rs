@@ -4,6 +4,7 @@
 //! display string) holds a piece of a password.
 
 use super::*;
+use crate::telemetry::ErrorChain;
 use proptest::prelude::*;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -217,6 +218,8 @@ proptest! {
                 let msg = e.to_string();
                 prop_assert!(msg.contains("source[0]."), "no key in {}", msg);
                 no_mark(&msg)?;
+// nor anywhere in the chain of causes it keeps
+no_mark(&ErrorChain(&e).to_string())?;
             }
         }
     }
@@ -237,6 +240,8 @@ proptest! {
                 let msg = e.to_string();
                 prop_assert!(msg.contains("rabbitmq."), "no key in {}", msg);
                 no_mark(&msg)?;
+// nor anywhere in the chain of causes it keeps
+no_mark(&ErrorChain(&e).to_string())?;
             }
         }
     }
@@ -262,6 +267,8 @@ proptest! {
             let msg = e.to_string();
             prop_assert!(msg.contains("source[0].database_url"), "no key in {}", msg);
             no_mark(&msg)?;
+// nor anywhere in the chain of causes it keeps
+no_mark(&ErrorChain(&e).to_string())?;
         }
     }
 
