@@ -252,6 +252,7 @@ impl Validator<'_> {
         self.refuse(key, Invalid::new(reason));
     }
 
+    /// Records a typed refusal (and the cause it keeps) under `key`.
     fn refuse(&mut self, key: &str, reason: Invalid) {
         self.errors.push(ConfigError::Invalid {
             key: key.to_owned(),
