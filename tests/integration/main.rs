@@ -6,6 +6,7 @@ mod support;
 
 mod admin;
 mod cli;
+mod config_errors;
 mod crash;
 mod dead_letters;
 mod delivery;
@@ -14,6 +15,7 @@ mod held;
 mod hostile;
 mod outage;
 mod rollback;
+mod settle;
 mod shutdown;
 mod sources;
 mod stuck;
