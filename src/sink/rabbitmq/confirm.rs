@@ -7,7 +7,9 @@
 
 use std::time::Duration;
 
+use lapin::message::BasicReturnMessage;
 use lapin::protocol::AMQPErrorKind;
+use lapin::types::AMQPValue;
 use lapin::{Confirmation, ErrorKind, PublisherConfirm};
 use tokio::time::Instant;
 
@@ -33,7 +35,9 @@ pub(super) async fn collect(
     pending: Vec<(usize, PublisherConfirm)>,
     timeout: Duration,
     outcomes: &mut [Outcome],
+    sent: &[(usize, i64)],
 ) -> ChannelEnd {
+    let mut returned = Vec::new();
     // The config bounds the timeout; a year stands in for "never" should
     // an unbounded one reach here (Instant + Duration panics on overflow).
     let now = Instant::now();
@@ -43,7 +47,11 @@ pub(super) async fn collect(
     let mut end = ChannelEnd::Healthy;
     for (index, confirm) in pending {
         outcomes[index] = match tokio::time::timeout_at(deadline, confirm).await {
-            Ok(Ok(confirmation)) => classify(confirmation),
+            Ok(Ok(confirmation)) => {
+                let (outcome, back) = split(confirmation);
+                returned.extend(back);
+                outcome
+            }
             Ok(Err(err)) => {
                 match refusal(&err) {
                     Some(reason) if end == ChannelEnd::Healthy => end = ChannelEnd::Refused(reason),
@@ -67,7 +75,64 @@ pub(super) async fn collect(
             }
         };
     }
+    attribute_returns(returned, outcomes, sent);
     end
+}
+
+/// A confirm's outcome apart from any returned message lapin attached to
+/// it. lapin hands each returned message to whichever confirm of the
+/// channel it resolves next, and an ack for several delivery tags at once
+/// resolves them in no set order: the message may sit on another row's
+/// confirm. [`attribute_returns`] puts it back on its own row.
+fn split(confirmation: Confirmation) -> (Outcome, Option<BasicReturnMessage>) {
+    match confirmation {
+        Confirmation::Ack(returned) => (Outcome::Delivered, returned),
+        Confirmation::Nack(returned) => (classify(Confirmation::Nack(None)), returned),
+        Confirmation::NotRequested => (classify(Confirmation::NotRequested), None),
+    }
+}
+
+/// Marks each returned message's own row as returned, found by the
+/// `x-outbox-id` header every message carries. A returned message that
+/// names no row of the batch marks every row the broker acked: a row is
+/// never taken for delivered while the broker may have dropped it.
+fn attribute_returns(
+    returned: Vec<BasicReturnMessage>,
+    outcomes: &mut [Outcome],
+    sent: &[(usize, i64)],
+) {
+    for message in returned {
+        let row_id = message
+            .delivery
+            .properties
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get("x-outbox-id").cloned())
+            .and_then(|v| match v {
+                AMQPValue::LongLongInt(id) => Some(id),
+                _ => None,
+            });
+        let own = row_id.and_then(|id| sent.iter().find(|(_, r)| *r == id).map(|(i, _)| *i));
+        let outcome = classify(Confirmation::Ack(Some(message)));
+        match own {
+            Some(index) => outcomes[index] = outcome,
+            None => {
+                for (index, _) in sent {
+                    if outcomes[*index] == Outcome::Delivered
+                        && let Outcome::Failed(f) = &outcome
+                    {
+                        outcomes[*index] = Outcome::Failed(Failure::new(
+                            f.reason,
+                            format!(
+                                "{}; it names no row of this batch, so every acked row of the batch is sent again",
+                                f.detail
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// The broker's reason, if `err` is a channel closed by the broker over a

@@ -195,7 +195,7 @@ impl Publisher for RabbitPublisher {
         }
         let sent: Vec<(usize, i64)> = to_send.iter().map(|(i, m)| (*i, m.row_id)).collect();
         let (pending, broken) = publish_in_order(&channel, to_send, &mut outcomes).await;
-        let mut end = confirm::collect(pending, self.confirm_timeout, &mut outcomes).await;
+        let mut end = confirm::collect(pending, self.confirm_timeout, &mut outcomes, &sent).await;
         if let (ChannelEnd::Healthy, Some(failed)) = (&end, broken) {
             end = match failed.refusal {
                 Some(reason) => ChannelEnd::Refused(reason),
