@@ -8,7 +8,7 @@ use std::io::Write;
 
 use tokio_postgres::Client;
 
-use crate::config::{Config, OnPark, Ordering, SourceConfig};
+use crate::config::{Config, OnPark, SourceConfig};
 use crate::source::ConnectError;
 
 /// Why a dead-letters command failed; database errors keep their cause
@@ -215,7 +215,7 @@ pub async fn purge(
         .map_err(db_error(source))?;
     // With on_park = "hold", the later rows of those aggregates waited for
     // the purged rows: release them now rather than at the relay's next sweep.
-    if source.ordering == Ordering::Aggregate && source.on_park == OnPark::Hold {
+    if source.ordering.ordered() && source.on_park == OnPark::Hold {
         let sweep = crate::source::order::Sql::new(source).sweep;
         client
             .execute(&sweep, &[])

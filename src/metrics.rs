@@ -27,6 +27,7 @@ pub const PARKED: &str = "outboxd_parked_total";
 pub const DEAD_LETTERS: &str = "outboxd_dead_letters";
 pub const PARTITIONS_OWNED: &str = "outboxd_partitions_owned";
 pub const REBALANCES: &str = "outboxd_rebalances_total";
+pub const ORDER_BREAKS: &str = "outboxd_order_breaks_total";
 pub const RELAYS: &str = "outboxd_relays";
 pub const HELD_ROWS: &str = "outboxd_held_rows";
 pub const HELD_BY_DEAD_LETTERS: &str = "outboxd_held_by_dead_letters";
@@ -93,6 +94,7 @@ pub struct Metrics {
     dead: IntGaugeVec,
     owned: IntGaugeVec,
     rebalances: IntCounterVec,
+    order_breaks: IntCounterVec,
     relays: IntGaugeVec,
     held: IntGaugeVec,
     held_dead: IntGaugeVec,
@@ -122,6 +124,9 @@ pub struct SourceMetrics {
     /// `ordering = "aggregate"`: partitions this relay owns now.
     pub partitions_owned: IntGauge,
     pub rebalances: IntCounter,
+    /// `ordering = "aggregate"`: rows the broker took while an earlier row
+    /// of their aggregate in the same batch was refused.
+    pub order_breaks: IntCounter,
     /// Relays running on this source's table, this one included.
     pub relays: IntGauge,
     /// Rows waiting for an earlier row of their aggregate.
@@ -311,6 +316,17 @@ impl Metrics {
             )
             .expect("valid metric"),
         );
+        let order_breaks = register(
+            &r,
+            IntCounterVec::new(
+                Opts::new(
+                    ORDER_BREAKS,
+                    "Rows the broker took while an earlier row of their aggregate was refused (ordering = \"aggregate\"): a consumer saw them first. They are sent again after it.",
+                ),
+                labels,
+            )
+            .expect("valid metric"),
+        );
         let broker = BrokerMetrics {
             up: register(
                 &r,
@@ -363,6 +379,7 @@ impl Metrics {
             dead,
             owned,
             rebalances,
+            order_breaks,
             relays,
             held,
             held_dead,
@@ -404,6 +421,7 @@ impl Metrics {
             dead_letters: self.dead.with_label_values(l),
             partitions_owned: self.owned.with_label_values(l),
             rebalances: self.rebalances.with_label_values(l),
+            order_breaks: self.order_breaks.with_label_values(l),
             relays: self.relays.with_label_values(l),
             held: self.held.with_label_values(l),
             held_by_dead_letters: self.held_dead.with_label_values(l),

@@ -96,7 +96,7 @@ impl<C: Capture, P: Publisher> Relay<C, P> {
         };
         let mut poll = tokio::time::interval(self.config.poll_interval);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let ordered = self.config.ordering == Ordering::Aggregate;
+        let ordered = self.config.ordering.ordered();
         let name = &self.config.name;
         info!(
             source = %name,

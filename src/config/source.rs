@@ -69,9 +69,16 @@ impl FromStr for AfterPublish {
 /// Which rows may be published side by side.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ordering {
-    /// Per aggregate `(aggregate_type, aggregate_id)`, in id order: a row is
-    /// sent only once every earlier row of its aggregate is settled.
+    /// Per aggregate `(aggregate_type, aggregate_id)`, in id order,
+    /// pipelined: an aggregate's rows go out in order on one channel,
+    /// several in flight at once; a failure stops the aggregate at its
+    /// first unconfirmed row and what came after it is sent again, in
+    /// order. The one exception (a refused row whose later sibling the
+    /// broker took) is counted in `outboxd_order_breaks_total`.
     Aggregate,
+    /// Per aggregate, one row in flight at a time: a row is sent only once
+    /// every earlier row of its aggregate is settled. Slower; no exception.
+    AggregateStrict,
     /// Any row, any batch, any relay: the fastest path.
     None,
 }
@@ -81,9 +88,20 @@ impl FromStr for Ordering {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "aggregate" => Ok(Self::Aggregate),
+            "aggregate_strict" => Ok(Self::AggregateStrict),
             "none" => Ok(Self::None),
-            other => Err(NotOneOf::new(r#""aggregate" or "none""#, other)),
+            other => Err(NotOneOf::new(
+                r#""aggregate", "aggregate_strict" or "none""#,
+                other,
+            )),
         }
+    }
+}
+
+impl Ordering {
+    /// Per-aggregate order of either kind.
+    pub fn ordered(self) -> bool {
+        self != Self::None
     }
 }
 

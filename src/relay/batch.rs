@@ -2,6 +2,7 @@
 //! the rows into messages, send them, decide what becomes of each row,
 //! settle. [`BatchEnd`] is what it reports back to the loop in `relay.rs`.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -9,7 +10,8 @@ use tokio::sync::oneshot;
 use tracing::{debug, warn};
 
 use super::{Relay, decide, report};
-use crate::message::Routing;
+use crate::config::OnPark;
+use crate::message::{Outbound, OutboxRow, Routing};
 use crate::sink::{Failure, FailureReason, Outcome, Publisher};
 use crate::source::{Capture, ClaimFrom, Claimed, DbError};
 use crate::telemetry::ErrorChain;
@@ -78,13 +80,16 @@ async fn run<C: Capture, P: Publisher>(
         routing_key: &cfg.routing_key,
         max_body: cfg.max_message_bytes,
     };
-    let messages = rows
+    let mut messages: Vec<_> = rows
         .iter()
         .map(|row| {
             row.to_outbound(&routing)
                 .map_err(|bad| Failure::new(FailureReason::BadRow, bad.to_string()))
         })
         .collect();
+    if cfg.ordering.ordered() && cfg.on_park == OnPark::Hold {
+        behind_bad_rows(&rows, &mut messages);
+    }
     let claimed_in = started.elapsed();
     let outcomes = match relay.publisher.send(messages).await {
         Ok(outcomes) => outcomes,
@@ -131,4 +136,22 @@ async fn run<C: Capture, P: Publisher>(
         refused: settled.rescheduled.len() + settled.untouched.len(),
         untouched: settled.untouched.len(),
     })
+}
+
+/// Ordered with `on_park = "hold"`: a bad row (known before anything is
+/// sent) stops its aggregate, so its later rows in the batch are not sent
+/// at all (the plan holds them) rather than sent ahead of it.
+fn behind_bad_rows(rows: &[OutboxRow], messages: &mut [Result<Outbound, Failure>]) {
+    let mut stopped: HashMap<(&str, &str), i64> = HashMap::new();
+    for (row, message) in rows.iter().zip(messages.iter_mut()) {
+        let aggregate = (row.aggregate_type.as_str(), row.aggregate_id.as_str());
+        if let Some(bad) = stopped.get(&aggregate) {
+            *message = Err(Failure::new(
+                FailureReason::BadRow,
+                format!("not sent: waits behind bad row {bad} of its aggregate"),
+            ));
+        } else if message.is_err() {
+            stopped.insert(aggregate, row.id);
+        }
+    }
 }

@@ -2,8 +2,10 @@
 //! that chooses between delivered, retry and park, and which aggregates
 //! may go on. Pure: no database, no broker.
 
+use std::collections::{HashMap, HashSet};
+
 use crate::backoff::Backoff;
-use crate::config::{OnPark, Ordering, SourceConfig};
+use crate::config::{OnPark, SourceConfig};
 use crate::message::OutboxRow;
 use crate::sink::{FailureReason, Outcome};
 use crate::source::Plan;
@@ -52,12 +54,30 @@ fn delay_ms(retry: &Backoff, attempt: u32) -> i64 {
 /// The settlement of a batch: `outcomes[i]` is the broker's answer for
 /// `rows[i]`. Without a dead-letter table (`can_park` false) failing rows
 /// are retried, never parked.
+///
+/// Ordered, `rows` are in id order, and an aggregate stops at its first
+/// row that is retried (or parked with `on_park = "hold"`): its later rows
+/// in the batch are held, whatever the broker answered for them, and go
+/// again, in order, once that row is delivered. A later row the broker
+/// took is an order break (a consumer saw it first): listed, so it is
+/// counted and logged.
 pub fn plan(cfg: &SourceConfig, rows: &[OutboxRow], outcomes: &[Outcome], can_park: bool) -> Plan {
     let mut plan = Plan::default();
+    let ordered = cfg.ordering.ordered();
+    // Aggregate -> the row it stopped at.
+    let mut stopped: HashMap<(&str, &str), i64> = HashMap::new();
     for (row, outcome) in rows.iter().zip(outcomes) {
         let attempt = attempt_of(row);
         plan.fallback_delay_ms
             .push((row.id, delay_ms(&cfg.retry, attempt)));
+        let aggregate = (row.aggregate_type.as_str(), row.aggregate_id.as_str());
+        if let Some(&at) = stopped.get(&aggregate) {
+            plan.hold.push(row.id);
+            if matches!(outcome, Outcome::Delivered) {
+                plan.order_breaks.push((at, row.id));
+            }
+            continue;
+        }
         match outcome {
             Outcome::Delivered => plan.delivered.push(row.id),
             Outcome::Failed(f) => {
@@ -66,36 +86,47 @@ pub fn plan(cfg: &SourceConfig, rows: &[OutboxRow], outcomes: &[Outcome], can_pa
                 } else {
                     Disposition::Retry
                 };
-                match disposition {
+                let stops = match disposition {
                     Disposition::Retry => {
-                        plan.retry(row.id, &f.to_string(), delay_ms(&cfg.retry, attempt))
+                        plan.retry(row.id, &f.to_string(), delay_ms(&cfg.retry, attempt));
+                        true
                     }
-                    Disposition::Park => plan.park(row.id, &f.to_string(), f.reason.as_str()),
+                    Disposition::Park => {
+                        plan.park(row.id, &f.to_string(), f.reason.as_str());
+                        cfg.on_park == OnPark::Hold
+                    }
+                };
+                if ordered && stops {
+                    stopped.insert(aggregate, row.id);
                 }
             }
         }
     }
     let parked: Vec<i64> = plan.park.iter().map(|p| p.0).collect();
-    plan.release = release_list(cfg, rows, &plan.delivered, &parked);
+    plan.release = release_list(cfg, rows, &plan.delivered, &parked, &stopped);
     plan
 }
 
-/// `ordering = "aggregate"`: the aggregates whose next row may go now,
-/// those of the delivered rows (and of the parked ones with
-/// `on_park = "continue"`), as (types, ids).
-pub fn release_list(
+/// Ordered: the aggregates whose held rows may go now, those of the
+/// delivered rows (and of the parked ones with `on_park = "continue"`)
+/// that did not stop in this batch, as (types, ids).
+fn release_list(
     cfg: &SourceConfig,
     rows: &[OutboxRow],
     delivered: &[i64],
     parked: &[i64],
+    stopped: &HashMap<(&str, &str), i64>,
 ) -> Option<(Vec<String>, Vec<String>)> {
-    if cfg.ordering != Ordering::Aggregate {
+    if !cfg.ordering.ordered() {
         return None;
     }
     let go_on = cfg.on_park == OnPark::Continue;
+    let mut seen = HashSet::new();
     let (types, ids): (Vec<String>, Vec<String>) = rows
         .iter()
         .filter(|r| delivered.contains(&r.id) || (go_on && parked.contains(&r.id)))
+        .filter(|r| !stopped.contains_key(&(r.aggregate_type.as_str(), r.aggregate_id.as_str())))
+        .filter(|r| seen.insert((r.aggregate_type.as_str(), r.aggregate_id.as_str())))
         .map(|r| (r.aggregate_type.clone(), r.aggregate_id.clone()))
         .unzip();
     (!types.is_empty()).then_some((types, ids))
@@ -219,5 +250,62 @@ mod tests {
         // Without ordering nothing is held, so nothing is released.
         let none = plan(&config("ordering = \"none\""), &rows, &outcomes, true);
         assert_eq!(none.release, None);
+    }
+
+    fn agg(id: i64, aggregate: &str) -> OutboxRow {
+        row(id, aggregate, 0)
+    }
+
+    #[test]
+    fn an_aggregate_stops_at_its_first_failed_row_and_what_follows_is_held() {
+        let cfg = config("");
+        // a: 1 delivered, 2 nacked (retry), 3 taken by the broker, 4 nacked.
+        // b: 5 delivered, after a's failure: b is not held back.
+        let rows = [
+            agg(1, "a"),
+            agg(2, "a"),
+            agg(3, "a"),
+            agg(4, "a"),
+            agg(5, "b"),
+        ];
+        let outcomes = [
+            Outcome::Delivered,
+            failed(Nacked),
+            Outcome::Delivered,
+            failed(Nacked),
+            Outcome::Delivered,
+        ];
+        let plan = plan(&cfg, &rows, &outcomes, true);
+        assert_eq!(plan.delivered, [1, 5]);
+        assert_eq!(plan.retry.iter().map(|r| r.0).collect::<Vec<_>>(), [2]);
+        assert_eq!(plan.hold, [3, 4]);
+        // 3 was taken while 2 was refused: one break, named by both rows.
+        assert_eq!(plan.order_breaks, [(2, 3)]);
+        // a stopped: its held rows wait for 2; b's may go.
+        assert_eq!(plan.release, Some((vec!["order".into()], vec!["b".into()])));
+    }
+
+    #[test]
+    fn a_park_stops_the_aggregate_only_with_on_park_hold() {
+        let rows = [agg(1, "a"), agg(2, "a")];
+        let outcomes = [failed(BadRow), Outcome::Delivered];
+        let hold = plan(&config(""), &rows, &outcomes, true);
+        assert_eq!(hold.park.len(), 1);
+        assert_eq!(hold.hold, [2]);
+        assert!(hold.delivered.is_empty());
+        let go_on = plan(&config("on_park = \"continue\""), &rows, &outcomes, true);
+        assert!(go_on.hold.is_empty());
+        assert_eq!(go_on.delivered, [2]);
+        assert!(go_on.order_breaks.is_empty());
+    }
+
+    #[test]
+    fn without_ordering_nothing_is_held() {
+        let rows = [agg(1, "a"), agg(2, "a")];
+        let outcomes = [failed(Nacked), Outcome::Delivered];
+        let plan = plan(&config("ordering = \"none\""), &rows, &outcomes, true);
+        assert!(plan.hold.is_empty());
+        assert!(plan.order_breaks.is_empty());
+        assert_eq!(plan.delivered, [2]);
     }
 }

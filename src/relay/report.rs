@@ -31,6 +31,9 @@ pub fn answers<C: Capture, P: Publisher>(
             }
             Outcome::Failed(f) => f,
         };
+        if plan.hold.contains(&row.id) {
+            continue; // not refused: waits behind an earlier row, held
+        }
         relay.metrics.failure(f.reason).inc();
         if plan.park.iter().any(|p| p.0 == row.id) {
             continue; // logged once parked
@@ -112,6 +115,15 @@ pub fn settled<C: Capture, P: Publisher>(
     if let Some(error) = &settled.release_failed {
         relay.metrics.error(SourceError::Settle).inc();
         warn!(source = %name, error, "releasing the next rows of delivered aggregates failed; the sweep releases them later");
+    }
+    for (refused, taken) in &plan.order_breaks {
+        relay.metrics.order_breaks.inc();
+        warn!(
+            source = %name,
+            refused_row_id = refused,
+            taken_row_id = taken,
+            "order break: the broker took a row while an earlier row of its aggregate was refused; consumers see the later row first (it is sent again, in order, after the earlier one)"
+        );
     }
     let removed = plan
         .delivered

@@ -15,13 +15,15 @@ pub fn sql(config: &SourceConfig) -> String {
     // Rows waiting behind an earlier row of their aggregate: all but one
     // (the head) of each aggregate's unsent rows.
     let waiting = match config.ordering {
-        Ordering::Aggregate => "count(*) - count(DISTINCT (aggregate_type, aggregate_id))",
+        Ordering::Aggregate | Ordering::AggregateStrict => {
+            "count(*) - count(DISTINCT (aggregate_type, aggregate_id))"
+        }
         Ordering::None => "0::bigint",
     };
     // Of those, the rows of aggregates with a parked row: one index probe
     // per parked aggregate (the dead-letter table is small).
-    let behind_dead = match (config.ordering, config.on_park) {
-        (Ordering::Aggregate, OnPark::Hold) => format!(
+    let behind_dead = match (config.ordering.ordered(), config.on_park) {
+        (true, OnPark::Hold) => format!(
             "(SELECT COALESCE(sum(x.c), 0)::bigint \
                FROM (SELECT DISTINCT aggregate_type, aggregate_id FROM {dead}) d, \
                LATERAL (SELECT count(*) AS c FROM {t} o WHERE o.aggregate_type = d.aggregate_type \

@@ -22,6 +22,8 @@ pub struct Sql {
     delivered: String,
     failed: String,
     parked: String,
+    /// Rows that wait behind a failed row of their aggregate.
+    hold: String,
     /// `ordering = "aggregate"`: release the next row of each aggregate.
     release_next: Option<String>,
 }
@@ -61,10 +63,12 @@ impl Sql {
              FROM moved o JOIN unnest($1::bigint[], $2::text[], $3::text[]) AS p(id, err, reason) \
                  ON p.id = o.id"
         );
+        let hold = format!("UPDATE {t} SET held = true WHERE id = ANY($1)");
         Self {
             delivered,
             failed,
             parked,
+            hold,
             release_next,
         }
     }
@@ -79,6 +83,13 @@ pub struct Plan {
     pub retry: Vec<(i64, String, i64)>,
     /// Rows to move to the dead-letter table: (id, error, reason label).
     pub park: Vec<(i64, String, &'static str)>,
+    /// Ordered: rows behind a failed row of their aggregate in this batch.
+    /// Whatever the broker answered for them, they stay in the outbox,
+    /// held, and go again in order once the failed row is delivered.
+    pub hold: Vec<i64>,
+    /// Ordered: (failed row, later row of its aggregate the broker took):
+    /// a consumer saw the later row first.
+    pub order_breaks: Vec<(i64, i64)>,
     /// Each row's delay in ms for a retry, should its delivered or parked
     /// settlement be refused by the database.
     pub fallback_delay_ms: Vec<(i64, i64)>,
@@ -172,6 +183,10 @@ async fn settle_all(tx: &Object, sql: &Sql, plan: &Plan) -> Result<(), tokio_pos
         let stmt = tx.prepare_cached(&sql.parked).await?;
         tx.execute(&stmt, &[&ids, &errors, &reasons]).await?;
     }
+    if !plan.hold.is_empty() {
+        let stmt = tx.prepare_cached(&sql.hold).await?;
+        tx.execute(&stmt, &[&plan.hold]).await?;
+    }
     if let (Some(release), Some((types, ids))) = (&sql.release_next, &plan.release) {
         let stmt = tx.prepare_cached(release).await?;
         tx.execute(&stmt, &[types, ids]).await?;
@@ -220,6 +235,13 @@ async fn settle_each(
                 .untouched
                 .push((id, format!("{error}; cannot reschedule either: {e}"))),
         }
+    }
+    // Unheld, they would not go out of order either: the next claim finds
+    // the failed row before them and holds them itself.
+    if !plan.hold.is_empty()
+        && let Err(e) = one(tx, &sql.hold, &[&plan.hold]).await?
+    {
+        out.release_failed = Some(format!("holding rows behind a failed one: {e}"));
     }
     if let (Some(release), Some((types, ids))) = (&sql.release_next, &plan.release)
         && let Err(e) = one(tx, release, &[types, ids]).await?

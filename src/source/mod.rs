@@ -23,7 +23,7 @@ use std::time::Duration;
 use deadpool_postgres::Pool;
 use tokio::sync::{Notify, watch};
 
-use crate::config::{Ordering, SourceConfig};
+use crate::config::SourceConfig;
 use crate::metrics::SourceMetrics;
 pub use capture::{Capture, Claim, ClaimFrom, Claimed, FlagSet};
 pub use complete::{Plan, Settled};
@@ -68,7 +68,10 @@ impl Source {
         health: Arc<SourceHealth>,
     ) -> Self {
         let order = order::Sql::new(&config);
-        let release = (config.ordering == Ordering::Aggregate).then(|| order.release_next.clone());
+        let release = config
+            .ordering
+            .ordered()
+            .then(|| order.release_next.clone());
         let queries = Queries {
             claim: claim::sql(&config.table),
             complete: complete::Sql::new(&config.table, config.after_publish, release),

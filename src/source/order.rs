@@ -16,16 +16,31 @@
 //!   ownership moves (a relay whose listener dropped may still have a batch
 //!   running; the new owner cannot claim that partition until it ends).
 //!
-//! Within a partition a claim takes only the head of each aggregate (its
-//! lowest unsent row) and marks the rest of what it walked `held`, so later
-//! claims skip them without looking: all of them when the aggregate's head
-//! is not in the walk (it is retrying, parked, or held itself), all but
-//! the next one or two when it is. Settling a batch releases the next row
-//! of each settled aggregate. So a row is never sent while an
-//! earlier row of its aggregate is unconfirmed, waiting for a retry, or
-//! (with `on_park = "hold"`) parked; and since each batch commits before
-//! the partition's next one claims, a crash can only repeat the last row
-//! of an aggregate, never interleave two.
+//! Since a batch holds its partitions, it is the only sender of their rows
+//! anywhere, and it walks them in id order:
+//!
+//! - `ordering = "aggregate"` (pipelined): every walked row of an aggregate
+//!   goes, in id order on one channel, when nothing of the aggregate comes
+//!   before them (an earlier row retrying, parked, or held) and the walk
+//!   skipped nothing between them; else only the first, or none, and the
+//!   rest is marked `held` so later claims skip it without looking. The
+//!   broker keeps the order of one channel to one queue, so several rows
+//!   of an aggregate are in flight at once. A failure stops the aggregate
+//!   at its first failed row (`relay::decide`): the rows after it are held
+//!   whatever the broker said, and sent again, in order, once it is
+//!   delivered; the one that the broker took meanwhile is an order break
+//!   (counted, logged). Settling releases every held row of each
+//!   aggregate that went through.
+//! - `ordering = "aggregate_strict"`: only the head of each aggregate (its
+//!   lowest unsent row) goes; the rest of the walk is held (all of it when
+//!   the head is not in the walk, all but the next one or two when it is),
+//!   and settling releases the next row of each settled aggregate. A row
+//!   is never sent while an earlier row of its aggregate is unconfirmed.
+//!
+//! Either way a row is never sent while an earlier row of its aggregate
+//! waits for a retry or (with `on_park = "hold"`) is parked; and since each
+//! batch commits before the partition's next one claims, a crash repeats
+//! only the rows of its last batch, in order, never interleaving two.
 
 use std::collections::BTreeSet;
 
@@ -125,15 +140,17 @@ impl Sql {
                WHERE pg_try_advisory_xact_lock(hashtext($3), c.p) \
                LIMIT $4) l"
         );
-        // A walked row that is not its aggregate's head waits for an earlier
-        // row. If that row is in this walk (the head, sent now), the next one
-        // or two are left unheld: they are likely to go in the next claim,
-        // and holding them would cost a write now and a release later. If
-        // it is not (retrying, parked, or held itself), every row of the
-        // aggregate is held: left unheld they would fill every later walk
-        // of their partitions, and a few hundred aggregates stuck behind
-        // parked rows would starve every other aggregate there.
-        let claim_sql = |dead_table: bool| {
+        // Strict (`ordering = "aggregate_strict"`): one row in flight per
+        // aggregate. A walked row that is not its aggregate's head waits
+        // for an earlier row. If that row is in this walk (the head, sent
+        // now), the next one or two are left unheld: they are likely to go
+        // in the next claim, and holding them would cost a write now and a
+        // release later. If it is not (retrying, parked, or held itself),
+        // every row of the aggregate is held: left unheld they would fill
+        // every later walk of their partitions, and a few hundred
+        // aggregates stuck behind parked rows would starve every other
+        // aggregate there.
+        let strict_sql = |dead_table: bool| {
             format!(
                 "WITH walk AS ( \
                    SELECT o.id, o.aggregate_type, o.aggregate_id, {head}{dead_free} AS head FROM {t} o \
@@ -157,14 +174,82 @@ impl Sql {
                 columns = super::claim::select_list("o"),
             )
         };
-        let release_next = format!(
-            "UPDATE {t} o SET held = false \
-             FROM (SELECT DISTINCT k.t, k.a FROM unnest($1::text[], $2::text[]) AS k(t, a)) k \
-             WHERE o.held AND o.id = (SELECT min(e.id) FROM {t} e \
-                 WHERE e.aggregate_type = k.t AND e.aggregate_id = k.a AND e.published_at IS NULL)"
-        );
+        // Pipelined (`ordering = "aggregate"`): the batch holds its
+        // partitions, so no other batch anywhere sends their rows; every
+        // walked row of an aggregate goes, in id order, when the walk
+        // holds the aggregate's unsent rows without a gap: none before its
+        // first walked row (retrying, parked, held) and none between its
+        // first and last walked rows that the walk skipped (held behind a
+        // failure). Two probes per aggregate, not one per row. With a gap,
+        // only the aggregate's first walked row goes (its true head); with
+        // an earlier unsent row, none. What does not go is held, and
+        // released when the row it waits for is settled.
+        let pipelined_sql = |dead_table: bool| {
+            let blocked_by_dead = match config.on_park {
+                OnPark::Hold if dead_table => format!(
+                    "EXISTS (SELECT 1 FROM {dead} d \
+                       WHERE d.aggregate_type = a.aggregate_type AND d.aggregate_id = a.aggregate_id)"
+                ),
+                _ => "false".to_owned(),
+            };
+            let same = "e.aggregate_type = a.aggregate_type AND e.aggregate_id = a.aggregate_id \
+                        AND e.published_at IS NULL";
+            format!(
+                "WITH walk AS ( \
+                   SELECT o.id, o.aggregate_type, o.aggregate_id FROM {t} o \
+                   WHERE o.published_at IS NULL AND NOT o.held AND o.available_at <= clock_timestamp() \
+                     AND {part} = ANY($1) \
+                   ORDER BY o.id LIMIT $2 \
+                   FOR UPDATE OF o SKIP LOCKED), \
+                 aggs AS ( \
+                   SELECT w.aggregate_type, w.aggregate_id, min(w.id) AS first, max(w.id) AS last, \
+                          count(*) AS n \
+                   FROM walk w GROUP BY w.aggregate_type, w.aggregate_id), \
+                 verdict AS ( \
+                   SELECT a.aggregate_type, a.aggregate_id, a.first, \
+                     CASE WHEN {blocked_by_dead} THEN 0 \
+                          WHEN EXISTS (SELECT 1 FROM {t} e WHERE {same} AND e.id < a.first) THEN 0 \
+                          WHEN (SELECT count(*) FROM {t} e WHERE {same} \
+                                  AND e.id >= a.first AND e.id <= a.last) = a.n THEN 2 \
+                          ELSE 1 END AS go \
+                   FROM aggs a), \
+                 ranked AS ( \
+                   SELECT w.id, (v.go = 2 OR (v.go = 1 AND w.id = v.first)) AS send \
+                   FROM walk w JOIN verdict v \
+                     ON v.aggregate_type = w.aggregate_type AND v.aggregate_id = w.aggregate_id), \
+                 hold AS (UPDATE {t} h SET held = true FROM ranked r WHERE h.id = r.id AND NOT r.send) \
+                 SELECT {columns} \
+                 FROM ranked r LEFT JOIN {t} o ON r.send AND o.id = r.id \
+                 ORDER BY r.id",
+                columns = super::claim::select_list("o"),
+            )
+        };
+        let claim_sql = |dead_table: bool| match config.ordering {
+            Ordering::AggregateStrict => strict_sql(dead_table),
+            Ordering::Aggregate | Ordering::None => pipelined_sql(dead_table),
+        };
+        // Strict: the next row of each settled aggregate (one at a time).
+        // Pipelined: every held row of each settled aggregate (the next
+        // batch sends them in order), and nothing at all, without a probe
+        // per aggregate, while no row of the table is held (the common
+        // case: the uncorrelated EXISTS is checked once, on the held index).
+        let release_next = match config.ordering {
+            Ordering::AggregateStrict => format!(
+                "UPDATE {t} o SET held = false \
+                 FROM (SELECT DISTINCT k.t, k.a FROM unnest($1::text[], $2::text[]) AS k(t, a)) k \
+                 WHERE o.held AND o.id = (SELECT min(e.id) FROM {t} e \
+                     WHERE e.aggregate_type = k.t AND e.aggregate_id = k.a AND e.published_at IS NULL)"
+            ),
+            Ordering::Aggregate | Ordering::None => format!(
+                "UPDATE {t} o SET held = false \
+                 FROM (SELECT DISTINCT k.t, k.a FROM unnest($1::text[], $2::text[]) AS k(t, a)) k \
+                 WHERE EXISTS (SELECT 1 FROM {t} h WHERE h.held) \
+                   AND o.held AND o.published_at IS NULL \
+                   AND o.aggregate_type = k.t AND o.aggregate_id = k.a"
+            ),
+        };
         let sweep_sql = |dead_table: bool| match config.ordering {
-            Ordering::Aggregate => format!(
+            Ordering::Aggregate | Ordering::AggregateStrict => format!(
                 "UPDATE {t} o SET held = false \
                  WHERE o.held AND o.published_at IS NULL AND {head}{dead_free}",
                 head = first_unsent("o"),

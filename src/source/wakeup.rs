@@ -23,7 +23,6 @@ use tracing::{debug, info, warn};
 
 use super::{Source, backlog, order};
 use crate::backoff::Backoff;
-use crate::config::Ordering;
 use crate::ident::quote_ident;
 use crate::telemetry::ErrorChain;
 use std::collections::BTreeSet;
@@ -144,7 +143,7 @@ where
     let mut query: Option<Query<'_>> = None;
     // ordering = "aggregate": this connection holds the relay's membership
     // and partition locks, and rebalances once per poll interval.
-    let ordered = source.config.ordering == Ordering::Aggregate;
+    let ordered = source.config.ordering.ordered();
     let mut rebalance_tick = tokio::time::interval(source.config.poll_interval);
     rebalance_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut rebalancing: Option<Rebalance<'_>> = None;

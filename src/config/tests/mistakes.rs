@@ -16,7 +16,7 @@ fn each_mistake_is_reported_with_its_key() {
             &[
                 "source[0].ordering",
                 "\"orders\"",
-                "\"aggregate\" or \"none\"",
+                "\"aggregate\", \"aggregate_strict\" or \"none\"",
             ],
         ),
         // on_park means nothing without ordering

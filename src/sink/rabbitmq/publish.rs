@@ -193,6 +193,19 @@ impl Publisher for RabbitPublisher {
                 }
             }
         }
+        // Suspects go first: each is the first row of its aggregate in the
+        // batch (the rows after it were held when it failed), so sending
+        // it ahead of the rest keeps every aggregate in order.
+        if !alone.is_empty() {
+            isolate::send_alone(
+                &conn,
+                alone,
+                self.confirm_timeout,
+                &mut outcomes,
+                &self.suspects,
+            )
+            .await;
+        }
         let sent: Vec<(usize, i64)> = to_send.iter().map(|(i, m)| (*i, m.row_id)).collect();
         let (pending, broken) = publish_in_order(&channel, to_send, &mut outcomes).await;
         let mut end = confirm::collect(pending, self.confirm_timeout, &mut outcomes, &sent).await;
@@ -233,16 +246,6 @@ impl Publisher for RabbitPublisher {
                 self.forget_exchanges();
                 self.broker.report_failure();
             }
-        }
-        if !alone.is_empty() {
-            isolate::send_alone(
-                &conn,
-                alone,
-                self.confirm_timeout,
-                &mut outcomes,
-                &self.suspects,
-            )
-            .await;
         }
         Ok(outcomes)
     }
