@@ -14,6 +14,7 @@ mod drain;
 mod env;
 mod footprint;
 mod latency;
+mod order;
 mod overhead;
 mod report;
 mod scaleout;
@@ -100,20 +101,24 @@ async fn run(o: &Options) -> Result<(), String> {
     let mut report = Report::new();
     println!("# outboxd-bench: {}", env.describe());
     let mut ceilings = std::collections::HashMap::new();
+    let mut drains = drain::Drains::default();
+    let mut scale = scaleout::Runs::default();
     for queue in [env::QueueType::Classic, env::QueueType::Quorum] {
+        let classic = queue == env::QueueType::Classic;
         if o.wants("ceiling") || o.wants("drain") || o.wants("scaleout") {
             let c = ceiling::run(&env, queue, o, &mut report).await?;
             ceilings.insert(queue, c);
         }
         if o.wants("drain") {
-            drain::run(&env, queue, o, ceilings[&queue], &mut report).await?;
+            drain::run(&mut drains, &env, queue, o, ceilings[&queue], &mut report).await?;
         }
-        if o.wants("scaleout") && queue == env::QueueType::Classic {
-            scaleout::run(&env, o, ceilings[&queue], &mut report).await?;
+        if o.wants("scaleout") && classic {
+            scaleout::run(&mut scale, &env, o, ceilings[&queue], &mut report).await?;
         }
     }
     if o.wants("latency") {
-        latency::run(&env, o, &mut report).await?;
+        let loads = [latency::LOADS.as_slice(), &latency::GOAL_LOADS].concat();
+        latency::run(&env, o, &mut report, &loads, true).await?;
     }
     if o.wants("overhead") {
         overhead::run(&env, o, &mut report).await?;
