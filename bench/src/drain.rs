@@ -1,13 +1,144 @@
 //! Drain: pre-fill the outbox, start outboxd, time until the table is empty
-//! (or, in mark mode, fully marked) and the queue holds every message.
+//! (or, in mark mode, fully marked) and the queue holds every message. A
+//! drain of one aggregate then reads the queue back to check the order.
+//!
+//! Each drain is measured once per run (`Drains` keeps the outcomes), so
+//! the goals reuse the matrix's figures instead of draining again.
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use crate::Options;
 use crate::env::{Env, QueueType, cpu_of, pg, relay_config, sample};
-use crate::report::Report;
+use crate::order::{Tally, read_back};
+use crate::report::{Report, median};
 
+/// Aggregates of the matrix's drains (and of the scale-out runs).
+pub const AGGREGATES: usize = 1000;
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub struct Spec {
+    pub queue: QueueType,
+    /// `after_publish`: "delete" or "mark"
+    pub mode: &'static str,
+    /// "aggregate", "aggregate_strict" or "none"
+    pub ordering: &'static str,
+    pub aggregates: usize,
+    pub rows: usize,
+}
+
+impl Spec {
+    /// Delete mode on a classic queue: the drains of the goals.
+    pub fn classic(ordering: &'static str, aggregates: usize, rows: usize) -> Self {
+        Spec {
+            queue: QueueType::Classic,
+            mode: "delete",
+            ordering,
+            aggregates,
+            rows,
+        }
+    }
+
+    /// One aggregate: every row has a predecessor, so the order shows.
+    fn checks_order(&self) -> bool {
+        self.aggregates == 1
+    }
+
+    /// The matrix's drains keep their names of earlier runs.
+    fn name(&self) -> String {
+        let base = format!(
+            "{} {} ordering={}",
+            self.queue.name(),
+            self.mode,
+            self.ordering
+        );
+        if self.aggregates == AGGREGATES {
+            base
+        } else {
+            format!(
+                "{base}, {} aggregate(s), {} rows",
+                self.aggregates, self.rows
+            )
+        }
+    }
+}
+
+/// Medians over the repeats; for the order check, the worst repeat.
+#[derive(Clone, Copy, Debug)]
+pub struct Outcome {
+    pub rate: f64,
+    /// PostgreSQL CPU per message, µs.
+    pub pg_us: f64,
+    /// (order breaks, duplicates), when the drain checks the order.
+    pub order: Option<(usize, usize)>,
+}
+
+#[derive(Default)]
+pub struct Drains {
+    done: HashMap<Spec, Outcome>,
+    pg_ratios: HashMap<QueueType, f64>,
+}
+
+impl Drains {
+    /// The outcome of `spec`, draining (and reporting) it the first time.
+    pub async fn measure(
+        &mut self,
+        env: &Env,
+        spec: Spec,
+        o: &Options,
+        ceiling: f64,
+        report: &mut Report,
+    ) -> Result<Outcome, String> {
+        if let Some(d) = self.done.get(&spec) {
+            return Ok(*d);
+        }
+        let d = measure(env, spec, o, ceiling, report).await?;
+        self.done.insert(spec, d);
+        Ok(d)
+    }
+
+    /// PostgreSQL CPU per message with `ordering = "aggregate"` over
+    /// `"none"` (delete mode, 1,000 aggregates), reported once per queue type.
+    pub async fn pg_ratio(
+        &mut self,
+        env: &Env,
+        queue: QueueType,
+        o: &Options,
+        ceiling: f64,
+        report: &mut Report,
+    ) -> Result<f64, String> {
+        if let Some(r) = self.pg_ratios.get(&queue) {
+            return Ok(*r);
+        }
+        let mut spec = Spec {
+            queue,
+            mode: "delete",
+            ordering: "aggregate",
+            aggregates: AGGREGATES,
+            rows: o.rows,
+        };
+        let aggregate = self.measure(env, spec, o, ceiling, report).await?;
+        spec.ordering = "none";
+        let none = self.measure(env, spec, o, ceiling, report).await?;
+        let ratio = aggregate.pg_us / none.pg_us;
+        report.add(
+            format!(
+                "PostgreSQL CPU per message, drain {} delete: ordering=aggregate / none",
+                queue.name()
+            ),
+            "×",
+            vec![ratio],
+            format!("{:.1} µs / {:.1} µs (medians)", aggregate.pg_us, none.pg_us),
+        );
+        self.pg_ratios.insert(queue, ratio);
+        Ok(ratio)
+    }
+}
+
+/// The matrix (delete/mark × aggregate/none), the PostgreSQL CPU ratio,
+/// and on the classic queue the drains of 100 aggregates and of one.
 pub async fn run(
+    drains: &mut Drains,
     env: &Env,
     queue: QueueType,
     o: &Options,
@@ -16,47 +147,101 @@ pub async fn run(
 ) -> Result<(), String> {
     for ordering in ["aggregate", "none"] {
         for mode in ["delete", "mark"] {
-            let mut rates = Vec::new();
-            let mut cpu_us = Vec::new();
-            let mut rss = Vec::new();
-            for _ in 0..o.repeats {
-                let (rate, cpu, mb) = once(env, queue, mode, ordering, o).await?;
-                rates.push(rate);
-                cpu_us.push(cpu);
-                rss.push(mb);
-            }
-            let median = crate::report::median(&rates);
-            let what = format!("{} {mode} ordering={ordering}", queue.name());
-            report.add(
-                format!("drain {what}"),
-                "msg/s",
-                rates,
-                format!("{:.2} of ceiling ({:.0} msg/s)", median / ceiling, ceiling),
-            );
-            report.add(
-                format!("relay CPU per message, drain {what}"),
-                "µs",
-                cpu_us,
-                "user+system of the outboxd process",
-            );
-            report.add(format!("relay RSS after drain {what}"), "MB", rss, "");
+            let spec = Spec {
+                queue,
+                mode,
+                ordering,
+                aggregates: AGGREGATES,
+                rows: o.rows,
+            };
+            drains.measure(env, spec, o, ceiling, report).await?;
+        }
+    }
+    drains.pg_ratio(env, queue, o, ceiling, report).await?;
+    if queue == QueueType::Classic {
+        for spec in fewer_aggregates(o.rows) {
+            drains.measure(env, spec, o, ceiling, report).await?;
         }
     }
     Ok(())
 }
 
-/// One drain; returns (msg/s, relay CPU µs per message, relay RSS MB).
-async fn once(
+/// 100 aggregates, and one aggregate with half the rows (it moves slowest).
+pub fn fewer_aggregates(rows: usize) -> [Spec; 2] {
+    [
+        Spec::classic("aggregate", 100, rows),
+        Spec::classic("aggregate", 1, rows / 2),
+    ]
+}
+
+/// What one drain measured.
+struct Run {
+    rate: f64,
+    /// relay CPU per message, µs
+    relay_us: f64,
+    /// PostgreSQL CPU per message, µs
+    pg_us: f64,
+    rss_mb: f64,
+    tally: Tally,
+}
+
+async fn measure(
     env: &Env,
-    queue: QueueType,
-    mode: &str,
-    ordering: &str,
+    spec: Spec,
     o: &Options,
-) -> Result<(f64, f64, f64), String> {
-    let rows = o.rows;
+    ceiling: f64,
+    report: &mut Report,
+) -> Result<Outcome, String> {
+    let mut runs = Vec::new();
+    for _ in 0..o.repeats {
+        runs.push(once(env, spec, o).await?);
+    }
+    let col = |f: fn(&Run) -> f64| runs.iter().map(f).collect::<Vec<f64>>();
+    let what = spec.name();
+    let rate = median(&col(|r| r.rate));
+    report.add(
+        format!("drain {what}"),
+        "msg/s",
+        col(|r| r.rate),
+        format!("{:.2} of ceiling ({ceiling:.0} msg/s)", rate / ceiling),
+    );
+    report.add(
+        format!("relay CPU per message, drain {what}"),
+        "µs",
+        col(|r| r.relay_us),
+        "user+system of the outboxd process",
+    );
+    let pg_us = report.add(
+        format!("PostgreSQL CPU per message, drain {what}"),
+        "µs",
+        col(|r| r.pg_us),
+        "user+system of every postgres process on the machine",
+    );
+    report.add(
+        format!("relay RSS after drain {what}"),
+        "MB",
+        col(|r| r.rss_mb),
+        "",
+    );
+    let order = spec.checks_order().then(|| {
+        let tallies: Vec<Tally> = runs.iter().map(|r| r.tally).collect();
+        crate::order::report(report, &format!("drain {what}"), &tallies)
+    });
+    Ok(Outcome { rate, pg_us, order })
+}
+
+/// One drain.
+async fn once(env: &Env, spec: Spec, o: &Options) -> Result<Run, String> {
+    let Spec {
+        queue,
+        mode,
+        ordering,
+        aggregates,
+        rows,
+    } = spec;
     let (db, url) = env.create_db("bench_drain").await?;
     env.migrate(&url).await?;
-    env.fill(&url, rows).await?;
+    env.fill(&url, rows, aggregates).await?;
     let (ch, exchange) = env.declare(queue).await?;
     let client = pg(&url).await?;
     let count_sql = if mode == "mark" {
@@ -97,8 +282,8 @@ async fn once(
     let elapsed = started.elapsed().as_secs_f64();
     let (broker_cpu, pg_cpu) = (cpu_of("beam.smp") - broker0, cpu_of("postgres") - pg0);
     println!(
-        "{{\"probe\":\"drain {} {mode} ordering={ordering} CPU\",\"seconds\":{elapsed:.2},\"broker_cores\":{:.2},\"postgres_cores\":{:.2},\"relay_cores\":{:.2}}}",
-        queue.name(),
+        "{{\"probe\":\"drain {} CPU\",\"seconds\":{elapsed:.2},\"broker_cores\":{:.2},\"postgres_cores\":{:.2},\"relay_cores\":{:.2}}}",
+        spec.name(),
         broker_cpu / elapsed,
         pg_cpu / elapsed,
         relay.cpu_seconds() / elapsed
@@ -109,16 +294,29 @@ async fn once(
         .map_err(|e| e.to_string())?
         .get(0);
     let queued = env.message_count(queue, &exchange).await? as usize;
-    if left != 0 || queued != rows {
+    // More messages than rows are duplicates: an error, unless the order
+    // check is there to count them.
+    if left != 0 || queued < rows || (queued > rows && !spec.checks_order()) {
         return Err(format!(
             "drain ended with {left} rows left and {queued} of {rows} messages queued"
         ));
     }
     let cpu = relay.cpu_seconds();
-    let rss = relay.rss_mb();
+    let rss_mb = relay.rss_mb();
     relay.stop().await;
+    let tally = if spec.checks_order() {
+        Tally::of(&read_back(env, queue, &exchange).await?)
+    } else {
+        Tally::default()
+    };
     env.undeclare(&ch, &exchange).await;
     drop(client);
     env.drop_db(&db).await;
-    Ok((rows as f64 / elapsed, cpu * 1e6 / rows as f64, rss))
+    Ok(Run {
+        rate: rows as f64 / elapsed,
+        relay_us: cpu * 1e6 / rows as f64,
+        pg_us: pg_cpu * 1e6 / rows as f64,
+        rss_mb,
+        tally,
+    })
 }

@@ -18,6 +18,8 @@ use tokio_postgres::{Client, NoTls};
 
 pub const PG: &str = "postgres://root@127.0.0.1:5432";
 pub const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+/// The broker's address in `AMQP`, for the recovery run's proxy.
+pub const AMQP_ADDR: &str = "127.0.0.1:5672";
 /// Payload size of the drain and ceiling messages.
 pub const PAYLOAD_BYTES: usize = 512;
 
@@ -129,9 +131,10 @@ impl Env {
             .map_err(|e| outboxd::telemetry::ErrorChain(&e).to_string())
     }
 
-    /// Inserts `n` rows with ~512-byte payloads.
-    pub async fn fill(&self, url: &str, n: usize) -> Result<(), String> {
-        self.insert_rows(url, n).await?;
+    /// Inserts `n` rows over `aggregates` aggregates, then VACUUM ANALYZE
+    /// (a fresh table as a long-running one would be).
+    pub async fn fill(&self, url: &str, n: usize, aggregates: usize) -> Result<(), String> {
+        self.insert_rows(url, n, aggregates).await?;
         let c = pg(url).await?;
         c.batch_execute("VACUUM ANALYZE outbox")
             .await
@@ -139,18 +142,9 @@ impl Env {
         Ok(())
     }
 
-    /// Inserts `n` rows over 1,000 aggregates in one transaction.
-    pub async fn insert_rows(&self, url: &str, n: usize) -> Result<(), String> {
-        let c = pg(url).await?;
-        let pad = PAYLOAD_BYTES as i32 - 25;
-        c.execute(
-            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
-             SELECT 'order', 'o-' || (g % 1000), 'OrderCreated', jsonb_build_object('seq', g, 'pad', repeat('x', $2)) \
-             FROM generate_series(1, $1::int) g",
-            &[&(n as i32), &pad],
-        )
-        .await
-        .map_err(|e| e.to_string())?;
+    /// Inserts `n` rows (seq 1..=n) over `aggregates` aggregates in one transaction.
+    pub async fn insert_rows(&self, url: &str, n: usize, aggregates: usize) -> Result<(), String> {
+        insert_seqs(&pg(url).await?, 1, n as i64, aggregates as i64).await?;
         Ok(())
     }
 
@@ -378,10 +372,39 @@ pub fn sample(metrics: &str, series: &str) -> Option<f64> {
     })
 }
 
+/// Commits rows seq `first..first + n` (in the payload, with padding to
+/// ~512 bytes) spread as `'o-' || seq % aggregates`, in one transaction;
+/// returns the highest id inserted, 0 if none.
+pub async fn insert_seqs(
+    client: &Client,
+    first: i64,
+    n: i64,
+    aggregates: i64,
+) -> Result<i64, String> {
+    let pad = PAYLOAD_BYTES as i32 - 25;
+    let last = first + n - 1;
+    client
+        .query_one(
+            "WITH ins AS (INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
+             SELECT 'order', 'o-' || (g % $3), 'OrderCreated', jsonb_build_object('seq', g, 'pad', repeat('x', $4)) \
+             FROM generate_series($1::bigint, $2::bigint) g RETURNING id) \
+             SELECT coalesce(max(id), 0) FROM ins",
+            &[&first, &last, &aggregates.max(1), &pad],
+        )
+        .await
+        .map(|r| r.get(0))
+        .map_err(|e| e.to_string())
+}
+
 /// One-source relay config for the bench.
 pub fn relay_config(url: &str, exchange: &str, extra: &str) -> String {
+    relay_config_at(AMQP, url, exchange, extra)
+}
+
+/// The same, with the relay's broker at `amqp` (the recovery run's proxy).
+pub fn relay_config_at(amqp: &str, url: &str, exchange: &str, extra: &str) -> String {
     format!(
-        "[log]\nlevel = \"warn,outboxd::app=info\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n[rabbitmq]\nurl = \"{AMQP}\"\n\
+        "[log]\nlevel = \"warn,outboxd::app=info\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n[rabbitmq]\nurl = \"{amqp}\"\n\
          [[source]]\nname = \"bench\"\ndatabase_url = \"{url}\"\nexchange = \"{exchange}\"\n{extra}\n"
     )
 }

@@ -1,9 +1,10 @@
 //! Latency: producers commit single-row transactions at a steady rate, over
 //! 10,000 aggregates (one aggregate alone moves one message per round trip
-//! under ordering = "aggregate", so a single one would measure that); we
-//! measure commit to consumer receipt (exactly, in this process) and commit
-//! to broker confirm (from the relay's `outboxd_relay_lag_seconds`
-//! histogram, interpolated within its buckets).
+//! under ordering = "aggregate", so a single one would measure that), and
+//! for the goals on one aggregate and on 100; we measure commit to consumer
+//! receipt (exactly, in this process) and commit to broker confirm (from
+//! the relay's `outboxd_relay_lag_seconds` histogram, interpolated within
+//! its buckets).
 
 use std::collections::HashMap;
 use std::future::poll_fn;
@@ -17,14 +18,62 @@ use lapin::types::FieldTable;
 
 use crate::Options;
 use crate::env::{Env, QueueType, pg, relay_config};
-use crate::report::{Report, quantile};
+use crate::order::seq_of;
+use crate::report::{Report, median, quantile};
 
-/// (rows per second, seconds, producer connections)
-const RATES: [(u32, u64, usize); 4] = [(10, 5, 1), (100, 10, 1), (1000, 6, 4), (5000, 4, 8)];
+/// A steady producer load.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct Load {
+    pub rate: u32,
+    pub secs: u64,
+    /// producer connections
+    pub conns: usize,
+    /// rows go to `'o-' || seq % aggregates`
+    pub aggregates: u32,
+}
+
+const fn load(rate: u32, secs: u64, conns: usize, aggregates: u32) -> Load {
+    Load {
+        rate,
+        secs,
+        conns,
+        aggregates,
+    }
+}
+
+/// Spread wide, so the order of an aggregate does not set the pace.
+const SPREAD: u32 = 10_000;
+
+/// The loads of the latency figures.
+pub const LOADS: [Load; 4] = [
+    load(10, 5, 1, SPREAD),
+    load(100, 10, 1, SPREAD),
+    load(1000, 6, 4, SPREAD),
+    load(5000, 4, 8, SPREAD),
+];
+
+/// The goals' loads: 100 rows/s on one aggregate, 1,000 rows/s over 100.
+pub const GOAL_LOADS: [Load; 2] = [load(100, 10, 1, 1), load(1000, 6, 4, 100)];
+
+/// Commit→consumer medians over the repeats of one load, in ms.
+#[derive(Clone, Copy, Debug)]
+pub struct Measured {
+    pub load: Load,
+    pub p50: f64,
+    pub p99: f64,
+}
 
 type Receipts = Arc<Mutex<HashMap<i64, Instant>>>;
 
-pub async fn run(env: &Env, o: &Options, report: &mut Report) -> Result<(), String> {
+/// Runs `loads` in turn against one relay; with `floor`, first the broker
+/// alone at the first three loads' rates.
+pub async fn run(
+    env: &Env,
+    o: &Options,
+    report: &mut Report,
+    loads: &[Load],
+    floor: bool,
+) -> Result<Vec<Measured>, String> {
     let (db, url) = env.create_db("bench_latency").await?;
     env.migrate(&url).await?;
     let (ch, exchange) = env.declare(QueueType::Classic).await?;
@@ -48,10 +97,7 @@ pub async fn run(env: &Env, o: &Options, report: &mut Report) -> Result<(), Stri
         let mut consumer = Box::pin(consumer);
         while let Some(Ok(d)) = poll_fn(|cx| Pin::new(&mut consumer).poll_next(cx)).await {
             let now = Instant::now();
-            if let Some(seq) = serde_json::from_slice::<serde_json::Value>(&d.data)
-                .ok()
-                .and_then(|v| v["seq"].as_i64())
-            {
+            if let Some(seq) = seq_of(&d.data) {
                 sink.lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .insert(seq, now);
@@ -60,11 +106,12 @@ pub async fn run(env: &Env, o: &Options, report: &mut Report) -> Result<(), Stri
         }
     });
 
-    for (rate, secs, _) in RATES.iter().take(3) {
+    let floors = if floor { &LOADS[..3] } else { &[] };
+    for &Load { rate, secs, .. } in floors {
         let mut p50 = Vec::new();
         let mut p99 = Vec::new();
         for _ in 0..o.repeats {
-            let lat = broker_alone(env, &exchange, *rate, *secs).await?;
+            let lat = broker_alone(env, &exchange, rate, secs).await?;
             p50.push(quantile(&lat, 0.5));
             p99.push(quantile(&lat, 0.99));
         }
@@ -91,7 +138,8 @@ pub async fn run(env: &Env, o: &Options, report: &mut Report) -> Result<(), Stri
     receipts.lock().unwrap_or_else(|e| e.into_inner()).clear();
 
     let mut next_seq = 0i64;
-    for (rate, secs, conns) in RATES {
+    let mut measured = Vec::new();
+    for &load in loads {
         let mut p50s = Vec::new();
         let mut p99s = Vec::new();
         let mut maxes = Vec::new();
@@ -100,7 +148,7 @@ pub async fn run(env: &Env, o: &Options, report: &mut Report) -> Result<(), Stri
         let mut achieved = Vec::new();
         for _ in 0..o.repeats {
             let before = histogram(&relay.metrics().await);
-            let (commits, real_rate) = produce(&url, rate, secs, conns, &mut next_seq).await?;
+            let (commits, real_rate) = produce(&url, load, &mut next_seq).await?;
             // Wait (bounded) for every row to reach the consumer.
             let deadline = Instant::now() + Duration::from_secs(30);
             let lat = loop {
@@ -138,15 +186,13 @@ pub async fn run(env: &Env, o: &Options, report: &mut Report) -> Result<(), Stri
             confirm_p99.push(hist_quantile(&delta, 0.99) * 1e3);
             achieved.push(real_rate);
         }
-        let label = if rate <= 10 {
-            "idle (10 rows/s)".to_owned()
-        } else {
-            format!("{rate} rows/s")
-        };
-        let note = format!(
-            "producers reached {:.0} rows/s",
-            crate::report::median(&achieved)
-        );
+        let label = label(load);
+        measured.push(Measured {
+            load,
+            p50: median(&p50s),
+            p99: median(&p99s),
+        });
+        let note = format!("producers reached {:.0} rows/s", median(&achieved));
         report.add(
             format!("latency {label}: commit→confirm p50"),
             "ms",
@@ -188,7 +234,20 @@ pub async fn run(env: &Env, o: &Options, report: &mut Report) -> Result<(), Stri
     relay.stop().await;
     env.undeclare(&ch, &exchange).await;
     env.drop_db(&db).await;
-    Ok(())
+    Ok(measured)
+}
+
+/// The figures' names of the spread loads are those of earlier runs.
+fn label(load: Load) -> String {
+    let rate = match load.rate {
+        r if r <= 10 => format!("idle ({r} rows/s)"),
+        r => format!("{r} rows/s"),
+    };
+    match load.aggregates {
+        SPREAD => rate,
+        1 => format!("{rate} on one aggregate"),
+        n => format!("{rate} over {n} aggregates"),
+    }
 }
 
 /// Publishes single persistent messages at `rate` per second, each with
@@ -237,9 +296,12 @@ async fn broker_alone(env: &Env, exchange: &str, rate: u32, secs: u64) -> Result
 /// `conns` connections; returns each row's commit instant by seq, and the rate reached.
 async fn produce(
     url: &str,
-    rate: u32,
-    secs: u64,
-    conns: usize,
+    Load {
+        rate,
+        secs,
+        conns,
+        aggregates,
+    }: Load,
     next_seq: &mut i64,
 ) -> Result<(HashMap<i64, Instant>, f64), String> {
     let total = i64::from(rate) * secs as i64;
@@ -252,14 +314,14 @@ async fn produce(
         let client = pg(url).await?;
         workers.spawn(async move {
             let stmt = client
-                .prepare("INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) VALUES ('order', 'o-' || ($1::bigint % 10000), 'OrderCreated', jsonb_build_object('seq', $1::bigint))")
+                .prepare("INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) VALUES ('order', 'o-' || ($1::bigint % $2::bigint), 'OrderCreated', jsonb_build_object('seq', $1::bigint))")
                 .await
                 .map_err(|e| e.to_string())?;
             let mut out = Vec::new();
             let mut i = w as i64;
             while i < total {
                 tokio::time::sleep_until((start + interval * i as u32).into()).await;
-                client.execute(&stmt, &[&(first + i)]).await.map_err(|e| e.to_string())?;
+                client.execute(&stmt, &[&(first + i), &i64::from(aggregates)]).await.map_err(|e| e.to_string())?;
                 out.push((first + i, Instant::now()));
                 i += conns as i64;
             }

@@ -1,6 +1,10 @@
 //! outboxd-bench: measures outboxd against the broker's own ceiling, in one run.
 //!
-//!   scripts/bench.sh [--quick] [--only ceiling,drain,scaleout,latency,overhead,footprint]
+//!   scripts/bench.sh [--quick] [--only ceiling,drain,scaleout,latency,overhead,footprint,recovery,goals]
+//!
+//! `--only goals` runs what the goals table of issue 10 needs (the classic
+//! ceiling, four drains, scale-out with 1 and 3 relays, two latencies, the
+//! recovery from a broker stop) and prints that table after the figures.
 //!
 //! It creates its own databases, exchanges and queues on the local
 //! PostgreSQL and RabbitMQ, runs the release `outboxd` next to its own
@@ -13,8 +17,12 @@ mod ceiling;
 mod drain;
 mod env;
 mod footprint;
+mod goals;
 mod latency;
+mod order;
 mod overhead;
+mod proxy;
+mod recovery;
 mod report;
 mod scaleout;
 
@@ -59,7 +67,7 @@ impl Options {
                 }
                 "-h" | "--help" => {
                     println!(
-                        "usage: outboxd-bench [--quick] [--repeats N] [--rows N] [--only ceiling,drain,scaleout,latency,overhead,footprint] [--set source_key=toml_value ...]"
+                        "usage: outboxd-bench [--quick] [--repeats N] [--rows N] [--only ceiling,drain,scaleout,latency,overhead,footprint,recovery,goals] [--set source_key=toml_value ...]"
                     );
                     std::process::exit(0);
                 }
@@ -100,20 +108,42 @@ async fn run(o: &Options) -> Result<(), String> {
     let mut report = Report::new();
     println!("# outboxd-bench: {}", env.describe());
     let mut ceilings = std::collections::HashMap::new();
+    let mut measured = goals::Measured::default();
     for queue in [env::QueueType::Classic, env::QueueType::Quorum] {
-        if o.wants("ceiling") || o.wants("drain") || o.wants("scaleout") {
+        let classic = queue == env::QueueType::Classic;
+        if o.wants("ceiling")
+            || o.wants("drain")
+            || o.wants("scaleout")
+            || (classic && o.wants("goals"))
+        {
             let c = ceiling::run(&env, queue, o, &mut report).await?;
             ceilings.insert(queue, c);
         }
         if o.wants("drain") {
-            drain::run(&env, queue, o, ceilings[&queue], &mut report).await?;
+            drain::run(
+                &mut measured.drains,
+                &env,
+                queue,
+                o,
+                ceilings[&queue],
+                &mut report,
+            )
+            .await?;
         }
-        if o.wants("scaleout") && queue == env::QueueType::Classic {
-            scaleout::run(&env, o, ceilings[&queue], &mut report).await?;
+        if o.wants("scaleout") && classic {
+            scaleout::run(
+                &mut measured.scaleout,
+                &env,
+                o,
+                ceilings[&queue],
+                &mut report,
+            )
+            .await?;
         }
     }
     if o.wants("latency") {
-        latency::run(&env, o, &mut report).await?;
+        let loads = [latency::LOADS.as_slice(), &latency::GOAL_LOADS].concat();
+        measured.latency = latency::run(&env, o, &mut report, &loads, true).await?;
     }
     if o.wants("overhead") {
         overhead::run(&env, o, &mut report).await?;
@@ -121,6 +151,18 @@ async fn run(o: &Options) -> Result<(), String> {
     if o.wants("footprint") {
         footprint::run(&env, o, &mut report).await?;
     }
+    if o.wants("recovery") {
+        measured.recovery = Some(recovery::run(&env, o, &mut report).await?);
+    }
+    let goals = match ceilings.get(&env::QueueType::Classic) {
+        Some(c) if o.wants("goals") => {
+            Some(goals::run(&env, o, *c, &mut measured, &mut report).await?)
+        }
+        _ => None,
+    };
     report.print_table();
+    if let Some(g) = goals {
+        goals::print_table(&g);
+    }
     Ok(())
 }

@@ -3,42 +3,128 @@
 //! through advisory locks) and `"none"` (any relay, any row). Prints the
 //! rate and each relay's share, so an idle relay shows.
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use crate::Options;
+use crate::drain::AGGREGATES;
 use crate::env::{Env, QueueType, Relay, pg, relay_config, sample};
-use crate::report::Report;
+use crate::report::{Report, median};
 
 const SERIES: &str = "outboxd_messages_published_total{source=\"bench\"}";
 
-pub async fn run(env: &Env, o: &Options, ceiling: f64, report: &mut Report) -> Result<(), String> {
+/// The median rate, and the lowest and highest share of one relay over
+/// every repeat.
+#[derive(Clone, Copy, Debug)]
+pub struct Outcome {
+    pub rate: f64,
+    pub share_lo: f64,
+    pub share_hi: f64,
+}
+
+/// Each (ordering, relays) is measured once per run; the goals reuse them.
+#[derive(Default)]
+pub struct Runs {
+    done: HashMap<(&'static str, usize), Outcome>,
+    ratios: HashMap<&'static str, f64>,
+}
+
+impl Runs {
+    pub async fn measure(
+        &mut self,
+        env: &Env,
+        ordering: &'static str,
+        relays: usize,
+        o: &Options,
+        ceiling: f64,
+        report: &mut Report,
+    ) -> Result<Outcome, String> {
+        if let Some(d) = self.done.get(&(ordering, relays)) {
+            return Ok(*d);
+        }
+        let d = measure(env, ordering, relays, o, ceiling, report).await?;
+        self.done.insert((ordering, relays), d);
+        Ok(d)
+    }
+
+    /// The rate of 3 relays over that of 1, reported once per ordering.
+    pub async fn ratio(
+        &mut self,
+        env: &Env,
+        ordering: &'static str,
+        o: &Options,
+        ceiling: f64,
+        report: &mut Report,
+    ) -> Result<f64, String> {
+        if let Some(r) = self.ratios.get(ordering) {
+            return Ok(*r);
+        }
+        let one = self.measure(env, ordering, 1, o, ceiling, report).await?;
+        let three = self.measure(env, ordering, 3, o, ceiling, report).await?;
+        let ratio = three.rate / one.rate;
+        report.add(
+            format!("scale-out 3 relays / 1 relay ordering={ordering}"),
+            "×",
+            vec![ratio],
+            format!("{:.0} / {:.0} msg/s (medians)", three.rate, one.rate),
+        );
+        self.ratios.insert(ordering, ratio);
+        Ok(ratio)
+    }
+}
+
+pub async fn run(
+    runs: &mut Runs,
+    env: &Env,
+    o: &Options,
+    ceiling: f64,
+    report: &mut Report,
+) -> Result<(), String> {
     for ordering in ["aggregate", "none"] {
         for relays in 1..=3usize {
-            let mut rates = Vec::new();
-            let mut shares = Vec::new();
-            for _ in 0..o.repeats {
-                let (rate, share) = once(env, ordering, relays, o).await?;
-                rates.push(rate);
-                shares.extend(share);
-            }
-            let median = crate::report::median(&rates);
-            let (lo, hi) = shares
-                .iter()
-                .fold((f64::MAX, 0.0f64), |(lo, hi), s| (lo.min(*s), hi.max(*s)));
-            report.add(
-                format!("scale-out {relays} relay(s) ordering={ordering}"),
-                "msg/s",
-                rates,
-                format!(
-                    "{:.2} of classic ceiling; each relay's share {:.0}-{:.0}%",
-                    median / ceiling,
-                    lo * 100.0,
-                    hi * 100.0
-                ),
-            );
+            runs.measure(env, ordering, relays, o, ceiling, report)
+                .await?;
         }
+        runs.ratio(env, ordering, o, ceiling, report).await?;
     }
     Ok(())
+}
+
+async fn measure(
+    env: &Env,
+    ordering: &str,
+    relays: usize,
+    o: &Options,
+    ceiling: f64,
+    report: &mut Report,
+) -> Result<Outcome, String> {
+    let mut rates = Vec::new();
+    let mut shares = Vec::new();
+    for _ in 0..o.repeats {
+        let (rate, share) = once(env, ordering, relays, o).await?;
+        rates.push(rate);
+        shares.extend(share);
+    }
+    let rate = median(&rates);
+    let (share_lo, share_hi) = shares
+        .iter()
+        .fold((f64::MAX, 0.0f64), |(lo, hi), s| (lo.min(*s), hi.max(*s)));
+    report.add(
+        format!("scale-out {relays} relay(s) ordering={ordering}"),
+        "msg/s",
+        rates,
+        format!(
+            "{:.2} of classic ceiling; each relay's share {:.0}-{:.0}%",
+            rate / ceiling,
+            share_lo * 100.0,
+            share_hi * 100.0
+        ),
+    );
+    Ok(Outcome {
+        rate,
+        share_lo,
+        share_hi,
+    })
 }
 
 /// One drain by `relays` relays; returns (msg/s, each relay's share).
@@ -67,7 +153,7 @@ async fn once(
     if ordering == "aggregate" {
         balanced(&running).await?;
     }
-    env.insert_rows(&url, rows).await?;
+    env.insert_rows(&url, rows, AGGREGATES).await?;
     let started = Instant::now();
     let deadline = started + Duration::from_secs(600);
     let mut published = vec![0.0; relays];
