@@ -18,7 +18,7 @@ use crate::message::OutboxRow;
 pub enum ClaimFrom {
     /// `ordering = "none"`: any due row with `id > after`.
     After(i64),
-    /// `ordering = "aggregate"`: the heads of the aggregates in at most
+    /// Ordered: the sendable rows of the aggregates in at most
     /// `most` of these partitions (those with the oldest rows that no other
     /// batch holds).
     Partitions { free: Vec<i32>, most: i64 },

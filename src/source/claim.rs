@@ -149,7 +149,7 @@ async fn after_id(
 }
 
 /// `ordering = "aggregate"`: lock the free partitions with the oldest due
-/// rows, then take the head of each aggregate in them (see `order.rs`).
+/// rows, then the rows of each aggregate in them that may go (see `order.rs`).
 async fn heads(
     source: &Source,
     batch: &PollBatch,

@@ -191,6 +191,16 @@ async fn a_drain_in_aggregate_order_leaves_no_committed_row_behind() {
     let db = TestDb::migrated("obx_drain_agg").await;
     let mut broker = TestBroker::new("#").await;
     let mut relay = Relay::start(&simple_config(&db.url, &broker.exchange)).await;
+    // A relay that owns no partition yet (signalled within its first
+    // rebalance) has nothing it may claim: it exits and leaves the rows
+    // to the next start. Here it has joined.
+    relay
+        .wait_metric(
+            "outboxd_partitions_owned{source=\"orders\"}",
+            64.0,
+            Duration::from_secs(15),
+        )
+        .await;
     // Three rows per aggregate, so draining also needs released rows.
     let keys: Vec<String> = db
         .client
