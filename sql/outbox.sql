@@ -27,6 +27,7 @@
 \set claim_index :table _claim_idx
 \set aggregate_index :table _aggregate_idx
 \set held_index :table _held_idx
+\set waiting_index :table _waiting_idx
 \set dead_aggregate_index :table _dead_aggregate_idx
 \set published_index :table _published_idx
 \set notify_trigger :table _notify
@@ -77,6 +78,16 @@ CREATE INDEX IF NOT EXISTS :"aggregate_index"
 -- away without the relay (deleted by hand, purged dead letter).
 CREATE INDEX IF NOT EXISTS :"held_index"
     ON :"schema".:"table" (id) WHERE held;
+
+-- ordering = "aggregate": the unsent rows that can hold back a later row of
+-- their aggregate without being in the claim's walk: held rows, and rows
+-- not due yet (a retry sets available_at past created_at). A producer's
+-- plain insert (available_at = created_at = now()) is not in it, so it
+-- stays small, and the claim probes it instead of the aggregate index,
+-- whose front fills with dead entries of just-deleted rows until vacuum.
+CREATE INDEX IF NOT EXISTS :"waiting_index"
+    ON :"schema".:"table" (aggregate_type, aggregate_id, id)
+    WHERE published_at IS NULL AND (held OR available_at > created_at);
 
 -- Retention (mark mode) deletes old published rows through this one.
 CREATE INDEX IF NOT EXISTS :"published_index"

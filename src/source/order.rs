@@ -180,7 +180,10 @@ impl Sql {
         // holds the aggregate's unsent rows without a gap: none before its
         // first walked row (retrying, parked, held) and none between its
         // first and last walked rows that the walk skipped (held behind a
-        // failure). Two probes per aggregate, not one per row. With a gap,
+        // failure, not due). Two probes per aggregate, not one per row, on
+        // the small waiting index (`sql/outbox.sql`). (A row some other
+        // session holds locked is skipped by the walk and not seen by the
+        // probes: only an operator's own `FOR UPDATE` can do that.) With a gap,
         // only the aggregate's first walked row goes (its true head); with
         // an earlier unsent row, none. What does not go is held, and
         // released when the row it waits for is settled.
@@ -192,8 +195,10 @@ impl Sql {
                 ),
                 _ => "false".to_owned(),
             };
+            // Both probes on the waiting index: what can hold an
+            // aggregate back without being in the walk is held or not due.
             let same = "e.aggregate_type = a.aggregate_type AND e.aggregate_id = a.aggregate_id \
-                        AND e.published_at IS NULL";
+                        AND e.published_at IS NULL AND (e.held OR e.available_at > e.created_at)";
             format!(
                 "WITH walk AS ( \
                    SELECT o.id, o.aggregate_type, o.aggregate_id FROM {t} o \
@@ -209,9 +214,10 @@ impl Sql {
                    SELECT a.aggregate_type, a.aggregate_id, a.first, \
                      CASE WHEN {blocked_by_dead} THEN 0 \
                           WHEN EXISTS (SELECT 1 FROM {t} e WHERE {same} AND e.id < a.first) THEN 0 \
-                          WHEN (SELECT count(*) FROM {t} e WHERE {same} \
-                                  AND e.id >= a.first AND e.id <= a.last) = a.n THEN 2 \
-                          ELSE 1 END AS go \
+                          WHEN EXISTS (SELECT 1 FROM {t} e WHERE {same} \
+                                  AND e.id > a.first AND e.id < a.last \
+                                  AND (e.held OR e.available_at > clock_timestamp())) THEN 1 \
+                          ELSE 2 END AS go \
                    FROM aggs a), \
                  ranked AS ( \
                    SELECT w.id, (v.go = 2 OR (v.go = 1 AND w.id = v.first)) AS send \
