@@ -83,6 +83,11 @@ pub const CONTENT_TYPE: &str = "application/json";
 const PERSISTENT: u8 = 2;
 
 impl OutboxRow {
+    /// The (aggregate_type, aggregate_id) pair that orders its rows.
+    pub fn aggregate(&self) -> (&str, &str) {
+        (&self.aggregate_type, &self.aggregate_id)
+    }
+
     /// Builds the AMQP message for this row.
     pub fn to_outbound(&self, r: &Routing<'_>) -> Result<Outbound, BadRow> {
         if let Some(problem) = &self.undecodable {

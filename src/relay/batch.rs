@@ -2,7 +2,6 @@
 //! the rows into messages, send them, decide what becomes of each row,
 //! settle. [`BatchEnd`] is what it reports back to the loop in `relay.rs`.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -11,7 +10,7 @@ use tracing::{debug, warn};
 
 use super::{Relay, decide, report};
 use crate::config::OnPark;
-use crate::message::{Outbound, OutboxRow, Routing};
+use crate::message::Routing;
 use crate::sink::{Failure, FailureReason, Outcome, Publisher};
 use crate::source::{Capture, ClaimFrom, Claimed, DbError};
 use crate::telemetry::ErrorChain;
@@ -88,7 +87,7 @@ async fn run<C: Capture, P: Publisher>(
         })
         .collect();
     if cfg.ordering.ordered() && cfg.on_park == OnPark::Hold {
-        behind_bad_rows(&rows, &mut messages);
+        decide::behind_bad_rows(&rows, &mut messages);
     }
     let claimed_in = started.elapsed();
     let outcomes = match relay.publisher.send(messages).await {
@@ -136,22 +135,4 @@ async fn run<C: Capture, P: Publisher>(
         refused: settled.rescheduled.len() + settled.untouched.len(),
         untouched: settled.untouched.len(),
     })
-}
-
-/// Ordered with `on_park = "hold"`: a bad row (known before anything is
-/// sent) stops its aggregate, so its later rows in the batch are not sent
-/// at all (the plan holds them) rather than sent ahead of it.
-fn behind_bad_rows(rows: &[OutboxRow], messages: &mut [Result<Outbound, Failure>]) {
-    let mut stopped: HashMap<(&str, &str), i64> = HashMap::new();
-    for (row, message) in rows.iter().zip(messages.iter_mut()) {
-        let aggregate = (row.aggregate_type.as_str(), row.aggregate_id.as_str());
-        if let Some(bad) = stopped.get(&aggregate) {
-            *message = Err(Failure::new(
-                FailureReason::BadRow,
-                format!("not sent: waits behind bad row {bad} of its aggregate"),
-            ));
-        } else if message.is_err() {
-            stopped.insert(aggregate, row.id);
-        }
-    }
 }

@@ -6,8 +6,8 @@ use std::collections::{HashMap, HashSet};
 
 use crate::backoff::Backoff;
 use crate::config::{OnPark, SourceConfig};
-use crate::message::OutboxRow;
-use crate::sink::{FailureReason, Outcome};
+use crate::message::{Outbound, OutboxRow};
+use crate::sink::{Failure, FailureReason, Outcome};
 use crate::source::Plan;
 
 /// What happens to a row that was not delivered.
@@ -64,13 +64,18 @@ fn delay_ms(retry: &Backoff, attempt: u32) -> i64 {
 pub fn plan(cfg: &SourceConfig, rows: &[OutboxRow], outcomes: &[Outcome], can_park: bool) -> Plan {
     let mut plan = Plan::default();
     let ordered = cfg.ordering.ordered();
+    let go_on = cfg.on_park == OnPark::Continue;
     // Aggregate -> the row it stopped at.
     let mut stopped: HashMap<(&str, &str), i64> = HashMap::new();
+    // Aggregates that went through (a row delivered, or parked with
+    // on_park = "continue"), in first-seen order.
+    let mut went: Vec<(&str, &str)> = Vec::new();
+    let mut seen = HashSet::new();
     for (row, outcome) in rows.iter().zip(outcomes) {
         let attempt = attempt_of(row);
         plan.fallback_delay_ms
             .push((row.id, delay_ms(&cfg.retry, attempt)));
-        let aggregate = (row.aggregate_type.as_str(), row.aggregate_id.as_str());
+        let aggregate = row.aggregate();
         if let Some(&at) = stopped.get(&aggregate) {
             plan.hold.push(row.id);
             if matches!(outcome, Outcome::Delivered) {
@@ -78,8 +83,11 @@ pub fn plan(cfg: &SourceConfig, rows: &[OutboxRow], outcomes: &[Outcome], can_pa
             }
             continue;
         }
-        match outcome {
-            Outcome::Delivered => plan.delivered.push(row.id),
+        let goes_on = match outcome {
+            Outcome::Delivered => {
+                plan.delivered.push(row.id);
+                true
+            }
             Outcome::Failed(f) => {
                 let disposition = if can_park {
                     decide(f.reason, attempt, cfg.max_attempts)
@@ -93,43 +101,46 @@ pub fn plan(cfg: &SourceConfig, rows: &[OutboxRow], outcomes: &[Outcome], can_pa
                     }
                     Disposition::Park => {
                         plan.park(row.id, &f.to_string(), f.reason.as_str());
-                        cfg.on_park == OnPark::Hold
+                        !go_on
                     }
                 };
                 if ordered && stops {
                     stopped.insert(aggregate, row.id);
                 }
+                !stops
             }
+        };
+        if goes_on && seen.insert(aggregate) {
+            went.push(aggregate);
         }
     }
-    let parked: Vec<i64> = plan.park.iter().map(|p| p.0).collect();
-    plan.release = release_list(cfg, rows, &plan.delivered, &parked, &stopped);
+    // Ordered: the aggregates whose held rows may go now, those that went
+    // through and did not stop later in this batch.
+    let (types, ids): (Vec<String>, Vec<String>) = went
+        .into_iter()
+        .filter(|a| ordered && !stopped.contains_key(a))
+        .map(|(t, a)| (t.to_owned(), a.to_owned()))
+        .unzip();
+    plan.release = (!types.is_empty()).then_some((types, ids));
     plan
 }
 
-/// Ordered: the aggregates whose held rows may go now, those of the
-/// delivered rows (and of the parked ones with `on_park = "continue"`)
-/// that did not stop in this batch, as (types, ids).
-fn release_list(
-    cfg: &SourceConfig,
-    rows: &[OutboxRow],
-    delivered: &[i64],
-    parked: &[i64],
-    stopped: &HashMap<(&str, &str), i64>,
-) -> Option<(Vec<String>, Vec<String>)> {
-    if !cfg.ordering.ordered() {
-        return None;
+/// Ordered with `on_park = "hold"`: a bad row (known before anything is
+/// sent) stops its aggregate as [`plan`] would, so its later rows in the
+/// batch are not sent at all (the plan holds them) rather than sent ahead
+/// of it.
+pub fn behind_bad_rows(rows: &[OutboxRow], messages: &mut [Result<Outbound, Failure>]) {
+    let mut stopped: HashMap<(&str, &str), i64> = HashMap::new();
+    for (row, message) in rows.iter().zip(messages.iter_mut()) {
+        if let Some(bad) = stopped.get(&row.aggregate()) {
+            *message = Err(Failure::new(
+                FailureReason::BadRow,
+                format!("not sent: waits behind bad row {bad} of its aggregate"),
+            ));
+        } else if message.is_err() {
+            stopped.insert(row.aggregate(), row.id);
+        }
     }
-    let go_on = cfg.on_park == OnPark::Continue;
-    let mut seen = HashSet::new();
-    let (types, ids): (Vec<String>, Vec<String>) = rows
-        .iter()
-        .filter(|r| delivered.contains(&r.id) || (go_on && parked.contains(&r.id)))
-        .filter(|r| !stopped.contains_key(&(r.aggregate_type.as_str(), r.aggregate_id.as_str())))
-        .filter(|r| seen.insert((r.aggregate_type.as_str(), r.aggregate_id.as_str())))
-        .map(|r| (r.aggregate_type.clone(), r.aggregate_id.clone()))
-        .unzip();
-    (!types.is_empty()).then_some((types, ids))
 }
 
 #[cfg(test)]
