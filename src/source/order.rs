@@ -128,14 +128,20 @@ impl Sql {
             )
         };
         let part = partition_of("o");
+        // The walk every ordered claim (and the partition lock before it)
+        // takes: due, unheld rows of the partitions in $1, in id order, at
+        // most $2 of them.
+        let due_in_partitions = format!(
+            "WHERE o.published_at IS NULL AND NOT o.held AND o.available_at <= clock_timestamp() \
+               AND {part} = ANY($1) \
+             ORDER BY o.id LIMIT $2"
+        );
         let lock = format!(
             "SELECT COALESCE(array_agg(p), '{{}}') FROM ( \
                SELECT c.p FROM ( \
                  SELECT {part} AS p, min(o.id) AS first FROM ( \
                    SELECT o.aggregate_type, o.aggregate_id, o.id FROM {t} o \
-                   WHERE o.published_at IS NULL AND NOT o.held AND o.available_at <= clock_timestamp() \
-                     AND {part} = ANY($1) \
-                   ORDER BY o.id LIMIT $2) o \
+                   {due_in_partitions}) o \
                  GROUP BY 1 ORDER BY 2) c \
                WHERE pg_try_advisory_xact_lock(hashtext($3), c.p) \
                LIMIT $4) l"
@@ -154,9 +160,7 @@ impl Sql {
             format!(
                 "WITH walk AS ( \
                    SELECT o.id, o.aggregate_type, o.aggregate_id, {head}{dead_free} AS head FROM {t} o \
-                   WHERE o.published_at IS NULL AND NOT o.held AND o.available_at <= clock_timestamp() \
-                     AND {part} = ANY($1) \
-                   ORDER BY o.id LIMIT $2 \
+                   {due_in_partitions} \
                    FOR UPDATE OF o SKIP LOCKED), \
                  ranked AS ( \
                    SELECT w.id, w.head, \
@@ -202,9 +206,7 @@ impl Sql {
             format!(
                 "WITH walk AS ( \
                    SELECT o.id, o.aggregate_type, o.aggregate_id FROM {t} o \
-                   WHERE o.published_at IS NULL AND NOT o.held AND o.available_at <= clock_timestamp() \
-                     AND {part} = ANY($1) \
-                   ORDER BY o.id LIMIT $2 \
+                   {due_in_partitions} \
                    FOR UPDATE OF o SKIP LOCKED), \
                  aggs AS ( \
                    SELECT w.aggregate_type, w.aggregate_id, min(w.id) AS first, max(w.id) AS last, \
