@@ -108,7 +108,7 @@ async fn a_hot_aggregate_does_not_starve_the_quiet_ones() {
         .max();
     quiet_latency.sort();
     let pct = |p: f64| quiet_latency[((quiet_latency.len() - 1) as f64 * p) as usize];
-    let duplicates = check_order(&db, &events).await;
+    let duplicates = check_order(&db, &events).await.duplicates;
     println!(
         "hot aggregate of {HOT} events beside {QUIET} quiet ones: {elsewhere} in other partitions, commit->receipt p50 {:?} p99 {:?} max {:?}; \
          {} in its partition, max {beside_latency:?}; \

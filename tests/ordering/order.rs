@@ -29,7 +29,7 @@ async fn three_relays_keep_every_aggregate_in_order() {
     while let Some(done) = producers.join_next().await {
         done.expect("producer finished");
     }
-    let duplicates = check_order(&db, &events).await;
+    let duplicates = check_order(&db, &events).await.duplicates;
     let counts = balanced(&relays.iter().collect::<Vec<_>>(), Duration::from_secs(10)).await;
     let published: Vec<f64> = {
         let mut v = Vec::new();

@@ -4,6 +4,7 @@
 
 #![allow(dead_code)] // each test file uses its own subset
 
+pub mod aggregates;
 pub mod broker;
 pub mod db;
 pub mod http;
