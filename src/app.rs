@@ -62,7 +62,7 @@ pub async fn run(config: Config, drain: CancellationToken) -> Result<(), AppErro
     let mut relays = JoinSet::new();
     let mut health_list = Vec::new();
     for cfg in &config.sources {
-        let pool = source::pool::build(cfg)?;
+        let pool = source::pool::build(cfg, config.rabbitmq.confirm_timeout)?;
         let health = Arc::new(SourceHealth::new(&cfg.name));
         let source_metrics = metrics.source(&cfg.name);
         let src = Arc::new(Source::new(

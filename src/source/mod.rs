@@ -9,6 +9,7 @@ pub mod complete;
 pub mod dead;
 pub mod flag;
 pub mod health;
+pub mod liveness;
 #[cfg(test)]
 pub mod memory;
 pub mod order;

@@ -33,8 +33,11 @@ pub enum PoolError {
 
 /// Builds the pool; no connection is opened until the first batch needs one,
 /// so a database that is down at start only delays that source.
-pub fn build(config: &SourceConfig) -> Result<Pool, PoolError> {
+/// `confirm_timeout` bounds how long a batch's transaction may sit idle
+/// (see `liveness`).
+pub fn build(config: &SourceConfig, confirm_timeout: Duration) -> Result<Pool, PoolError> {
     let mut database = config.database.clone();
+    super::liveness::client_keepalives(&mut database);
     // An outbox table's statistics are nearly always stale (it fills and
     // empties between autovacuum runs). With stale stats the planner picks
     // a bitmap scan that reads and sorts every pending row to return the
@@ -46,10 +49,18 @@ pub fn build(config: &SourceConfig) -> Result<Pool, PoolError> {
     // orders partitions by age) then carries enable_sort's huge penalty
     // cost, which crosses jit_above_cost, and the JIT compile took ~100 ms
     // on every claim. Short OLTP statements never gain from JIT anyway.
-    let settings = "-c enable_sort=off -c jit=off";
+    //
+    // A batch holds rows and partitions in its transaction: the server ends
+    // it when the relay goes silent (`liveness`), through keepalives and
+    // an idle-in-transaction limit.
+    let settings = format!(
+        "-c enable_sort=off -c jit=off {} -c idle_in_transaction_session_timeout={}",
+        super::liveness::server_keepalive_options(),
+        super::liveness::as_setting_ms(super::liveness::batch_idle_limit(confirm_timeout))
+    );
     let options = match database.get_options() {
         Some(existing) => format!("{existing} {settings}"),
-        None => settings.to_owned(),
+        None => settings,
     };
     database.options(&options);
     let manager_config = ManagerConfig {

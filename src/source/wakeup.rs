@@ -21,15 +21,11 @@ use tokio_postgres::{AsyncMessage, NoTls, Socket};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::{Source, backlog, order};
+use super::{Source, backlog, liveness, order};
 use crate::backoff::Backoff;
 use crate::ident::quote_ident;
 use crate::telemetry::ErrorChain;
 use std::collections::BTreeSet;
-
-const KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
-const KEEPALIVE_RETRIES: u32 = 3;
 
 const RECONNECT: Backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
 
@@ -95,6 +91,8 @@ enum Stopped {
     Listen(#[source] tokio_postgres::Error),
     #[error("rebalancing partitions failed: {0}")]
     Rebalance(#[source] tokio_postgres::Error),
+    #[error("a query on the listener got no answer within {:?}", super::DB_TIMEOUT)]
+    Stalled,
 }
 
 /// Connects (in the source's TLS mode), LISTENs, forwards notifications
@@ -116,24 +114,33 @@ where
     // if the link dies silently, both ends should notice within seconds,
     // not the OS default of two hours. Our side: TCP keepalives on the
     // socket. The server's side: the same, set for this session, so it
-    // ends the session (and frees the locks for the other relays).
+    // ends the session (and frees the locks for the other relays); and,
+    // for a relay alive to TCP but not running, an idle limit (`liveness`).
     let mut database = source.config.database.clone();
-    database
-        .keepalives(true)
-        .keepalives_idle(KEEPALIVE_IDLE)
-        .keepalives_interval(KEEPALIVE_INTERVAL)
-        .keepalives_retries(KEEPALIVE_RETRIES);
+    liveness::client_keepalives(&mut database);
     let (client, mut connection) =
         match tokio::time::timeout(super::DB_TIMEOUT, database.connect(tls)).await {
             Ok(Ok(pair)) => pair,
             Ok(Err(e)) => return Stopped::Connect(e),
             Err(_) => return Stopped::ConnectTimedOut,
         };
+    // idle_session_timeout exists from PostgreSQL 14 on; older servers
+    // keep only the keepalives. Only an ordered source's listener holds
+    // locks, and only it runs a query every poll interval.
+    let idle_limit = if source.config.ordering.ordered() {
+        format!(
+            "SELECT set_config('idle_session_timeout', '{}', false) \
+             WHERE current_setting('server_version_num')::int >= 140000; ",
+            liveness::as_setting_ms(liveness::listener_idle_limit(source.config.poll_interval))
+        )
+    } else {
+        String::new()
+    };
     let listen_sql = format!(
-        "SET tcp_keepalives_idle = {}; SET tcp_keepalives_interval = {}; SET tcp_keepalives_count = {}; LISTEN {}",
-        KEEPALIVE_IDLE.as_secs(),
-        KEEPALIVE_INTERVAL.as_secs(),
-        KEEPALIVE_RETRIES,
+        "SET tcp_keepalives_idle = {}; SET tcp_keepalives_interval = {}; SET tcp_keepalives_count = {}; {idle_limit}LISTEN {}",
+        liveness::KEEPALIVE_IDLE.as_secs(),
+        liveness::KEEPALIVE_INTERVAL.as_secs(),
+        liveness::KEEPALIVE_RETRIES,
         quote_ident(&source.config.notify_channel)
     );
     let mut listen = Box::pin(client.batch_execute(&listen_sql));
@@ -151,8 +158,22 @@ where
     let mut owned = BTreeSet::new();
     // Relays that start together reach for different partitions first.
     let offset = (std::process::id() as i32).rem_euclid(order::PARTITIONS);
+    // When the oldest query in flight on this connection was sent: one
+    // that gets no answer within DB_TIMEOUT means a dead link that
+    // keepalives have not caught (yet), and the partitions must not be
+    // trusted any longer.
+    let mut backlog_since: Option<tokio::time::Instant> = None;
+    let mut rebalance_since: Option<tokio::time::Instant> = None;
     loop {
+        let stalled_at = backlog_since
+            .into_iter()
+            .chain(rebalance_since)
+            .min()
+            .map(|since| since + super::DB_TIMEOUT);
         tokio::select! {
+            _ = async { tokio::time::sleep_until(stalled_at.expect("guarded by is_some")).await }, if stalled_at.is_some() => {
+                return Stopped::Stalled;
+            }
             // The connection must be polled for any query on it to complete.
             message = poll_fn(|cx| connection.poll_message(cx)) => match message {
                 Some(Ok(AsyncMessage::Notification(_))) => source.wake.notify_one(),
@@ -172,15 +193,18 @@ where
                 Err(e) => return Stopped::Listen(e),
             },
             _ = ticker.tick(), if listening && query.is_none() => {
+                backlog_since = Some(tokio::time::Instant::now());
                 query = Some(Box::pin(client.query_one(&source.queries.backlog, &[])));
             }
             result = async { query.as_mut().expect("guarded by is_some").await }, if query.is_some() => {
                 query = None;
+                backlog_since = None;
                 backlog::record(source, result);
             }
             _ = rebalance_tick.tick(), if ordered && listening && rebalancing.is_none() => {
                 let (client, sql, keys, mine) = (&client, &source.queries.order, &source.queries.lock_keys, owned.clone());
                 let join = !joined;
+                rebalance_since = Some(tokio::time::Instant::now());
                 rebalancing = Some(Box::pin(async move {
                     if join {
                         order::join(client, keys).await?;
@@ -190,6 +214,7 @@ where
             }
             result = async { rebalancing.as_mut().expect("guarded by is_some").await }, if rebalancing.is_some() => {
                 rebalancing = None;
+                rebalance_since = None;
                 match result {
                     Ok((now_owned, relays)) => {
                         joined = true;

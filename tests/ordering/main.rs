@@ -7,6 +7,7 @@
 mod support;
 
 mod failover;
+mod frozen;
 mod hot;
 mod order;
 mod rolling;
