@@ -1,5 +1,6 @@
 //! Failures of the real services: RabbitMQ stopped, PostgreSQL restarted,
-//! a broker memory alarm, repeated kill -9, and (behind OUTBOXD_SOAK=1) a
+//! a broker memory alarm, repeated kill -9, random faults of every kind
+//! against three relays (`chaos.rs`), and (behind OUTBOXD_SOAK=1) a
 //! soak with random connection cuts. These restart or reconfigure the
 //! shared services, so they run on their own, one at a time, after the
 //! normal suite: `cargo test --test outages -- --test-threads=1`.
@@ -8,6 +9,7 @@
 mod support;
 
 mod alarm;
+mod chaos;
 mod kill9;
 mod leak;
 mod restart;
@@ -39,6 +41,14 @@ pub fn service(cmd: &str, args: &[&str]) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// Starts the RabbitMQ app again even if the test fails half-way.
+pub struct RabbitGuard;
+impl Drop for RabbitGuard {
+    fn drop(&mut self) {
+        let _ = Command::new("rabbitmqctl").arg("start_app").output();
+    }
 }
 
 /// A durable exchange and queue that survive a broker restart (the test's
@@ -110,6 +120,51 @@ impl DurableQueue {
         }
         let _ = conn.close(200, "OK".into()).await;
         seen
+    }
+
+    /// Consumes every message in the queue, in queue order, as JSON
+    /// bodies (the queue must be still: nothing more is published).
+    pub async fn drain_bodies(&self) -> Vec<serde_json::Value> {
+        use futures_core::Stream;
+        let conn: Connection = TestBroker::connect().await;
+        let ch = conn.create_channel().await.unwrap();
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        let waiting = ch
+            .queue_declare(self.queue.as_str().into(), passive, FieldTable::default())
+            .await
+            .unwrap()
+            .message_count() as usize;
+        ch.basic_qos(1000, Default::default()).await.unwrap();
+        let consumer = ch
+            .basic_consume(
+                self.queue.as_str().into(),
+                "drain".into(),
+                lapin::options::BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let mut consumer = Box::pin(consumer);
+        let mut bodies = Vec::with_capacity(waiting);
+        while bodies.len() < waiting {
+            let delivery = tokio::time::timeout(
+                Duration::from_secs(30),
+                std::future::poll_fn(|cx| consumer.as_mut().poll_next(cx)),
+            )
+            .await
+            .unwrap_or_else(|_| panic!("{} of {waiting} queued messages came", bodies.len()))
+            .expect("the consumer is open")
+            .expect("a delivery");
+            bodies.push(serde_json::from_slice(&delivery.data).expect("a JSON body"));
+        }
+        let _ = conn.close(200, "OK".into()).await;
+        bodies
     }
 }
 

@@ -5,17 +5,7 @@ use std::time::Duration;
 use crate::support::db::TestDb;
 use crate::support::eventually;
 use crate::support::relay::{Relay, simple_config};
-use crate::{DurableQueue, LONG, all_arrived, service};
-
-/// Starts the RabbitMQ app again even if the test fails half-way.
-struct RabbitGuard;
-impl Drop for RabbitGuard {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("rabbitmqctl")
-            .arg("start_app")
-            .output();
-    }
-}
+use crate::{DurableQueue, LONG, RabbitGuard, all_arrived, service};
 
 const ROWS: usize = 20_000;
 
