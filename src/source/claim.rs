@@ -82,6 +82,21 @@ impl Drop for PollBatch {
     }
 }
 
+/// The savepoint a batch's claim and its settlement run under. Row locks
+/// (`FOR UPDATE`) and the delete or update that settles the row must come
+/// from one and the same (sub)transaction: a row locked by the transaction
+/// and deleted by a subtransaction of it gets a MultiXact as its xmax, and
+/// PostgreSQL never marks index entries of such rows dead during scans
+/// (`HeapTupleIsSurelyDead` gives up on a MultiXact). Every walk from the
+/// front of the claim index then visited every deleted row again, and
+/// looked each one up in pg_multixact, until vacuum came: measured 53 ms
+/// per ordered claim of 500 rows over 1,000 aggregates, 21 ms without.
+/// If settling fails, rolling back to it undoes the claim's own writes
+/// (held marks) and row locks, but not the partition locks taken before
+/// it, so no other batch can claim the rows while they are settled one by
+/// one (`complete::settle`).
+pub(super) const BATCH_SAVEPOINT: &str = "outboxd_batch";
+
 /// Claims the next due rows of `source`. Empty claims are finished here:
 /// committed if the walk marked rows held, else rolled back, so the
 /// connection is back in the pool before the loop hears of it.
@@ -135,6 +150,7 @@ async fn after_id(
         client.prepare_cached(&source.queries.claim),
     )
     .await?;
+    open_savepoint(client).await?;
     let rows = step("claim", client.query(&stmt, &[&limit, &after])).await?;
     let report = Claimed {
         rows: rows.len(),
@@ -183,6 +199,7 @@ async fn heads(
             &order.claim_no_dead
         };
         let stmt = step("prepare claim", client.prepare_cached(sql)).await?;
+        open_savepoint(client).await?;
         walked = step("claim", client.query(&stmt, &[&locked, &limit])).await?;
     }
     let looked_at = walked.len();
@@ -201,6 +218,14 @@ async fn heads(
         },
     };
     Ok((walked, report, looked_at > 0))
+}
+
+async fn open_savepoint(client: &Object) -> Result<(), DbError> {
+    step(
+        "open the batch savepoint",
+        client.batch_execute(&format!("SAVEPOINT {BATCH_SAVEPOINT}")),
+    )
+    .await
 }
 
 /// The columns every claim returns, in this order: the one definition that

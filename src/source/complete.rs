@@ -135,21 +135,28 @@ pub struct Settled {
     pub release_failed: Option<String>,
 }
 
-/// Settles a batch in its claim transaction (the caller commits).
+/// Settles a batch in its claim transaction (the caller commits), under
+/// the savepoint its claim opened (`claim::BATCH_SAVEPOINT`).
 ///
 /// Everything is tried in a few set-wise statements first. If the database
 /// refuses one of them (a row it will not delete, a dead letter with the
-/// same id, a trigger of the producer's), it goes again row by row, each
-/// under a savepoint, so one row the database refuses cannot undo the rest
-/// of the batch and have their messages sent again and again: a delivered
-/// row that cannot be removed, or a bad row that cannot be parked, is
-/// rescheduled with backoff instead, its `last_error` saying why. Only an
-/// error of the connection itself fails the whole batch.
+/// same id, a trigger of the producer's), the batch rolls back to its
+/// savepoint (its row locks and the claim's held marks go; with ordering
+/// its partition locks stay, so no other batch takes the rows meanwhile;
+/// with `ordering = "none"` another batch may claim and send one again, a
+/// duplicate in a path taken only when the database refuses) and goes again
+/// row by row, each under a savepoint of its own, so one row the database
+/// refuses cannot undo the rest of the batch and have their messages sent
+/// again and again: a delivered row that cannot be removed, or a bad row
+/// that cannot be parked, is rescheduled with backoff instead, its
+/// `last_error` saying why. Only an error of the connection itself fails
+/// the whole batch.
 pub async fn settle(tx: &Object, sql: &Sql, plan: &Plan) -> Result<Settled, tokio_postgres::Error> {
-    tx.batch_execute("SAVEPOINT outboxd_settle").await?;
+    let savepoint = super::claim::BATCH_SAVEPOINT;
     match settle_all(tx, sql, plan).await {
         Ok(()) => {
-            tx.batch_execute("RELEASE SAVEPOINT outboxd_settle").await?;
+            tx.batch_execute(&format!("RELEASE SAVEPOINT {savepoint}"))
+                .await?;
             Ok(Settled {
                 parked: plan.park.iter().map(|(id, _, _)| *id).collect(),
                 ..Settled::default()
@@ -157,7 +164,7 @@ pub async fn settle(tx: &Object, sql: &Sql, plan: &Plan) -> Result<Settled, toki
         }
         Err(err) if err.code().is_none() => Err(err),
         Err(_) => {
-            tx.batch_execute("ROLLBACK TO SAVEPOINT outboxd_settle")
+            tx.batch_execute(&format!("ROLLBACK TO SAVEPOINT {savepoint}"))
                 .await?;
             settle_each(tx, sql, plan).await
         }
