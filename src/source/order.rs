@@ -136,13 +136,19 @@ impl Sql {
                AND {part} = ANY($1) \
              ORDER BY o.id LIMIT $2"
         );
+        // OFFSET 0 keeps the planner from pushing the lock filter below
+        // the ORDER BY (it may push a volatile filter into a subquery
+        // without LIMIT): the locks must be tried in order of age and
+        // only until $4 are taken, not on every partition looked at, or
+        // the batch holds partitions it never reads and no other batch
+        // can claim them until it commits.
         let lock = format!(
             "SELECT COALESCE(array_agg(p), '{{}}') FROM ( \
                SELECT c.p FROM ( \
                  SELECT {part} AS p, min(o.id) AS first FROM ( \
                    SELECT o.aggregate_type, o.aggregate_id, o.id FROM {t} o \
                    {due_in_partitions}) o \
-                 GROUP BY 1 ORDER BY 2) c \
+                 GROUP BY 1 ORDER BY 2 OFFSET 0) c \
                WHERE pg_try_advisory_xact_lock(hashtext($3), c.p) \
                LIMIT $4) l"
         );

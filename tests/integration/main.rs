@@ -14,6 +14,7 @@ mod failures;
 mod held;
 mod hostile;
 mod outage;
+mod partition_locks;
 mod pipelined;
 mod returns;
 mod rollback;
