@@ -28,7 +28,6 @@
 \set aggregate_index :table _aggregate_idx
 \set held_index :table _held_idx
 \set waiting_index :table _waiting_idx
-\set partition_index :table _partition_idx
 \set dead_aggregate_index :table _dead_aggregate_idx
 \set published_index :table _published_idx
 \set notify_trigger :table _notify
@@ -89,15 +88,6 @@ CREATE INDEX IF NOT EXISTS :"held_index"
 CREATE INDEX IF NOT EXISTS :"waiting_index"
     ON :"schema".:"table" (aggregate_type, aggregate_id, id)
     WHERE published_at IS NULL AND (held OR available_at > created_at);
-
--- ordering = "aggregate": the oldest due row of each partition, one probe
--- per partition, for the claim that picks which partitions to lock (a walk
--- in id order had to pass every row of a busy partition, the whole backlog
--- of a hot aggregate, to reach the others). The expression is the
--- relay's partition of an aggregate (src/source/order.rs, partition_of).
-CREATE INDEX IF NOT EXISTS :"partition_index"
-    ON :"schema".:"table" (((hashtextextended(aggregate_type || '/' || aggregate_id, 0) & 63)::int), id)
-    WHERE published_at IS NULL AND NOT held;
 
 -- Retention (mark mode) deletes old published rows through this one.
 CREATE INDEX IF NOT EXISTS :"published_index"

@@ -175,12 +175,15 @@ async fn heads(
     let client = batch.client();
     let order = &source.queries.order;
     let limit = source.config.batch_size as i64;
+    // To find the partitions with the oldest rows, a few rows per
+    // partition wanted are enough; the claim walks the full batch.
+    let look = (most * 4).clamp(64, limit.max(64));
     let stmt = step("prepare partition lock", client.prepare_cached(&order.lock)).await?;
     let locked: Vec<i32> = step(
         "lock partitions",
         client.query_one(
             &stmt,
-            &[&free, &source.queries.lock_keys.batch, &most, &(limit - 1)],
+            &[&free, &look, &source.queries.lock_keys.batch, &most],
         ),
     )
     .await?

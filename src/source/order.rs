@@ -89,10 +89,9 @@ impl LockKeys {
 }
 
 pub struct Sql {
-    /// $1 free partitions, $2 batch key, $3 most partitions to take, $4
-    /// the batch size less one: the partitions with the oldest due rows
-    /// that no other batch holds and the claim can serve, locked for this
-    /// transaction.
+    /// $1 free partitions, $2 rows to look at, $3 batch key, $4 most
+    /// partitions to take: the partitions with the oldest due rows that no
+    /// other batch holds, locked for this transaction.
     pub lock: String,
     /// $1 locked partitions, $2 rows to walk: one row per walked row, the
     /// row's columns only for heads (the others are marked held).
@@ -137,35 +136,21 @@ impl Sql {
                AND {part} = ANY($1) \
              ORDER BY o.id LIMIT $2"
         );
-        // The oldest due row of each free partition, one probe each on the
-        // partition index (`sql/outbox.sql`), so the cost does not grow
-        // with the rows of busy partitions; then the partitions in order
-        // of age, locked until $3 are taken. Only partitions the claim can
-        // serve: the claim walks the locked partitions' rows in id order,
-        // at most $4 + 1 of them, so a partition whose oldest row comes
-        // after the ($4 + 1)-th row of the oldest partition gets nothing
-        // (a hot aggregate's backlog fills the batch) and locking it would
-        // only keep it from the other batches. OFFSET 0 keeps the planner
-        // from pushing the volatile lock filter below the ORDER BY (it may
-        // push one into a subquery without LIMIT): else every partition
-        // with a due row is locked.
-        let part_e = partition_of("e");
-        let due_e = "e.published_at IS NULL AND NOT e.held AND e.available_at <= clock_timestamp()";
+        // OFFSET 0 keeps the planner from pushing the lock filter below
+        // the ORDER BY (it may push a volatile filter into a subquery
+        // without LIMIT): the locks must be tried in order of age and
+        // only until $4 are taken, not on every partition looked at, or
+        // the batch holds partitions it never reads and no other batch
+        // can claim them until it commits.
         let lock = format!(
-            "WITH cand AS MATERIALIZED ( \
-               SELECT f.p, (SELECT e.id FROM {t} e WHERE {part_e} = f.p AND {due_e} \
-                            ORDER BY e.id LIMIT 1) AS first \
-               FROM unnest($1::int[]) AS f(p)), \
-             oldest AS (SELECT c.p FROM cand c WHERE c.first IS NOT NULL ORDER BY c.first LIMIT 1), \
-             cut AS (SELECT (SELECT e.id FROM {t} e, oldest WHERE {part_e} = oldest.p AND {due_e} \
-                             ORDER BY e.id OFFSET $4 LIMIT 1) AS id) \
-             SELECT COALESCE(array_agg(taken.p), '{{}}') FROM ( \
-               SELECT l.p FROM ( \
-                 SELECT c.p FROM cand c, cut \
-                 WHERE c.first IS NOT NULL AND (cut.id IS NULL OR c.first < cut.id) \
-                 ORDER BY c.first OFFSET 0) l \
-               WHERE pg_try_advisory_xact_lock(hashtext($2), l.p) \
-               LIMIT $3) taken"
+            "SELECT COALESCE(array_agg(p), '{{}}') FROM ( \
+               SELECT c.p FROM ( \
+                 SELECT {part} AS p, min(o.id) AS first FROM ( \
+                   SELECT o.aggregate_type, o.aggregate_id, o.id FROM {t} o \
+                   {due_in_partitions}) o \
+                 GROUP BY 1 ORDER BY 2 OFFSET 0) c \
+               WHERE pg_try_advisory_xact_lock(hashtext($3), c.p) \
+               LIMIT $4) l"
         );
         // Strict (`ordering = "aggregate_strict"`): one row in flight per
         // aggregate. A walked row that is not its aggregate's head waits
@@ -386,16 +371,6 @@ pub async fn rebalance(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_partition_index_has_the_claims_expression() {
-        let sql = include_str!("../../sql/outbox.sql");
-        let unaliased = partition_of("o").replace("o.", "");
-        assert!(
-            sql.contains(&format!("(({unaliased}), id)")),
-            "sql/outbox.sql indexes {unaliased:?}, the partition the claims compute"
-        );
-    }
 
     #[test]
     fn shares_cover_every_partition() {
