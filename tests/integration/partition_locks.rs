@@ -55,3 +55,63 @@ async fn a_claim_locks_only_the_partitions_it_takes() {
         "the transaction holds {held} partition locks for the 4 it takes"
     );
 }
+
+/// The partitions a claim takes are those of the oldest due rows: a hot
+/// partition whose backlog fills the rows looked at is taken alone, so
+/// quiet partitions are not locked beside it only to go unserved (its rows
+/// would fill the batch), and other batches serve them meanwhile.
+#[tokio::test]
+async fn a_hot_partition_at_the_front_is_taken_alone() {
+    let db = TestDb::migrated("obx_plock_hot").await;
+    db.client
+        .batch_execute(
+            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
+             SELECT 'order', 'hot', 'Step', '{}' FROM generate_series(1, 600); \
+             INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
+             SELECT 'order', 'q-' || g, 'Step', '{}' FROM generate_series(1, 50) g",
+        )
+        .await
+        .unwrap();
+    let config = Config::from_toml(&simple_config(&db.url, "unused"), &|_| None)
+        .expect("the test config is valid");
+    let source = &config.sources[0];
+    let (sql, keys) = (Sql::new(source), LockKeys::new(&source.table));
+    let hot: i32 = db
+        .client
+        .query_one("SELECT (hashtextextended('order/hot', 0) & 63)::int", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let mut client = db.connect().await;
+    // What the relay looks at for a batch of 16 partitions: 64 rows.
+    assert_eq!(take(&mut client, &sql, &keys, 64).await, vec![hot]);
+    let wide = take(&mut client, &sql, &keys, 1000).await;
+    assert_eq!(
+        wide.first(),
+        Some(&hot),
+        "the oldest partition first: {wide:?}"
+    );
+    assert!(
+        wide.len() > 1,
+        "looking past the hot 600 rows finds the quiet partitions: {wide:?}"
+    );
+}
+
+/// Runs the lock query over every partition, taking at most 16 among the
+/// first `look` due rows, and rolls back.
+async fn take(
+    client: &mut tokio_postgres::Client,
+    sql: &Sql,
+    keys: &LockKeys,
+    look: i64,
+) -> Vec<i32> {
+    let every: Vec<i32> = (0..64).collect();
+    let tx = client.transaction().await.unwrap();
+    let taken: Vec<i32> = tx
+        .query_one(&sql.lock, &[&every, &look, &keys.batch, &16i64])
+        .await
+        .expect("the lock query runs")
+        .get(0);
+    tx.rollback().await.unwrap();
+    taken
+}
