@@ -23,17 +23,30 @@ pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
 /// and the connection is dead after this many unanswered.
 pub const KEEPALIVE_RETRIES: u32 = 3;
 
-/// Our side's keepalives on a connection config.
-pub fn client_keepalives(config: &mut tokio_postgres::Config) {
+/// Keepalives on both ends of the connections `config` makes: ours on
+/// the socket, the server's as startup options (so a session whose relay
+/// vanished ends in seconds, not the OS's two hours).
+pub fn keepalives(config: &mut tokio_postgres::Config) {
     config
         .keepalives(true)
         .keepalives_idle(KEEPALIVE_IDLE)
         .keepalives_interval(KEEPALIVE_INTERVAL)
         .keepalives_retries(KEEPALIVE_RETRIES);
+    add_options(config, &server_keepalive_options());
+}
+
+/// Appends `-c name=value` settings to the options the URL may already
+/// carry (later ones win, so ours do).
+pub fn add_options(config: &mut tokio_postgres::Config, settings: &str) {
+    let options = match config.get_options() {
+        Some(existing) => format!("{existing} {settings}"),
+        None => settings.to_owned(),
+    };
+    config.options(&options);
 }
 
 /// The server's side, as `-c` startup options (ignored on Unix sockets).
-pub fn server_keepalive_options() -> String {
+fn server_keepalive_options() -> String {
     format!(
         "-c tcp_keepalives_idle={} -c tcp_keepalives_interval={} -c tcp_keepalives_count={}",
         KEEPALIVE_IDLE.as_secs(),
@@ -95,5 +108,21 @@ mod tests {
             server_keepalive_options(),
             "-c tcp_keepalives_idle=10 -c tcp_keepalives_interval=5 -c tcp_keepalives_count=3"
         );
+    }
+
+    #[test]
+    fn keepalives_come_after_the_urls_own_options() {
+        let mut config: tokio_postgres::Config = "postgres://u@h/db?options=-c%20search_path%3Dx"
+            .parse()
+            .unwrap();
+        keepalives(&mut config);
+        assert_eq!(
+            config.get_options(),
+            Some(
+                "-c search_path=x -c tcp_keepalives_idle=10 -c tcp_keepalives_interval=5 \
+                 -c tcp_keepalives_count=3"
+            )
+        );
+        assert_eq!(config.get_keepalives_idle(), KEEPALIVE_IDLE);
     }
 }

@@ -37,7 +37,7 @@ pub enum PoolError {
 /// (see `liveness`).
 pub fn build(config: &SourceConfig, confirm_timeout: Duration) -> Result<Pool, PoolError> {
     let mut database = config.database.clone();
-    super::liveness::client_keepalives(&mut database);
+    super::liveness::keepalives(&mut database);
     // An outbox table's statistics are nearly always stale (it fills and
     // empties between autovacuum runs). With stale stats the planner picks
     // a bitmap scan that reads and sorts every pending row to return the
@@ -50,19 +50,15 @@ pub fn build(config: &SourceConfig, confirm_timeout: Duration) -> Result<Pool, P
     // cost, which crosses jit_above_cost, and the JIT compile took ~100 ms
     // on every claim. Short OLTP statements never gain from JIT anyway.
     //
+    //
     // A batch holds rows and partitions in its transaction: the server ends
-    // it when the relay goes silent (`liveness`), through keepalives and
-    // an idle-in-transaction limit.
+    // it when the relay goes silent (`liveness`), through the keepalives
+    // above and an idle-in-transaction limit.
     let settings = format!(
-        "-c enable_sort=off -c jit=off {} -c idle_in_transaction_session_timeout={}",
-        super::liveness::server_keepalive_options(),
+        "-c enable_sort=off -c jit=off -c idle_in_transaction_session_timeout={}",
         super::liveness::as_setting_ms(super::liveness::batch_idle_limit(confirm_timeout))
     );
-    let options = match database.get_options() {
-        Some(existing) => format!("{existing} {settings}"),
-        None => settings,
-    };
-    database.options(&options);
+    super::liveness::add_options(&mut database, &settings);
     let manager_config = ManagerConfig {
         // `Fast` only checks that the connection is not closed; a dead
         // one fails its next query, which the relay retries anyway.

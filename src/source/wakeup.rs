@@ -66,11 +66,21 @@ fn drop_partitions(source: &Source) {
     }
 }
 
-type Rebalance<'a> =
-    Pin<Box<dyn Future<Output = Result<(BTreeSet<i32>, i32), tokio_postgres::Error>> + Send + 'a>>;
+/// A query on the listener, bounded by [`super::DB_TIMEOUT`]: one that
+/// gets no answer in time (`Err(Elapsed)`) means a dead link that
+/// keepalives have not caught (yet), and the partitions must not be
+/// trusted any longer.
+type Bounded<'a, T> = Pin<
+    Box<
+        dyn Future<Output = Result<Result<T, tokio_postgres::Error>, tokio::time::error::Elapsed>>
+            + Send
+            + 'a,
+    >,
+>;
 
-type Query<'a> =
-    Pin<Box<dyn Future<Output = Result<tokio_postgres::Row, tokio_postgres::Error>> + Send + 'a>>;
+type Rebalance<'a> = Bounded<'a, (BTreeSet<i32>, i32)>;
+
+type Query<'a> = Bounded<'a, tokio_postgres::Row>;
 
 /// Why the listener's connection ended (it always ends in an error: the
 /// listener runs until it is stopped). The tokio-postgres error is the
@@ -112,12 +122,12 @@ where
 {
     // This connection holds the partition locks (ordering = "aggregate"):
     // if the link dies silently, both ends should notice within seconds,
-    // not the OS default of two hours. Our side: TCP keepalives on the
-    // socket. The server's side: the same, set for this session, so it
-    // ends the session (and frees the locks for the other relays); and,
-    // for a relay alive to TCP but not running, an idle limit (`liveness`).
+    // not the OS default of two hours: TCP keepalives on both ends, so the
+    // server ends the session (and frees the locks for the other relays);
+    // and, for a relay alive to TCP but not running, an idle limit
+    // (`liveness`).
     let mut database = source.config.database.clone();
-    liveness::client_keepalives(&mut database);
+    liveness::keepalives(&mut database);
     let (client, mut connection) =
         match tokio::time::timeout(super::DB_TIMEOUT, database.connect(tls)).await {
             Ok(Ok(pair)) => pair,
@@ -137,10 +147,7 @@ where
         String::new()
     };
     let listen_sql = format!(
-        "SET tcp_keepalives_idle = {}; SET tcp_keepalives_interval = {}; SET tcp_keepalives_count = {}; {idle_limit}LISTEN {}",
-        liveness::KEEPALIVE_IDLE.as_secs(),
-        liveness::KEEPALIVE_INTERVAL.as_secs(),
-        liveness::KEEPALIVE_RETRIES,
+        "{idle_limit}LISTEN {}",
         quote_ident(&source.config.notify_channel)
     );
     let mut listen = Box::pin(client.batch_execute(&listen_sql));
@@ -158,22 +165,8 @@ where
     let mut owned = BTreeSet::new();
     // Relays that start together reach for different partitions first.
     let offset = (std::process::id() as i32).rem_euclid(order::PARTITIONS);
-    // When the oldest query in flight on this connection was sent: one
-    // that gets no answer within DB_TIMEOUT means a dead link that
-    // keepalives have not caught (yet), and the partitions must not be
-    // trusted any longer.
-    let mut backlog_since: Option<tokio::time::Instant> = None;
-    let mut rebalance_since: Option<tokio::time::Instant> = None;
     loop {
-        let stalled_at = backlog_since
-            .into_iter()
-            .chain(rebalance_since)
-            .min()
-            .map(|since| since + super::DB_TIMEOUT);
         tokio::select! {
-            _ = async { tokio::time::sleep_until(stalled_at.expect("guarded by is_some")).await }, if stalled_at.is_some() => {
-                return Stopped::Stalled;
-            }
             // The connection must be polled for any query on it to complete.
             message = poll_fn(|cx| connection.poll_message(cx)) => match message {
                 Some(Ok(AsyncMessage::Notification(_))) => source.wake.notify_one(),
@@ -193,28 +186,33 @@ where
                 Err(e) => return Stopped::Listen(e),
             },
             _ = ticker.tick(), if listening && query.is_none() => {
-                backlog_since = Some(tokio::time::Instant::now());
-                query = Some(Box::pin(client.query_one(&source.queries.backlog, &[])));
+                query = Some(Box::pin(tokio::time::timeout(
+                    super::DB_TIMEOUT,
+                    client.query_one(&source.queries.backlog, &[]),
+                )));
             }
             result = async { query.as_mut().expect("guarded by is_some").await }, if query.is_some() => {
                 query = None;
-                backlog_since = None;
+                let Ok(result) = result else {
+                    return Stopped::Stalled;
+                };
                 backlog::record(source, result);
             }
             _ = rebalance_tick.tick(), if ordered && listening && rebalancing.is_none() => {
                 let (client, sql, keys, mine) = (&client, &source.queries.order, &source.queries.lock_keys, owned.clone());
                 let join = !joined;
-                rebalance_since = Some(tokio::time::Instant::now());
-                rebalancing = Some(Box::pin(async move {
+                rebalancing = Some(Box::pin(tokio::time::timeout(super::DB_TIMEOUT, async move {
                     if join {
                         order::join(client, keys).await?;
                     }
                     order::rebalance(client, sql, keys, mine, offset).await
-                }));
+                })));
             }
             result = async { rebalancing.as_mut().expect("guarded by is_some").await }, if rebalancing.is_some() => {
                 rebalancing = None;
-                rebalance_since = None;
+                let Ok(result) = result else {
+                    return Stopped::Stalled;
+                };
                 match result {
                     Ok((now_owned, relays)) => {
                         joined = true;
