@@ -22,18 +22,7 @@ async fn a_claim_locks_only_the_partitions_it_takes() {
         )
         .await
         .unwrap();
-    let config = Config::from_toml(&simple_config(&db.url, "unused"), &|_| None)
-        .expect("the test config is valid");
-    let source = &config.sources[0];
-    let sql = Sql::new(source);
-    let keys = LockKeys::new(&source.table);
-
-    let mut client = db.connect().await;
-    // As the relay's pooled sessions run it.
-    client
-        .batch_execute("SET enable_sort = off; SET jit = off")
-        .await
-        .unwrap();
+    let (mut client, sql, keys) = relay_session(&db).await;
     let tx = client.transaction().await.unwrap();
     let every: Vec<i32> = (0..64).collect();
     let taken: Vec<i32> = tx
@@ -72,17 +61,13 @@ async fn a_hot_partition_at_the_front_is_taken_alone() {
         )
         .await
         .unwrap();
-    let config = Config::from_toml(&simple_config(&db.url, "unused"), &|_| None)
-        .expect("the test config is valid");
-    let source = &config.sources[0];
-    let (sql, keys) = (Sql::new(source), LockKeys::new(&source.table));
+    let (mut client, sql, keys) = relay_session(&db).await;
     let hot: i32 = db
         .client
         .query_one("SELECT (hashtextextended('order/hot', 0) & 63)::int", &[])
         .await
         .unwrap()
         .get(0);
-    let mut client = db.connect().await;
     // What the relay looks at for a batch of 16 partitions: 64 rows.
     assert_eq!(take(&mut client, &sql, &keys, 64).await, vec![hot]);
     let wide = take(&mut client, &sql, &keys, 1000).await;
@@ -114,4 +99,18 @@ async fn take(
         .get(0);
     tx.rollback().await.unwrap();
     taken
+}
+
+/// A session set up as the relay's pooled ones are, with the relay's own
+/// SQL and lock keys for the default source on `db`.
+async fn relay_session(db: &TestDb) -> (tokio_postgres::Client, Sql, LockKeys) {
+    let config = Config::from_toml(&simple_config(&db.url, "unused"), &|_| None)
+        .expect("the test config is valid");
+    let source = &config.sources[0];
+    let client = db.connect().await;
+    client
+        .batch_execute("SET enable_sort = off; SET jit = off")
+        .await
+        .unwrap();
+    (client, Sql::new(source), LockKeys::new(&source.table))
 }
