@@ -2,6 +2,7 @@
 # Make sure PostgreSQL and RabbitMQ are installed, running and reachable on
 # 127.0.0.1 the way config/outboxd.toml and the tests expect:
 #   PostgreSQL on 5432, role "root" (superuser, trust auth on loopback)
+#   wal_level = logical (for capture = "wal" sources; set once, with a restart)
 #   RabbitMQ on 5672, guest/guest
 # Installs them with apt-get if they are missing (Debian). Meant for a
 # development machine or CI, not for production hosts.
@@ -46,6 +47,24 @@ ensure_postgres() {
   log "PostgreSQL is up"
 }
 
+# capture = "wal" sources (and their tests) read the write-ahead log
+# through a logical replication slot, which needs wal_level = logical. The
+# setting takes a restart; done once, and said.
+ensure_wal_level_logical() {
+  local level
+  level=$(psql -h 127.0.0.1 -U root -d postgres -Atc 'show wal_level')
+  if [ "$level" = logical ]; then return 0; fi
+  log "wal_level is $level; setting wal_level = logical (ALTER SYSTEM) and restarting PostgreSQL"
+  psql -h 127.0.0.1 -U root -d postgres -qc 'ALTER SYSTEM SET wal_level = logical'
+  local version
+  version=$(ls /etc/postgresql | sort -V | tail -n 1)
+  as_root pg_ctlcluster --skip-systemctl-redirect "$version" main restart
+  wait_for 60 "PostgreSQL login as root" psql -h 127.0.0.1 -U root -d postgres -Atc 'select 1'
+  level=$(psql -h 127.0.0.1 -U root -d postgres -Atc 'show wal_level')
+  if [ "$level" != logical ]; then log "wal_level is still $level after the restart"; return 1; fi
+  log "PostgreSQL restarted with wal_level = logical"
+}
+
 ensure_rabbitmq() {
   if ! command -v rabbitmq-server >/dev/null; then apt_install rabbitmq-server; fi
   if ! port_open 5672; then
@@ -58,4 +77,5 @@ ensure_rabbitmq() {
 }
 
 ensure_postgres
+ensure_wal_level_logical
 ensure_rabbitmq
