@@ -129,7 +129,7 @@ pub struct SourceMetrics {
     pub order_breaks: IntCounter,
     /// Relays running on this source's table, this one included.
     pub relays: IntGauge,
-    /// Rows waiting for an earlier row of their aggregate.
+    /// Rows marked held, waiting for an earlier row of their aggregate.
     pub held: IntGauge,
     /// Of those, rows waiting for a parked row (`on_park = "hold"`).
     pub held_by_dead_letters: IntGauge,
@@ -299,7 +299,7 @@ impl Metrics {
         );
         let held = gauge(
             HELD_ROWS,
-            "Unsent rows waiting behind an earlier unsent row of their aggregate (ordering = \"aggregate\").",
+            "Unsent rows marked held: waiting for an earlier row of their aggregate (retrying, parked, or unconfirmed), skipped by claims until it is delivered.",
         );
         let held_dead = gauge(
             HELD_BY_DEAD_LETTERS,

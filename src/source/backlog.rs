@@ -6,20 +6,19 @@ use tracing::{debug, warn};
 
 use super::Source;
 use super::health::Stuck;
-use crate::config::{AfterPublish, OnPark, Ordering, SourceConfig};
+use crate::config::{AfterPublish, OnPark, SourceConfig};
 use crate::telemetry::ErrorChain;
 
 pub fn sql(config: &SourceConfig) -> String {
     let table = &config.table;
     let dead = table.sibling("_dead");
-    // Rows waiting behind an earlier row of their aggregate: all but one
-    // (the head) of each aggregate's unsent rows.
-    let waiting = match config.ordering {
-        Ordering::Aggregate | Ordering::AggregateStrict => {
-            "count(*) - count(DISTINCT (aggregate_type, aggregate_id))"
-        }
-        Ordering::None => "0::bigint",
-    };
+    // Rows a claim marked held: waiting for an earlier row of their
+    // aggregate (retrying, parked, or in flight in strict mode), skipped by
+    // claims until it is delivered. Counted in the scan the other figures
+    // make anyway: counting every aggregate's rows behind its head instead
+    // (count(DISTINCT aggregate)) sorted the whole backlog, 260 ms per
+    // run at 100k rows, several times the cost of the rest.
+    let waiting = "count(*) FILTER (WHERE held)";
     // Of those, the rows of aggregates with a parked row: one index probe
     // per parked aggregate (the dead-letter table is small).
     let behind_dead = match (config.ordering.ordered(), config.on_park) {
