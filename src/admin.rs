@@ -104,10 +104,16 @@ async fn readyz(State(state): State<Arc<AdminState>>) -> Response {
                 "held_by_dead_letters": stuck.held_by_dead_letters,
                 "unclaimable_rows": stuck.unclaimable,
                 "oldest_sendable_age_seconds": stuck.oldest_sendable_age_seconds,
+                "wal": h.slot().map(|s| json!({
+                    "slot": s.slot,
+                    "problem": s.problem,
+                    "slot_active": s.active,
+                    "streaming_here": h.streaming(),
+                })),
             })
         })
         .collect();
-    let all_up = state.sources.iter().all(|(h, _)| h.db_up());
+    let all_up = state.sources.iter().all(|(h, _)| h.ready());
     let ready = broker_up && all_up && !draining;
     let status = if draining {
         "draining"

@@ -20,6 +20,7 @@ use crate::metrics::Metrics;
 use crate::relay::Relay;
 use crate::sink::rabbitmq::{Broker, RabbitPublisher};
 use crate::source::{self, Source, SourceHealth};
+use crate::wal::relay::WalRelay;
 
 /// Time given to aborted batches and helper tasks to wind down after the drain.
 const WIND_DOWN: Duration = Duration::from_secs(3);
@@ -78,6 +79,37 @@ pub async fn run(config: Config, drain: CancellationToken) -> Result<(), AppErro
             .saturating_mul(3)
             .saturating_add(Duration::from_secs(10));
         health_list.push((health.clone(), stuck_after));
+        if let Some(wal) = cfg.capture.wal() {
+            // The log wakes the relay and orders its rows: no listener, no
+            // partitions. The slot's gauges and the table's backlog instead.
+            helpers.spawn(crate::wal::upkeep::run(
+                src.clone(),
+                wal.clone(),
+                metrics.slot(&cfg.name),
+                config.metrics.backlog_interval,
+                helpers_stop.clone(),
+            ));
+            if let (AfterPublish::Mark, Some(retention)) = (cfg.after_publish, cfg.retention) {
+                helpers.spawn(source::retention::run(
+                    src.clone(),
+                    retention,
+                    helpers_stop.clone(),
+                ));
+            }
+            let relay = Arc::new(WalRelay::new(
+                cfg.clone(),
+                wal.clone(),
+                source_metrics,
+                health,
+                src.pool.clone(),
+                Arc::new(RabbitPublisher::new(
+                    broker.clone(),
+                    config.rabbitmq.confirm_timeout,
+                )),
+            ));
+            relays.spawn(relay.run(drain.clone(), abort.clone()));
+            continue;
+        }
         helpers.spawn(source::wakeup::run(
             src.clone(),
             config.metrics.backlog_interval,

@@ -45,3 +45,4 @@ pub mod source;
 pub mod telemetry;
 pub mod template;
 pub mod tls;
+pub mod wal;

@@ -128,7 +128,10 @@ impl OutboxRow {
         let mut headers = self.row_headers()?;
         // Ours are set last, so a row cannot spoof where it came from.
         headers.insert("x-outbox-source".into(), long_string(r.source));
-        headers.insert("x-outbox-id".into(), AMQPValue::LongLongInt(self.id));
+        // An `outbox_emit()` message (capture = "wal") has no row: id 0.
+        if self.id > 0 {
+            headers.insert("x-outbox-id".into(), AMQPValue::LongLongInt(self.id));
+        }
         headers.insert("x-aggregate-type".into(), long_string(&self.aggregate_type));
         headers.insert("x-aggregate-id".into(), long_string(&self.aggregate_id));
         let timestamp = self

@@ -31,6 +31,9 @@ pub const ORDER_BREAKS: &str = "outboxd_order_breaks_total";
 pub const RELAYS: &str = "outboxd_relays";
 pub const HELD_ROWS: &str = "outboxd_held_rows";
 pub const HELD_BY_DEAD_LETTERS: &str = "outboxd_held_by_dead_letters";
+pub const SLOT_RETAINED: &str = "outboxd_slot_retained_bytes";
+pub const SLOT_LAG: &str = "outboxd_slot_lag_bytes";
+pub const SLOT_ACTIVE: &str = "outboxd_slot_active";
 pub const SOURCE_ERRORS: &str = "outboxd_source_errors_total";
 pub const BROKER_UP: &str = "outboxd_broker_up";
 pub const BROKER_BLOCKED: &str = "outboxd_broker_blocked";
@@ -50,14 +53,17 @@ pub enum SourceError {
     /// The database refused to settle a row as planned (delete, park):
     /// the row was rescheduled instead.
     Settle,
+    /// `capture = "wal"`: the replication stream could not start or failed.
+    Replication,
 }
 
 impl SourceError {
-    pub const ALL: [SourceError; 4] = [
+    pub const ALL: [SourceError; 5] = [
         SourceError::Database,
         SourceError::Listener,
         SourceError::BacklogQuery,
         SourceError::Settle,
+        SourceError::Replication,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -66,6 +72,7 @@ impl SourceError {
             SourceError::Listener => "listener",
             SourceError::BacklogQuery => "backlog_query",
             SourceError::Settle => "settle",
+            SourceError::Replication => "replication",
         }
     }
 }
@@ -98,7 +105,18 @@ pub struct Metrics {
     relays: IntGaugeVec,
     held: IntGaugeVec,
     held_dead: IntGaugeVec,
+    slot_retained: IntGaugeVec,
+    slot_lag: IntGaugeVec,
+    slot_active: IntGaugeVec,
     broker: BrokerMetrics,
+}
+
+/// A `capture = "wal"` source's replication slot.
+#[derive(Clone)]
+pub struct SlotMetrics {
+    pub retained: IntGauge,
+    pub lag: IntGauge,
+    pub active: IntGauge,
 }
 
 /// One source's series, looked up once so the hot path only touches atomics.
@@ -305,6 +323,18 @@ impl Metrics {
             HELD_BY_DEAD_LETTERS,
             "Rows waiting behind a parked row of their aggregate (on_park = \"hold\"); replay or purge it to release them.",
         );
+        let slot_retained = gauge(
+            SLOT_RETAINED,
+            "capture = \"wal\": WAL the source's replication slot keeps from removal (current position - restart_lsn).",
+        );
+        let slot_lag = gauge(
+            SLOT_LAG,
+            "capture = \"wal\": WAL written since the slot's confirmed position (current position - confirmed_flush_lsn).",
+        );
+        let slot_active = gauge(
+            SLOT_ACTIVE,
+            "capture = \"wal\": 1 while a session (this relay or another) streams from the slot, 0 when none does, -1 when the slot is missing or unusable.",
+        );
         let rebalances = register(
             &r,
             IntCounterVec::new(
@@ -383,12 +413,25 @@ impl Metrics {
             relays,
             held,
             held_dead,
+            slot_retained,
+            slot_lag,
+            slot_active,
             broker,
         }
     }
 
     pub fn broker(&self) -> BrokerMetrics {
         self.broker.clone()
+    }
+
+    /// The slot series of a `capture = "wal"` source (created only for those).
+    pub fn slot(&self, name: &str) -> SlotMetrics {
+        let l = &[name];
+        SlotMetrics {
+            retained: self.slot_retained.with_label_values(l),
+            lag: self.slot_lag.with_label_values(l),
+            active: self.slot_active.with_label_values(l),
+        }
     }
 
     /// Creates (at 0) and returns the series of one source.

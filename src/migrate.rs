@@ -1,5 +1,8 @@
 //! `outboxd migrate`: create the outbox table, its indexes and its NOTIFY
-//! trigger in every source database, from `sql/outbox.sql`.
+//! trigger in every source database, from `sql/outbox.sql`; for a
+//! `capture = "wal"` source also its publication, `outbox_emit()` and its
+//! replication slot, from `sql/wal.sql`. Slots are made here only, never
+//! by `run`.
 //!
 //! The same file works with psql by hand. psql fills in its `:"var"`
 //! placeholders; here we do the same substitution ourselves, with names
@@ -7,11 +10,18 @@
 
 use tracing::info;
 
-use crate::config::{Config, SourceConfig};
+use crate::config::{Config, SourceConfig, WalCapture};
 use crate::ident::{quote_ident, quote_literal};
 use crate::source::ConnectError;
 
 const SQL: &str = include_str!("../sql/outbox.sql");
+const WAL_SQL: &str = include_str!("../sql/wal.sql");
+/// Where `sql/wal.sql` turns to the slot, which must be created outside
+/// the transaction that wrote the rest.
+const SLOT_MARK: &str = "-- outboxd: slot";
+/// Creating a slot waits for every transaction with an xid that is already
+/// running; a forgotten open transaction must not hang `migrate`.
+const SLOT_TIMEOUT: &str = "60s";
 
 /// Why `migrate` stopped at a source; the cause is the source of the
 /// error (tokio-postgres keeps the server's own message one level further).
@@ -24,6 +34,18 @@ pub enum MigrateError {
         #[source]
         source: ConnectError,
     },
+    #[error(
+        "migrate failed for source {source_name:?} ({database}): cannot create replication slot {slot:?} \
+         (it needs wal_level = logical, a free max_replication_slots entry, and waits for transactions \
+         already running to end, at most {SLOT_TIMEOUT}): {source}"
+    )]
+    Slot {
+        source_name: String,
+        database: String,
+        slot: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
     #[error("migrate failed for source {source_name:?} ({database}): {source}")]
     Sql {
         source_name: String,
@@ -35,6 +57,24 @@ pub enum MigrateError {
 
 /// The migration script for one source, with every placeholder filled in.
 pub fn render(source: &SourceConfig) -> String {
+    fill(SQL, &table_vars(source))
+}
+
+/// `sql/wal.sql` for a `capture = "wal"` source: what goes in the
+/// migration's transaction, and the slot's statement to run after it.
+pub fn render_wal(source: &SourceConfig, wal: &WalCapture) -> (String, String) {
+    let mut vars = table_vars(source);
+    vars.push(("publication", wal.publication.clone()));
+    vars.push(("slot", wal.slot.clone()));
+    let sql = fill(WAL_SQL, &vars);
+    match sql.split_once(SLOT_MARK) {
+        Some((body, slot)) => (body.to_owned(), slot.to_owned()),
+        // The mark is in the file this binary was built with (a test says so).
+        None => (sql, String::new()),
+    }
+}
+
+fn table_vars(source: &SourceConfig) -> Vec<(&'static str, String)> {
     let t = &source.table;
     let vars = [
         ("schema", t.schema.clone()),
@@ -52,14 +92,18 @@ pub fn render(source: &SourceConfig) -> String {
         ("dead_table", t.derived("_dead")),
         ("channel", source.notify_channel.clone()),
     ];
-    let mut out = String::with_capacity(SQL.len());
-    for line in SQL.lines() {
+    vars.to_vec()
+}
+
+fn fill(sql: &str, vars: &[(&str, String)]) -> String {
+    let mut out = String::with_capacity(sql.len());
+    for line in sql.lines() {
         // psql meta-commands (\if, \set) only compute the defaults we fill in here.
         if line.starts_with('\\') {
             continue;
         }
         let mut line = line.to_owned();
-        for (name, value) in &vars {
+        for (name, value) in vars {
             line = line.replace(&format!(":\"{name}\""), &quote_ident(value));
             line = line.replace(&format!(":'{name}'"), &quote_literal(value));
         }
@@ -79,6 +123,14 @@ pub async fn run(config: &Config) -> Result<(), MigrateError> {
             channel = %source.notify_channel,
             "outbox table, indexes and trigger are in place"
         );
+        if let Some(w) = source.capture.wal() {
+            info!(
+                source = %source.name,
+                slot = %w.slot,
+                publication = %w.publication,
+                "publication, outbox_emit() and replication slot are in place"
+            );
+        }
     }
     Ok(())
 }
@@ -91,12 +143,16 @@ async fn migrate_one(source: &SourceConfig) -> Result<(), MigrateError> {
             database: source.database_display.clone(),
             source: e,
         })?;
+    let wal = source.capture.wal().map(|w| render_wal(source, w));
     let result = async {
         let tx = client.transaction().await?;
         // "already exists, skipping" notices are the expected case on a re-run.
         tx.batch_execute("SET LOCAL client_min_messages = warning")
             .await?;
         tx.batch_execute(&render(source)).await?;
+        if let Some(wal) = &wal {
+            tx.batch_execute(&wal.0).await?;
+        }
         tx.commit().await
     }
     .await
@@ -105,8 +161,21 @@ async fn migrate_one(source: &SourceConfig) -> Result<(), MigrateError> {
         database: source.database_display.clone(),
         source: e,
     });
-    drop(client);
-    result
+    result?;
+    if let (Some((_, slot_sql)), Some(w)) = (&wal, source.capture.wal()) {
+        client
+            .batch_execute(&format!(
+                "SET statement_timeout = '{SLOT_TIMEOUT}'; {slot_sql}; RESET statement_timeout"
+            ))
+            .await
+            .map_err(|e| MigrateError::Slot {
+                source_name: source.name.clone(),
+                database: source.database_display.clone(),
+                slot: w.slot.clone(),
+                source: e,
+            })?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -122,6 +191,26 @@ mod tests {
         }
         let config = Config::from_toml(&text, &|_| None).unwrap();
         config.sources.into_iter().next().unwrap()
+    }
+
+    #[test]
+    fn the_wal_script_splits_at_the_slot_and_fills_its_names() {
+        let text = "[rabbitmq]\nurl = \"amqp://127.0.0.1\"\n[[source]]\nname = \"Orders\"\n\
+                    database_url = \"postgres://u@h/db\"\ncapture = \"wal\"\n";
+        let config = Config::from_toml(text, &|_| None).unwrap();
+        let source = &config.sources[0];
+        let wal = source.capture.wal().expect("a wal source");
+        let (body, slot) = render_wal(source, wal);
+        assert!(!body.contains(":'") && !slot.contains(":'"), "{body}{slot}");
+        assert!(body.contains("'outboxd_orders'"), "{body}");
+        assert!(
+            !body.contains("pg_create_logical_replication_slot"),
+            "{body}"
+        );
+        assert!(
+            slot.contains("pg_create_logical_replication_slot('outboxd_orders', 'pgoutput')"),
+            "{slot}"
+        );
     }
 
     #[test]

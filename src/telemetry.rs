@@ -13,8 +13,12 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
 
-/// lapin logs each returned message at WARN with its payload; we log our own line.
-const ALWAYS_OFF: &str = "lapin::returned_messages=off";
+/// lapin logs each returned message at WARN with its payload; we log our
+/// own line. pgwire-replication logs an ERROR each time a replication
+/// session ends with an error, which includes every "slot in use" a
+/// standing-by relay gets; the wal relay logs what it means instead.
+const ALWAYS_OFF: &str =
+    "lapin::returned_messages=off,pgwire_replication::client::tokio_client=off";
 
 /// Logging could not start.
 #[derive(Debug, thiserror::Error)]

@@ -25,7 +25,9 @@ use std::time::Duration;
 pub use invalid::{Invalid, NotOneOf};
 pub use rabbitmq::{AmqpTls, RabbitConfig};
 pub use secret::Secret;
-pub use source::{AfterPublish, OnPark, Ordering, SourceConfig};
+pub use source::{
+    AfterPublish, CaptureMode, OnPark, Ordering, SourceConfig, WalCapture, default_wal_name,
+};
 
 use interpolate::interpolate;
 use raw::RawConfig;

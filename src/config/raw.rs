@@ -74,4 +74,7 @@ pub struct RawSource {
     pub sslmode: Option<String>,
     pub sslrootcert: Option<String>,
     pub notify_channel: Option<String>,
+    pub capture: Option<String>,
+    pub slot: Option<String>,
+    pub publication: Option<String>,
 }

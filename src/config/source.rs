@@ -105,6 +105,80 @@ impl Ordering {
     }
 }
 
+/// How rows come in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CaptureMode {
+    /// Claim due rows from the table (NOTIFY and the poll interval wake
+    /// the relay).
+    Poll,
+    /// Read committed inserts (and `outbox_emit` messages) from the
+    /// write-ahead log through a logical replication slot, in commit order.
+    Wal(WalCapture),
+}
+
+/// `capture = "wal"`: the slot and publication `migrate` makes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WalCapture {
+    /// `[a-z0-9_]`, at most 63 bytes (the replication command takes it
+    /// unquoted).
+    pub slot: String,
+    pub publication: String,
+}
+
+impl CaptureMode {
+    pub fn wal(&self) -> Option<&WalCapture> {
+        match self {
+            CaptureMode::Wal(w) => Some(w),
+            CaptureMode::Poll => None,
+        }
+    }
+}
+
+/// `outboxd_<name>` with the name lowered to `[a-z0-9_]` (every other
+/// character becomes `_`): the default slot and publication name.
+pub fn default_wal_name(source: &str) -> String {
+    let lowered: String = source
+        .chars()
+        .map(|c| {
+            let c = c.to_ascii_lowercase();
+            if c.is_ascii_lowercase() || c.is_ascii_digit() {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("outboxd_{lowered}")
+}
+
+/// PostgreSQL identifiers (slot and publication names) are at most 63 bytes.
+const MAX_IDENT_BYTES: usize = 63;
+
+fn check_slot(name: &str) -> Result<(), Invalid> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_IDENT_BYTES
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if ok {
+        Ok(())
+    } else {
+        Err(Invalid::new(format!(
+            "{name:?} must be 1 to {MAX_IDENT_BYTES} characters of lower-case ASCII letters, digits and `_` (PostgreSQL's rule for replication slot names)"
+        )))
+    }
+}
+
+fn check_publication(name: &str) -> Result<(), Invalid> {
+    if name.is_empty() || name.len() > MAX_IDENT_BYTES || name.contains('\0') {
+        Err(Invalid::new(format!(
+            "{name:?} must be 1 to {MAX_IDENT_BYTES} bytes (a PostgreSQL identifier)"
+        )))
+    } else {
+        Ok(())
+    }
+}
+
 /// With `ordering = "aggregate"`: what the later rows of an aggregate do
 /// once one of its rows is parked in the dead-letter table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -155,6 +229,7 @@ pub struct SourceConfig {
     /// TLS to the database (`sslmode`, `sslrootcert`).
     pub tls: PgTls,
     pub notify_channel: String,
+    pub capture: CaptureMode,
 }
 
 /// Key paths for one source: `source[2].batch_size (source "billing")`.
@@ -196,8 +271,15 @@ impl Validator<'_> {
         out
     }
 
-    fn source(&mut self, keys: Keys, raw: RawSource) -> Option<SourceConfig> {
+    fn source(&mut self, keys: Keys, mut raw: RawSource) -> Option<SourceConfig> {
         let k = |f: &str| keys.key(f);
+        let raw_capture = RawCapture {
+            capture: raw.capture.take(),
+            slot: raw.slot.take(),
+            publication: raw.publication.take(),
+            ordering_set: raw.ordering.is_some(),
+            on_park_set: raw.on_park.is_some(),
+        };
         let name = match &keys.name {
             None => {
                 self.invalid(&k("name"), "missing; every source needs a unique name");
@@ -331,6 +413,7 @@ impl Validator<'_> {
                 format!("{c:?} must be 1 to {MAX_CHANNEL_BYTES} bytes (set notify_channel to a shorter name)"),
             );
         }
+        let capture = self.capture(&k, &keys, &raw_capture, &tls);
         let PgUrl {
             config: mut database,
             display: database_display,
@@ -365,8 +448,82 @@ impl Validator<'_> {
             max_message_bytes: max_message_bytes?,
             tls,
             notify_channel: notify_channel?,
+            capture: capture?,
         })
     }
+
+    /// `capture`, `slot` and `publication`.
+    fn capture(
+        &mut self,
+        k: &dyn Fn(&str) -> String,
+        keys: &Keys,
+        raw: &RawCapture,
+        tls: &Option<PgTls>,
+    ) -> Option<CaptureMode> {
+        let mode = self.string_opt(&k("capture"), raw.capture.clone());
+        match mode.as_deref() {
+            None | Some("poll") => {
+                for (key, value) in [("slot", &raw.slot), ("publication", &raw.publication)] {
+                    if value.is_some() {
+                        self.invalid(&k(key), "only applies with capture = \"wal\"");
+                    }
+                }
+                Some(CaptureMode::Poll)
+            }
+            Some("wal") => {
+                if raw.ordering_set {
+                    self.invalid(
+                        &k("ordering"),
+                        "does not apply with capture = \"wal\": the write-ahead log gives commit order, so every aggregate's rows go out in order",
+                    );
+                }
+                if raw.on_park_set {
+                    self.invalid(
+                        &k("on_park"),
+                        "does not apply with capture = \"wal\": a parked message does not hold back its aggregate (the log moves on; replay puts it back in the table, where the log sees it again)",
+                    );
+                }
+                if matches!(tls, Some(PgTls::Require | PgTls::VerifyFull { .. })) {
+                    self.invalid(
+                        &k("sslmode"),
+                        "capture = \"wal\" cannot use TLS to PostgreSQL yet (its replication connection is plain); use capture = \"poll\" for this source, or reach the database over a trusted network",
+                    );
+                }
+                let default = keys.name.as_deref().map(default_wal_name);
+                let slot = self
+                    .string_opt(&k("slot"), raw.slot.clone())
+                    .or(default.clone());
+                let slot = slot.and_then(|s| self.check(&k("slot"), check_slot(&s)).map(|()| s));
+                let publication = self
+                    .string_opt(&k("publication"), raw.publication.clone())
+                    .or(default);
+                let publication = publication.and_then(|p| {
+                    self.check(&k("publication"), check_publication(&p))
+                        .map(|()| p)
+                });
+                Some(CaptureMode::Wal(WalCapture {
+                    slot: slot?,
+                    publication: publication?,
+                }))
+            }
+            Some(other) => {
+                self.invalid(
+                    &k("capture"),
+                    format!("must be \"poll\" or \"wal\", got {other:?}"),
+                );
+                None
+            }
+        }
+    }
+}
+
+/// The keys that choose how rows come in, taken out of the raw source.
+struct RawCapture {
+    capture: Option<String>,
+    slot: Option<String>,
+    publication: Option<String>,
+    ordering_set: bool,
+    on_park_set: bool,
 }
 
 impl Validator<'_> {

@@ -53,18 +53,11 @@ pub fn sql(config: &SourceConfig) -> String {
 
 /// Sets `outboxd_pending_messages` and `outboxd_oldest_pending_age_seconds`
 /// from one run of [`sql`] (run by the listener, on its connection).
-pub fn record(source: &Source, result: Result<Row, tokio_postgres::Error>) {
-    let decoded = result.and_then(|row| {
-        Ok((
-            row.try_get::<_, i64>(0)?,
-            row.try_get::<_, f64>(1)?,
-            row.try_get::<_, i64>(2)?,
-            row.try_get::<_, i64>(3)?,
-            row.try_get::<_, i64>(4)?,
-            row.try_get::<_, f64>(5)?,
-            row.try_get::<_, i64>(6)?,
-        ))
-    });
+pub fn record<E: std::error::Error>(source: &Source, result: Result<Row, E>) {
+    let decoded = match result {
+        Ok(row) => gauges(&row).map_err(|e| ErrorChain(&e).to_string()),
+        Err(e) => Err(ErrorChain(&e).to_string()),
+    };
     match decoded {
         Ok((count, age, dead, held, held_dead, sendable_age, unclaimable)) => {
             let before = source.metrics.unclaimable.get();
@@ -95,7 +88,21 @@ pub fn record(source: &Source, result: Result<Row, tokio_postgres::Error>) {
         Err(err) => {
             // The relay loop reports the database's state; this is only a gauge.
             source.metrics.error(SourceError::BacklogQuery).inc();
-            debug!(source = %source.config.name, error = %ErrorChain(&err), "backlog query failed");
+            debug!(source = %source.config.name, error = %err, "backlog query failed");
         }
     }
+}
+
+type Gauges = (i64, f64, i64, i64, i64, f64, i64);
+
+fn gauges(row: &Row) -> Result<Gauges, tokio_postgres::Error> {
+    Ok((
+        row.try_get(0)?,
+        row.try_get(1)?,
+        row.try_get(2)?,
+        row.try_get(3)?,
+        row.try_get(4)?,
+        row.try_get(5)?,
+        row.try_get(6)?,
+    ))
 }

@@ -21,6 +21,22 @@ pub struct SourceHealth {
     ownership: Mutex<(Vec<i32>, i32)>,
     /// What the last backlog query found of rows the relay cannot move.
     stuck: Mutex<Stuck>,
+    /// `capture = "wal"`: the slot as last looked at; `None` for polling.
+    slot: Mutex<Option<SlotState>>,
+    /// `capture = "wal"`: this relay streams from the slot (else it
+    /// stands by, or cannot start).
+    streaming: AtomicBool,
+}
+
+/// A `capture = "wal"` source's replication slot, for `/readyz`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SlotState {
+    pub slot: String,
+    /// Why the slot cannot be used (missing, lost, unreserved, wrong
+    /// plugin); `None` while it can.
+    pub problem: Option<String>,
+    /// Some session streams from it (this relay or another).
+    pub active: bool,
 }
 
 /// Rows a source holds that it cannot move on its own, for `/readyz`: a
@@ -48,6 +64,8 @@ impl SourceHealth {
             last_error: Mutex::new(None),
             ownership: Mutex::new((Vec::new(), 0)),
             stuck: Mutex::new(Stuck::default()),
+            slot: Mutex::new(None),
+            streaming: AtomicBool::new(false),
         }
     }
 
@@ -121,6 +139,31 @@ impl SourceHealth {
 
     pub fn stuck(&self) -> Stuck {
         *self.stuck.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn set_slot(&self, slot: SlotState) {
+        *self.slot.lock().unwrap_or_else(PoisonError::into_inner) = Some(slot);
+    }
+
+    pub fn slot(&self) -> Option<SlotState> {
+        self.slot
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    pub fn set_streaming(&self, streaming: bool) {
+        self.streaming.store(streaming, Ordering::Relaxed);
+    }
+
+    pub fn streaming(&self) -> bool {
+        self.streaming.load(Ordering::Relaxed)
+    }
+
+    /// Whether `/readyz` may count the source as ready: its database is up
+    /// and, for `capture = "wal"`, its slot usable.
+    pub fn ready(&self) -> bool {
+        self.db_up() && self.slot().is_none_or(|s| s.problem.is_none())
     }
 }
 

@@ -24,3 +24,4 @@ mod sources;
 mod stuck;
 mod tls_peers;
 mod wakeup;
+mod wal;

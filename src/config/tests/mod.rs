@@ -35,6 +35,7 @@ fn with_rabbit_line(line: &str) -> String {
     MINIMAL.replace("[rabbitmq]\n", &format!("[rabbitmq]\n{line}\n"))
 }
 
+mod capture;
 mod defaults;
 mod mistakes;
 mod properties;

@@ -132,6 +132,37 @@ impl Drop for TestDb {
                         tokio_postgres::connect(&format!("{PG_URL}/postgres"), NoTls).await
                     {
                         tokio::spawn(conn);
+                        // A database with a replication slot cannot be
+                        // dropped (FORCE does not drop slots): end the
+                        // slots' sessions and drop them first.
+                        let _ = client
+                            .execute(
+                                "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots \
+                                 WHERE database = $1 AND active_pid IS NOT NULL",
+                                &[&name],
+                            )
+                            .await;
+                        for _ in 0..50 {
+                            let dropped = client
+                                .execute(
+                                    "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+                                     WHERE database = $1 AND NOT active",
+                                    &[&name],
+                                )
+                                .await;
+                            let left = client
+                                .query_one(
+                                    "SELECT count(*) FROM pg_replication_slots WHERE database = $1",
+                                    &[&name],
+                                )
+                                .await
+                                .map(|r| r.get::<_, i64>(0))
+                                .unwrap_or(0);
+                            if dropped.is_ok() && left == 0 {
+                                break;
+                            }
+                            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                        }
                         let _ = client
                             .batch_execute(&format!(
                                 "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"

@@ -1,0 +1,82 @@
+//! `capture`, `slot` and `publication`: defaults, names, and the keys that
+//! mean nothing with the log.
+
+use super::*;
+use crate::config::{CaptureMode, WalCapture, default_wal_name};
+
+fn capture_of(text: &str) -> CaptureMode {
+    load(text).expect("valid").sources[0].capture.clone()
+}
+
+#[test]
+fn polling_is_the_default() {
+    assert_eq!(capture_of(MINIMAL), CaptureMode::Poll);
+    assert_eq!(
+        capture_of(&with_source_line("capture = \"poll\"")),
+        CaptureMode::Poll
+    );
+}
+
+#[test]
+fn wal_names_default_from_the_source_name() {
+    assert_eq!(
+        capture_of(&with_source_line("capture = \"wal\"")),
+        CaptureMode::Wal(WalCapture {
+            slot: "outboxd_orders".into(),
+            publication: "outboxd_orders".into(),
+        })
+    );
+    assert_eq!(default_wal_name("Billing-EU.v2"), "outboxd_billing_eu_v2");
+    let set = capture_of(&with_source_line(
+        "capture = \"wal\"\nslot = \"s_1\"\npublication = \"Pub One\"",
+    ));
+    assert_eq!(
+        set,
+        CaptureMode::Wal(WalCapture {
+            slot: "s_1".into(),
+            publication: "Pub One".into(),
+        })
+    );
+}
+
+#[test]
+fn wal_mistakes_name_their_key() {
+    let cases: [(&str, &[&str]); 7] = [
+        (
+            "capture = \"cdc\"",
+            &["source[0].capture", "\"poll\" or \"wal\"", "\"cdc\""],
+        ),
+        (
+            "slot = \"s\"",
+            &["source[0].slot", "only applies with capture = \"wal\""],
+        ),
+        (
+            "publication = \"p\"",
+            &["source[0].publication", "only applies with capture"],
+        ),
+        (
+            "capture = \"wal\"\nslot = \"Bad-Slot\"",
+            &["source[0].slot", "lower-case ASCII letters, digits and `_`"],
+        ),
+        (
+            "capture = \"wal\"\nordering = \"none\"",
+            &["source[0].ordering", "commit order"],
+        ),
+        (
+            "capture = \"wal\"\non_park = \"hold\"",
+            &["source[0].on_park", "does not hold back its aggregate"],
+        ),
+        (
+            "capture = \"wal\"\nsslmode = \"require\"",
+            &["source[0].sslmode", "cannot use TLS to PostgreSQL yet"],
+        ),
+    ];
+    for (line, wanted) in cases {
+        let message = err(&with_source_line(line));
+        for w in wanted {
+            assert!(message.contains(w), "{line}: {w:?} not in {message}");
+        }
+    }
+    let long = format!("capture = \"wal\"\nslot = \"{}\"", "s".repeat(64));
+    assert!(err(&with_source_line(&long)).contains("1 to 63 characters"));
+}

@@ -1,0 +1,108 @@
+//! Every `metrics.backlog_interval`, for a `capture = "wal"` source: the
+//! slot's gauges and state (for `/readyz`), and the table's backlog gauges
+//! (the same query as for polling). On a pooled connection; a failure
+//! only leaves the gauges as they were (and is counted).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::config::WalCapture;
+use crate::metrics::{SlotMetrics, SourceError};
+use crate::source::health::SlotState;
+use crate::source::{Source, backlog, step};
+use crate::telemetry::ErrorChain;
+
+/// The slot, as PostgreSQL sees it. Positions as bigint bytes.
+const SLOT_SQL: &str = "SELECT s.active, s.wal_status, s.plugin, \
+        (pg_current_wal_lsn() - s.restart_lsn)::bigint, \
+        (pg_current_wal_lsn() - s.confirmed_flush_lsn)::bigint \
+    FROM pg_catalog.pg_replication_slots s \
+    WHERE s.slot_name = $1 AND s.database = current_database()";
+
+pub async fn run(
+    source: Arc<Source>,
+    wal: WalCapture,
+    slot: SlotMetrics,
+    interval: Duration,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_problem: Option<String> = None;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let client = match step("take a connection", source.pool.get()).await {
+            Ok(c) => c,
+            Err(err) => {
+                source.metrics.error(SourceError::BacklogQuery).inc();
+                debug!(source = %source.config.name, error = %ErrorChain(&err), "slot and backlog query: no connection");
+                continue;
+            }
+        };
+        let backlog = step(
+            "backlog query",
+            client.query_one(&source.queries.backlog, &[]),
+        )
+        .await;
+        backlog::record(&source, backlog);
+        let row = step("slot query", client.query_opt(SLOT_SQL, &[&wal.slot])).await;
+        let state = match row {
+            Err(err) => {
+                source.metrics.error(SourceError::BacklogQuery).inc();
+                debug!(source = %source.config.name, error = %ErrorChain(&err), "slot query failed");
+                continue;
+            }
+            Ok(None) => {
+                slot.active.set(-1);
+                slot.retained.set(0);
+                slot.lag.set(0);
+                SlotState {
+                    slot: wal.slot.clone(),
+                    problem: Some(
+                        "missing: the replication slot does not exist (`outboxd migrate` makes it)"
+                            .into(),
+                    ),
+                    active: false,
+                }
+            }
+            Ok(Some(r)) => {
+                let active: bool = r.try_get(0).unwrap_or(false);
+                let wal_status: Option<String> = r.try_get(1).unwrap_or(None);
+                let plugin: Option<String> = r.try_get(2).unwrap_or(None);
+                let retained: Option<i64> = r.try_get(3).unwrap_or(None);
+                let lag: Option<i64> = r.try_get(4).unwrap_or(None);
+                slot.retained.set(retained.unwrap_or(0));
+                slot.lag.set(lag.unwrap_or(0));
+                let problem = match (wal_status.as_deref(), plugin.as_deref()) {
+                    (Some("lost"), _) => Some("lost: the WAL the slot needs was removed (max_slot_wal_keep_size); drop it and run `outboxd migrate` to make a new one".to_owned()),
+                    (Some("unreserved"), _) => Some("unreserved: the slot is about to lose WAL it needs (max_slot_wal_keep_size)".to_owned()),
+                    (_, Some(p)) if p != "pgoutput" => Some(format!("the slot uses plugin {p:?}, not pgoutput")),
+                    _ => None,
+                };
+                slot.active.set(if problem.is_some() {
+                    -1
+                } else {
+                    i64::from(active)
+                });
+                SlotState {
+                    slot: wal.slot.clone(),
+                    problem,
+                    active,
+                }
+            }
+        };
+        if state.problem != last_problem {
+            if let Some(p) = &state.problem {
+                warn!(source = %source.config.name, slot = %wal.slot, problem = %p, "the replication slot cannot be used; /readyz reports it");
+            }
+            last_problem = state.problem.clone();
+        }
+        source.health.set_slot(state);
+    }
+}
