@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite: formatting, lints, unit tests and the integration
-# tests against the real PostgreSQL and RabbitMQ (started if needed), then
+# tests against the real PostgreSQL and RabbitMQ (started if needed) and a
+# real Prometheus (tests/integration/monitoring.rs: promtool on the alert
+# rules and their unit tests, on a real scrape, and a Prometheus server per
+# test on a free loopback port; installed if needed), then
 # the ordering tests (several relays and producers each) and the outage
 # tests (which restart and reconfigure those services), each on their own,
 # one at a time.
@@ -8,6 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/services.sh
+scripts/prometheus.sh
 # fmt and clippy cover every workspace member (outboxd and bench/); the
 # tests below are the outboxd package's (the root, the default member).
 cargo fmt --all --check

@@ -1,10 +1,12 @@
-//! The command line: `outboxd run | migrate | check --config PATH`.
+//! The command line: `outboxd run | migrate | check | dead-letters --config
+//! PATH`, and `outboxd health [--url URL]`, which reads no config.
 
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::{LogFormat, NotOneOf};
+use crate::health::{self, HealthUrl};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -23,6 +25,19 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    #[command(flatten)]
+    WithConfig(ConfigCommand),
+    /// Ask a running relay's /healthz: exit 0 if it answers 200, 1 otherwise (for Docker's HEALTHCHECK).
+    Health {
+        /// The relay's metrics address (metrics.listen); /healthz is appended.
+        #[arg(long, env = "OUTBOXD_HEALTH_URL", value_name = "URL", default_value = health::DEFAULT_URL)]
+        url: HealthUrl,
+    },
+}
+
+/// The commands that read a config file.
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
     /// Run the relay until SIGTERM, SIGINT or SIGHUP (each drains, then exits; no reload).
     Run(ConfigArg),
     /// Create the outbox table, indexes and NOTIFY trigger in every source database (idempotent).
@@ -93,11 +108,13 @@ fn parse_log_format(s: &str) -> Result<LogFormat, NotOneOf> {
     s.parse()
 }
 
-impl Command {
+impl ConfigCommand {
     pub fn config_path(&self) -> &std::path::Path {
         match self {
-            Command::Run(a) | Command::Migrate(a) | Command::Check(a) => &a.config,
-            Command::DeadLetters(
+            ConfigCommand::Run(a) | ConfigCommand::Migrate(a) | ConfigCommand::Check(a) => {
+                &a.config
+            }
+            ConfigCommand::DeadLetters(
                 DeadLetters::List { config, .. }
                 | DeadLetters::Replay { config, .. }
                 | DeadLetters::Purge { config, .. },

@@ -5,9 +5,10 @@
 use clap::Parser as _;
 use tokio_util::sync::CancellationToken;
 
-use crate::cli::{Cli, Command, DeadLetters, Which};
-use crate::config::{Config, ConfigError};
+use crate::cli::{Cli, Command, ConfigCommand, DeadLetters, Which};
+use crate::config::{Config, ConfigError, LogFormat};
 use crate::dead_letters::{self, DeadLetterError, Selection};
+use crate::health::{self, HealthError, HealthUrl};
 use crate::telemetry::ErrorChain;
 use crate::{app, check, migrate, shutdown, telemetry};
 
@@ -30,6 +31,8 @@ pub enum Error {
     DeadLetters(#[from] DeadLetterError),
     #[error("{0} check(s) failed")]
     Check(usize),
+    #[error("not healthy: {0}")]
+    Unhealthy(#[source] HealthError),
 }
 
 impl Error {
@@ -46,7 +49,8 @@ impl Error {
             | Error::Run(_)
             | Error::Migrate(_)
             | Error::DeadLetters(_)
-            | Error::Check(_) => 1,
+            | Error::Check(_)
+            | Error::Unhealthy(_) => 1,
         }
     }
 
@@ -75,25 +79,37 @@ pub fn main() -> Result<(), Error> {
         .block_on(run(cli))
 }
 
-/// Runs one parsed command: signals first (for `run`), then the config,
-/// then logging, then the command.
+/// Runs one parsed command.
 pub async fn run(cli: Cli) -> Result<(), Error> {
+    match cli.command {
+        Command::WithConfig(command) => run_with_config(command, cli.log_format).await,
+        // No config and no logging: it only asks a running relay.
+        Command::Health { url } => health_command(&url).await,
+    }
+}
+
+/// Runs a command that reads the config: signals first (for `run`), then
+/// the config, then logging, then the command.
+async fn run_with_config(
+    command: ConfigCommand,
+    log_format: Option<LogFormat>,
+) -> Result<(), Error> {
     // Signal handlers first: as PID 1, an unhandled SIGTERM is ignored.
-    let drain = match &cli.command {
-        Command::Run(_) => Some(shutdown::install().map_err(Error::Signals)?),
+    let drain = match &command {
+        ConfigCommand::Run(_) => Some(shutdown::install().map_err(Error::Signals)?),
         _ => None,
     };
-    let path = cli.command.config_path().to_owned();
+    let path = command.config_path().to_owned();
     let config = Config::load(&path)?;
-    let format = cli.log_format.unwrap_or(config.log.format);
+    let format = log_format.unwrap_or(config.log.format);
     telemetry::init(format, &config.log.level)?;
-    match cli.command {
-        Command::Run(_) => {
+    match command {
+        ConfigCommand::Run(_) => {
             app::run(config, drain.unwrap_or_else(CancellationToken::new)).await?;
         }
-        Command::Migrate(_) => migrate::run(&config).await?,
-        Command::DeadLetters(action) => dead_letters_command(&config, action).await?,
-        Command::Check(_) => {
+        ConfigCommand::Migrate(_) => migrate::run(&config).await?,
+        ConfigCommand::DeadLetters(action) => dead_letters_command(&config, action).await?,
+        ConfigCommand::Check(_) => {
             let failures =
                 check::run(&config, &path.display().to_string(), std::io::stdout()).await;
             if failures > 0 {
@@ -101,6 +117,12 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
             }
         }
     }
+    Ok(())
+}
+
+async fn health_command(url: &HealthUrl) -> Result<(), Error> {
+    health::check(url).await.map_err(Error::Unhealthy)?;
+    println!("healthy: {url} answered 200");
     Ok(())
 }
 

@@ -23,7 +23,8 @@
 //! wires one relay per configured source, the broker connection and the
 //! HTTP endpoints in [`admin`]; [`commands`] runs each subcommand and
 //! maps its error to the exit code. [`config`] loads and validates the
-//! TOML file.
+//! TOML file. [`health`] is the client side of `/healthz`, for `outboxd
+//! health` (a container's health check).
 
 pub mod admin;
 pub mod app;
@@ -33,6 +34,7 @@ pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod dead_letters;
+pub mod health;
 pub mod ident;
 pub mod message;
 pub mod metrics;

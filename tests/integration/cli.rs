@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use crate::support::broker::TestBroker;
 use crate::support::db::TestDb;
-use crate::support::relay::{Relay, SourceSpec, config, run_to_end, simple_config};
+use crate::support::relay::{BIN, Relay, SourceSpec, config, run_to_end, simple_config};
 use crate::support::{AMQP_URL, unique};
 
 #[tokio::test]
@@ -289,4 +289,49 @@ fn check_waits_for_silent_database_hosts_concurrently_and_reports_them_in_order(
     }
     println!("check gave up on three silent hosts after {took:?}");
     drop(silent);
+}
+
+/// `outboxd health --url URL`: (exit code, stdout, stderr).
+fn health(url: &str) -> (Option<i32>, String, String) {
+    let out = std::process::Command::new(BIN)
+        .args(["health", "--url", url])
+        .env_remove("OUTBOXD_HEALTH_URL")
+        .env_remove("OUTBOXD_LOG_FORMAT")
+        .output()
+        .expect("run outboxd health");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn health_exits_0_for_a_running_relay_and_1_for_a_closed_port() {
+    let db = TestDb::migrated("obx_health").await;
+    let broker = TestBroker::new("#").await;
+    let relay = Relay::start(&simple_config(&db.url, &broker.exchange)).await;
+    let (code, out, err) = health(&format!("http://{}", relay.admin));
+    assert_eq!(code, Some(0), "stdout: {out}\nstderr: {err}");
+    assert!(
+        out.contains(&format!("http://{}/healthz answered 200", relay.admin)),
+        "{out}"
+    );
+
+    // Bound, then released: nothing listens there.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port");
+    let (code, out, err) = health(&format!("http://{closed}"));
+    assert_eq!(code, Some(1), "stdout: {out}\nstderr: {err}");
+    assert!(
+        err.contains(&format!(
+            "not healthy: cannot connect to http://{closed}/healthz"
+        )),
+        "{err}"
+    );
+
+    // A URL it cannot use is bad usage, like any bad argument.
+    let (code, _, err) = health("https://127.0.0.1:9187");
+    assert_eq!(code, Some(2), "{err}");
 }

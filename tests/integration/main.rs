@@ -13,6 +13,7 @@ mod delivery;
 mod failures;
 mod held;
 mod hostile;
+mod monitoring;
 mod outage;
 mod partition_locks;
 mod pipelined;

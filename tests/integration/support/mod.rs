@@ -1,6 +1,7 @@
 //! Test support: a database per test, an exchange and queue per test, the
 //! real `outboxd` binary in a child process, a TCP proxy that can cut
-//! connections, and a bounded wait in place of sleeps.
+//! connections, a real Prometheus server, and a bounded wait in place of
+//! sleeps.
 
 #![allow(dead_code)] // each test file uses its own subset
 
@@ -8,6 +9,7 @@ pub mod aggregates;
 pub mod broker;
 pub mod db;
 pub mod http;
+pub mod prometheus;
 pub mod proxy;
 pub mod relay;
 
