@@ -15,7 +15,7 @@ use crate::support::broker::TestBroker;
 use crate::support::db::TestDb;
 use crate::support::prometheus::{TestPrometheus, promtool, repo_file};
 use crate::support::proxy::Proxy;
-use crate::support::relay::{Relay, SourceSpec, config};
+use crate::support::relay::{Relay, SourceSpec, config, run_to_end};
 use crate::support::{AMQP_HOST, eventually};
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -194,21 +194,36 @@ async fn a_real_scrape_passes_promtool_and_has_every_metric_the_rules_and_dashbo
     let broker = TestBroker::new("#").await;
     let proxy = Proxy::start(AMQP_HOST).await;
     let relay = relay_with_traffic(&db, &broker, &proxy, 50).await;
+    // A capture = "wal" source exports the slot series, which only such
+    // sources have: a relay with one of those scraped too.
+    let wal_db = TestDb::empty("obx_promlint_wal").await;
+    let wal_cfg = config(
+        crate::support::AMQP_URL,
+        &[SourceSpec::new(&wal_db.name, &wal_db.url, &broker.exchange).set("capture", "\"wal\"")],
+    );
+    let (code, _, err) = run_to_end(&["migrate"], &wal_cfg);
+    assert_eq!(code, Some(0), "migrate: {err}");
+    let wal_relay = Relay::start(&wal_cfg).await;
+    let slot_active = format!("outboxd_slot_active{{source=\"{}\"}}", wal_db.name);
+    wal_relay.wait_metric(&slot_active, 1.0, WAIT).await;
     let scrape = relay.metrics().await;
+    let wal_scrape = wal_relay.metrics().await;
     assert!(
         scrape.contains("outboxd_messages_published_total{source=\"orders\"} 50"),
         "{scrape}"
     );
 
-    let lint = promtool(&["check", "metrics"], &scrape);
-    assert!(
-        lint.status.success() && text(&lint).trim().is_empty(),
-        "promtool check metrics:\n{}",
-        text(&lint)
-    );
+    for one in [&scrape, &wal_scrape] {
+        let lint = promtool(&["check", "metrics"], one);
+        assert!(
+            lint.status.success() && text(&lint).trim().is_empty(),
+            "promtool check metrics:\n{}",
+            text(&lint)
+        );
+    }
 
     let mut exported = BTreeSet::new();
-    for line in scrape.lines() {
+    for line in scrape.lines().chain(wal_scrape.lines()) {
         if let Some(rest) = line.strip_prefix("# TYPE ") {
             let mut parts = rest.split(' ');
             let (Some(name), Some(kind)) = (parts.next(), parts.next()) else {
