@@ -47,6 +47,23 @@ pub enum ConfigCommand {
     /// List, replay or purge parked rows (the dead-letter table).
     #[command(subcommand)]
     DeadLetters(DeadLetters),
+    /// Replication slots of capture = "wal" sources.
+    #[command(subcommand)]
+    Slot(Slot),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Slot {
+    /// Drop a source's replication slot (without --yes: say what would be dropped and how much WAL it keeps).
+    Drop {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[arg(long)]
+        source: String,
+        /// Really drop it.
+        #[arg(long)]
+        yes: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -118,7 +135,8 @@ impl ConfigCommand {
                 DeadLetters::List { config, .. }
                 | DeadLetters::Replay { config, .. }
                 | DeadLetters::Purge { config, .. },
-            ) => &config.config,
+            )
+            | ConfigCommand::Slot(Slot::Drop { config, .. }) => &config.config,
         }
     }
 }

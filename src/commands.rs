@@ -5,7 +5,7 @@
 use clap::Parser as _;
 use tokio_util::sync::CancellationToken;
 
-use crate::cli::{Cli, Command, ConfigCommand, DeadLetters, Which};
+use crate::cli::{Cli, Command, ConfigCommand, DeadLetters, Slot, Which};
 use crate::config::{Config, ConfigError, LogFormat};
 use crate::dead_letters::{self, DeadLetterError, Selection};
 use crate::health::{self, HealthError, HealthUrl};
@@ -29,6 +29,8 @@ pub enum Error {
     Migrate(#[from] migrate::MigrateError),
     #[error(transparent)]
     DeadLetters(#[from] DeadLetterError),
+    #[error(transparent)]
+    Slot(#[from] crate::wal::slot::SlotError),
     #[error("{0} check(s) failed")]
     Check(usize),
     #[error("not healthy: {0}")]
@@ -49,6 +51,7 @@ impl Error {
             | Error::Run(_)
             | Error::Migrate(_)
             | Error::DeadLetters(_)
+            | Error::Slot(_)
             | Error::Check(_)
             | Error::Unhealthy(_) => 1,
         }
@@ -109,6 +112,12 @@ async fn run_with_config(
         }
         ConfigCommand::Migrate(_) => migrate::run(&config).await?,
         ConfigCommand::DeadLetters(action) => dead_letters_command(&config, action).await?,
+        ConfigCommand::Slot(Slot::Drop { source, yes, .. }) => {
+            println!(
+                "{}",
+                crate::wal::slot::drop_slot(&config, &source, yes).await?
+            );
+        }
         ConfigCommand::Check(_) => {
             let failures =
                 check::run(&config, &path.display().to_string(), std::io::stdout()).await;

@@ -9,6 +9,7 @@
 //! | [`ledger`] | which position the slot may move to |
 //! | [`relay`] | the source's loop: publish in commit order, move the slot, delete rows |
 //! | [`upkeep`] | the slot's gauges and state, and the table's backlog gauges |
+//! | [`slot`] | `outboxd slot drop` |
 //!
 //! The broker side is the same [`crate::sink::Publisher`] the polling
 //! relay uses.
@@ -17,5 +18,6 @@ pub mod decode;
 pub mod ledger;
 pub mod relay;
 pub mod row;
+pub mod slot;
 pub mod stream;
 pub mod upkeep;

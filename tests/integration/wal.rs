@@ -331,3 +331,51 @@ async fn a_dropped_slot_makes_the_source_unready_with_the_reason() {
     assert_eq!(code, Some(0), "{err}");
     relay.wait_ready(200, WAIT).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_reports_the_wal_setup_and_slot_drop_asks_for_yes() {
+    let broker = TestBroker::new("#").await;
+    let (db, cfg) = wal_source("obxw_check", &broker.exchange).await;
+    let (code, out, err) = run_to_end(&["check"], &cfg);
+    assert_eq!(code, Some(0), "{out}{err}");
+    for line in [
+        "wal_level: logical",
+        "replication role: \"root\" is a superuser",
+        &format!(
+            "publication: \"{}\" publishes the inserts of public.outbox",
+            slot(&db)
+        ),
+        &format!("slot: \"{}\" (pgoutput", slot(&db)),
+        "max_slot_wal_keep_size",
+    ] {
+        assert!(out.contains(line), "{line:?} not in:\n{out}");
+    }
+
+    let source = db.name.clone();
+    let (code, _, err) = run_to_end(&["slot", "drop", "--source", &source], &cfg);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("would drop slot") && err.contains("--yes"),
+        "{err}"
+    );
+    let (code, out, err) = run_to_end(&["slot", "drop", "--source", &source, "--yes"], &cfg);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("dropped slot"), "{out}");
+    let left: i64 = db
+        .client
+        .query_one(
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot(&db)],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0);
+    // Now check fails, naming the slot and what to do.
+    let (code, out, _) = run_to_end(&["check"], &cfg);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("does not exist; run `outboxd migrate`"),
+        "{out}"
+    );
+}
