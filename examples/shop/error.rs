@@ -22,12 +22,16 @@ pub struct Chain<'a>(pub &'a dyn std::error::Error);
 
 impl fmt::Display for Chain<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.0)?;
+        let mut text = self.0.to_string();
         let mut cause = self.0.source();
         while let Some(err) = cause {
-            write!(f, ": {err}")?;
+            // Some errors repeat their cause's message in their own.
+            let more = err.to_string();
+            if !text.contains(&more) {
+                text = format!("{text}: {more}");
+            }
             cause = err.source();
         }
-        Ok(())
+        f.write_str(&text)
     }
 }

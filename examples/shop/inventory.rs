@@ -49,10 +49,13 @@ async fn reserve(
             qty: paid.qty,
         })
     } else {
-        let available = tx
+        let available = match tx
             .query_opt("SELECT available FROM stock WHERE sku = $1", &[&paid.sku])
             .await?
-            .map_or(0, |row| row.get(0));
+        {
+            Some(row) => row.try_get(0)?,
+            None => 0,
+        };
         Event::OutOfStock(OutOfStock {
             order_id: paid.order_id.clone(),
             sku: paid.sku.clone(),

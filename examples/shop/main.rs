@@ -119,6 +119,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| "info,lapin=error,tokio_postgres=warn".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -195,7 +196,11 @@ async fn try_main(cli: Cli) -> Result<ExitCode, Error> {
             seed,
             concurrency,
         } => {
-            let pool = db::pool(&names.database_url(Service::Orders), concurrency.max(1))?;
+            let pool = db::pool(
+                &names.database_url(Service::Orders),
+                concurrency.max(1),
+                "shop-place",
+            )?;
             let started = Instant::now();
             let ids = orders::place_all(&pool, orders::mix(n, seed), concurrency).await?;
             println!(

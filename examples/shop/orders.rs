@@ -62,13 +62,13 @@ pub async fn place(pool: &Pool, order: &NewOrder) -> Result<String, Error> {
         )
         .await?
         .ok_or_else(|| Error::Other(format!("no product {:?}", order.sku)))?;
-    let order_id: String = row.get(0);
+    let order_id: String = row.try_get(0)?;
     let placed = Event::OrderPlaced(OrderPlaced {
         order_id: order_id.clone(),
         customer: order.customer.clone(),
         sku: order.sku.clone(),
         qty: order.qty,
-        amount: row.get(1),
+        amount: row.try_get(1)?,
     });
     outbox::emit(&tx, &placed).await?;
     tx.commit().await?;

@@ -58,13 +58,16 @@ async fn charge(tx: &Transaction<'_>, order: &OrderPlaced, message_id: &str) -> 
             amount: order.amount,
         })
     } else {
-        let balance = tx
+        let balance = match tx
             .query_opt(
                 "SELECT balance FROM accounts WHERE customer = $1",
                 &[&order.customer],
             )
             .await?
-            .map_or(0, |row| row.get(0));
+        {
+            Some(row) => row.try_get(0)?,
+            None => 0,
+        };
         Event::PaymentDeclined(PaymentDeclined {
             order_id: order.order_id.clone(),
             amount: order.amount,
@@ -90,7 +93,7 @@ async fn refund(tx: &Transaction<'_>, out: &OutOfStock, message_id: &str) -> Res
         );
         return Ok(());
     };
-    let (customer, amount): (String, i64) = (charge.get(0), charge.get(1));
+    let (customer, amount): (String, i64) = (charge.try_get(0)?, charge.try_get(1)?);
     tx.execute(
         "UPDATE accounts SET balance = balance + $2 WHERE customer = $1",
         &[&customer, &amount],

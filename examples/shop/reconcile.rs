@@ -93,15 +93,17 @@ pub async fn reconcile(names: &Names) -> Result<Report, Error> {
         )
         .await?
         .iter()
-        .map(|r| Order {
-            id: r.get(0),
-            sku: r.get(1),
-            qty: r.get(2),
-            amount: r.get(3),
-            status: r.get(4),
-            reason: r.get(5),
+        .map(|r| {
+            Ok::<_, tokio_postgres::Error>(Order {
+                id: r.try_get(0)?,
+                sku: r.try_get(1)?,
+                qty: r.try_get(2)?,
+                amount: r.try_get(3)?,
+                status: r.try_get(4)?,
+                reason: r.try_get(5)?,
+            })
         })
-        .collect();
+        .collect::<Result<_, _>>()?;
 
     let mut payments_db = read_only(names, Service::Payments).await?;
     let tx = snapshot(&mut payments_db).await?;
@@ -110,10 +112,10 @@ pub async fn reconcile(names: &Names) -> Result<Report, Error> {
         .query("SELECT order_id, kind, amount FROM ledger", &[])
         .await?
     {
-        let m = money.entry(r.get(0)).or_default();
-        match r.get::<_, &str>(1) {
-            "charge" => m.charges.push(r.get(2)),
-            "refund" => m.refunds.push(r.get(2)),
+        let m = money.entry(r.try_get(0)?).or_default();
+        match r.try_get::<_, &str>(1)? {
+            "charge" => m.charges.push(r.try_get(2)?),
+            "refund" => m.refunds.push(r.try_get(2)?),
             _ => m.declines += 1,
         }
     }
@@ -129,8 +131,13 @@ pub async fn reconcile(names: &Names) -> Result<Report, Error> {
         )
         .await?
     {
-        let (customer, opening, balance, charged, refunded): (String, i64, i64, i64, i64) =
-            (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4));
+        let (customer, opening, balance, charged, refunded): (String, i64, i64, i64, i64) = (
+            r.try_get(0)?,
+            r.try_get(1)?,
+            r.try_get(2)?,
+            r.try_get(3)?,
+            r.try_get(4)?,
+        );
         if opening - charged + refunded != balance {
             found(
                 format!("account {customer}"),
@@ -149,9 +156,9 @@ pub async fn reconcile(names: &Names) -> Result<Report, Error> {
         .query("SELECT order_id, outcome, sku, qty FROM reservations", &[])
         .await?
     {
-        let s = stock.entry(r.get(0)).or_default();
-        match r.get::<_, &str>(1) {
-            "reserved" => s.reserved.push((r.get(2), r.get(3))),
+        let s = stock.entry(r.try_get(0)?).or_default();
+        match r.try_get::<_, &str>(1)? {
+            "reserved" => s.reserved.push((r.try_get(2)?, r.try_get(3)?)),
             _ => s.out_of_stock += 1,
         }
     }
@@ -167,7 +174,7 @@ pub async fn reconcile(names: &Names) -> Result<Report, Error> {
         .await?
     {
         let (sku, initial, available, reserved): (String, i32, i32, i64) =
-            (r.get(0), r.get(1), r.get(2), r.get(3));
+            (r.try_get(0)?, r.try_get(1)?, r.try_get(2)?, r.try_get(3)?);
         if i64::from(initial) - reserved != i64::from(available) || available < 0 {
             found(
                 format!("product {sku}"),

@@ -107,7 +107,11 @@ pub async fn run(
     stats: Arc<Stats>,
     stop: CancellationToken,
 ) -> Result<(), Error> {
-    let pool = db::pool(&options.database_url, options.consumers + 1)?;
+    let pool = db::pool(
+        &options.database_url,
+        options.consumers + 1,
+        &format!("shop-{}", options.service),
+    )?;
     let service = options.service;
     let ctx = Arc::new(Ctx {
         options,

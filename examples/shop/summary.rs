@@ -70,7 +70,9 @@ impl Snapshot {
 
 async fn one<C: GenericClient>(client: &C, sql: &str) -> Result<Vec<i64>, Error> {
     let row = client.query_one(sql, &[]).await?;
-    Ok((0..row.len()).map(|i| row.get::<_, i64>(i)).collect())
+    Ok((0..row.len())
+        .map(|i| row.try_get::<_, i64>(i))
+        .collect::<Result<_, _>>()?)
 }
 
 async fn inbox_and_outbox<C: GenericClient>(client: &C) -> Result<(i64, i64, i64), Error> {
