@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite: formatting, lints, unit tests and the integration
 # tests against the real PostgreSQL and RabbitMQ (started if needed), then
+# the shop example's test (kill -9 of its relay, a cut consumer connection),
 # the ordering tests (several relays and producers each) and the outage
 # tests (which restart and reconfigure those services), each on their own,
 # one at a time.
@@ -13,6 +14,9 @@ scripts/services.sh
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo test --locked --lib --bins --test integration
+# The shop example under faults (kills its own relays; its own databases,
+# exchange and queues).
+cargo test --locked --test shop -- --test-threads=1
 cargo test --locked --test ordering -- --test-threads=1
 cargo test --locked --test outages -- --test-threads=1
 # The outage tests may leave a service restarting; leave both up.
