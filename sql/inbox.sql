@@ -15,6 +15,10 @@
 --
 -- Every statement is idempotent. The file is plain SQL (no psql variables),
 -- so a program can also run it as it is (the shop example does).
+--
+-- One inbox per consumer of a message: if one database holds two
+-- consumers that both get the same message (two queues bound to one
+-- event), give each its own inbox table, or key it by (consumer, message_id).
 
 CREATE TABLE IF NOT EXISTS inbox (
     message_id        text        PRIMARY KEY,    -- the AMQP message_id
