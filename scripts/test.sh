@@ -4,6 +4,7 @@
 # real Prometheus (tests/integration/monitoring.rs: promtool on the alert
 # rules and their unit tests, on a real scrape, and a Prometheus server per
 # test on a free loopback port; installed if needed), then
+# the shop example's test (kill -9 of its relay, a cut consumer connection),
 # the ordering tests (several relays and producers each) and the outage
 # tests (which restart and reconfigure those services), each on their own,
 # one at a time.
@@ -17,6 +18,9 @@ scripts/prometheus.sh
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo test --locked --lib --bins --test integration
+# The shop example under faults (kills its own relays; its own databases,
+# exchange and queues).
+cargo test --locked --test shop -- --test-threads=1
 cargo test --locked --test ordering -- --test-threads=1
 cargo test --locked --test outages -- --test-threads=1
 # The outage tests may leave a service restarting; leave both up.
