@@ -109,6 +109,7 @@ async fn readyz(State(state): State<Arc<AdminState>>) -> Response {
                     "problem": s.problem,
                     "slot_active": s.active,
                     "streaming_here": h.streaming(),
+                    "polling_table": h.polling(),
                 })),
             })
         })

@@ -82,10 +82,11 @@ pub async fn run(config: Config, drain: CancellationToken) -> Result<(), AppErro
         if let Some(wal) = cfg.capture.wal() {
             // The log wakes the relay and orders its rows: no listener, no
             // partitions. The slot's gauges and the table's backlog instead.
+            let slot_metrics = metrics.slot(&cfg.name);
             helpers.spawn(crate::wal::upkeep::run(
                 src.clone(),
                 wal.clone(),
-                metrics.slot(&cfg.name),
+                slot_metrics.clone(),
                 config.metrics.backlog_interval,
                 helpers_stop.clone(),
             ));
@@ -96,7 +97,7 @@ pub async fn run(config: Config, drain: CancellationToken) -> Result<(), AppErro
                     helpers_stop.clone(),
                 ));
             }
-            let relay = Arc::new(WalRelay::new(
+            let mut wal_relay = WalRelay::new(
                 cfg.clone(),
                 wal.clone(),
                 source_metrics,
@@ -106,8 +107,9 @@ pub async fn run(config: Config, drain: CancellationToken) -> Result<(), AppErro
                     broker.clone(),
                     config.rabbitmq.confirm_timeout,
                 )),
-            ));
-            relays.spawn(relay.run(drain.clone(), abort.clone()));
+            );
+            wal_relay.polling = Some(slot_metrics.polling);
+            relays.spawn(Arc::new(wal_relay).run(drain.clone(), abort.clone()));
             continue;
         }
         helpers.spawn(source::wakeup::run(

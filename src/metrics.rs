@@ -34,6 +34,7 @@ pub const HELD_BY_DEAD_LETTERS: &str = "outboxd_held_by_dead_letters";
 pub const SLOT_RETAINED: &str = "outboxd_slot_retained_bytes";
 pub const SLOT_LAG: &str = "outboxd_slot_lag_bytes";
 pub const SLOT_ACTIVE: &str = "outboxd_slot_active";
+pub const WAL_POLLING: &str = "outboxd_wal_polling";
 pub const SOURCE_ERRORS: &str = "outboxd_source_errors_total";
 pub const BROKER_UP: &str = "outboxd_broker_up";
 pub const BROKER_BLOCKED: &str = "outboxd_broker_blocked";
@@ -108,6 +109,7 @@ pub struct Metrics {
     slot_retained: IntGaugeVec,
     slot_lag: IntGaugeVec,
     slot_active: IntGaugeVec,
+    wal_polling: IntGaugeVec,
     broker: BrokerMetrics,
 }
 
@@ -117,6 +119,7 @@ pub struct SlotMetrics {
     pub retained: IntGauge,
     pub lag: IntGauge,
     pub active: IntGauge,
+    pub polling: IntGauge,
 }
 
 /// One source's series, looked up once so the hot path only touches atomics.
@@ -335,6 +338,10 @@ impl Metrics {
             SLOT_ACTIVE,
             "capture = \"wal\": 1 while a session (this relay or another) streams from the slot, 0 when none does, -1 when the slot is missing or unusable.",
         );
+        let wal_polling = gauge(
+            WAL_POLLING,
+            "capture = \"wal\": 1 while this relay polls the outbox table because the replication slot is missing or lost.",
+        );
         let rebalances = register(
             &r,
             IntCounterVec::new(
@@ -416,6 +423,7 @@ impl Metrics {
             slot_retained,
             slot_lag,
             slot_active,
+            wal_polling,
             broker,
         }
     }
@@ -431,6 +439,7 @@ impl Metrics {
             retained: self.slot_retained.with_label_values(l),
             lag: self.slot_lag.with_label_values(l),
             active: self.slot_active.with_label_values(l),
+            polling: self.wal_polling.with_label_values(l),
         }
     }
 

@@ -26,6 +26,8 @@ pub struct SourceHealth {
     /// `capture = "wal"`: this relay streams from the slot (else it
     /// stands by, or cannot start).
     streaming: AtomicBool,
+    /// `capture = "wal"`: the slot is unusable and the table is polled.
+    polling: AtomicBool,
 }
 
 /// A `capture = "wal"` source's replication slot, for `/readyz`.
@@ -66,6 +68,7 @@ impl SourceHealth {
             stuck: Mutex::new(Stuck::default()),
             slot: Mutex::new(None),
             streaming: AtomicBool::new(false),
+            polling: AtomicBool::new(false),
         }
     }
 
@@ -158,6 +161,14 @@ impl SourceHealth {
 
     pub fn streaming(&self) -> bool {
         self.streaming.load(Ordering::Relaxed)
+    }
+
+    pub fn set_polling(&self, polling: bool) {
+        self.polling.store(polling, Ordering::Relaxed);
+    }
+
+    pub fn polling(&self) -> bool {
+        self.polling.load(Ordering::Relaxed)
     }
 
     /// Whether `/readyz` may count the source as ready: its database is up

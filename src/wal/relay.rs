@@ -66,6 +66,8 @@ pub struct WalRelay<P> {
     pub pool: Pool,
     pub publisher: Arc<P>,
     pub dead: DeadTable,
+    /// `outboxd_wal_polling`: 1 while the table is polled for want of a slot.
+    pub polling: Option<prometheus::IntGauge>,
     sql: Sql,
 }
 
@@ -126,11 +128,49 @@ struct State {
     deletes: Option<mpsc::Sender<Vec<i64>>>,
 }
 
+impl State {
+    fn new(deletes: mpsc::Sender<Vec<i64>>) -> Self {
+        State {
+            pending: VecDeque::new(),
+            ledger: Ledger::new(),
+            decoder: Decoder::new(),
+            txn: None,
+            skip: HashSet::new(),
+            snapshot_lsn: 0,
+            acked: 0,
+            deletes: Some(deletes),
+        }
+    }
+}
+
 struct Txn {
     seq: u64,
     commit_lsn: u64,
     commit_time: SystemTime,
     ordinal: u32,
+}
+
+/// How polling the table while the slot is gone ended.
+enum Fallback {
+    /// The slot exists and is usable again: stream.
+    SlotBack,
+    Drained,
+    Aborted(usize),
+    Failed(SessionError),
+}
+
+/// The stream while there is none (polling): nothing to acknowledge.
+struct NoStream;
+
+impl WalStream for NoStream {
+    async fn recv(&mut self) -> Result<Option<Event>, StreamError> {
+        std::future::pending().await
+    }
+    fn ack(&self, _lsn: u64) {}
+    fn acked_on_server(&self) -> u64 {
+        u64::MAX
+    }
+    fn stop(&self) {}
 }
 
 impl<P: Publisher> WalRelay<P> {
@@ -181,6 +221,7 @@ impl<P: Publisher> WalRelay<P> {
             health,
             pool,
             publisher,
+            polling: None,
             sql,
         }
     }
@@ -239,10 +280,22 @@ impl<P: Publisher> WalRelay<P> {
                         ) => {
                             // Once per outage, not once per retry.
                             if !slot_gone {
-                                error!(source = %name, slot = %self.wal.slot, error = %message, "the replication slot is gone or unusable; nothing can be read from the log until it is back (`outboxd migrate` makes it; rows in the table are sent once it exists)");
+                                error!(source = %name, slot = %self.wal.slot, error = %message, "the replication slot is gone or unusable: polling the outbox table until it is back (`outboxd migrate` makes it); outbox_emit() messages cannot be recovered");
                                 slot_gone = true;
                             } else {
                                 debug!(source = %name, error = %message, "the replication slot is still unusable");
+                            }
+                            match self.fallback(&drain, &abort).await {
+                                Fallback::SlotBack => continue,
+                                Fallback::Drained => {
+                                    info!(source = %name, "drained; relay stopped");
+                                    return 0;
+                                }
+                                Fallback::Aborted(n) => return n,
+                                Fallback::Failed(err) => {
+                                    self.metrics.error(SourceError::Database).inc();
+                                    warn!(source = %name, error = %ErrorChain(&err), "polling the table failed; trying again");
+                                }
                             }
                         }
                         _ => {
@@ -258,6 +311,116 @@ impl<P: Publisher> WalRelay<P> {
                 _ = tokio::time::sleep(wait) => {}
             }
         }
+    }
+
+    /// While the slot is missing or lost: send what the table holds, in
+    /// id order, every poll interval (one relay of the source at a time,
+    /// under an advisory lock), until the slot is usable again. Rows are
+    /// deleted (or marked) before the next pass reads the table, so a pass
+    /// repeats nothing the previous one delivered.
+    async fn fallback(&self, drain: &CancellationToken, abort: &CancellationToken) -> Fallback {
+        let name = &self.config.name;
+        self.health.set_polling(true);
+        if let Some(g) = &self.polling {
+            g.set(1);
+        }
+        warn!(source = %name, slot = %self.wal.slot, "polling the outbox table while the replication slot is unusable");
+        let ended = loop {
+            self.health.beat();
+            match self.poll_pass(drain, abort).await {
+                Ok(Some(end)) => {
+                    break match end {
+                        End::Drained => Fallback::Drained,
+                        End::Aborted(n) => Fallback::Aborted(n),
+                    };
+                }
+                Ok(None) => {}
+                Err(e) => break Fallback::Failed(e),
+            }
+            tokio::select! {
+                _ = drain.cancelled() => break Fallback::Drained,
+                _ = abort.cancelled() => break Fallback::Aborted(0),
+                _ = tokio::time::sleep(self.config.poll_interval) => {}
+            }
+            match self.slot_usable().await {
+                Ok(true) => break Fallback::SlotBack,
+                Ok(false) => {}
+                Err(e) => break Fallback::Failed(e.into()),
+            }
+        };
+        self.health.set_polling(false);
+        if let Some(g) = &self.polling {
+            g.set(0);
+        }
+        if matches!(ended, Fallback::SlotBack) {
+            info!(source = %name, slot = %self.wal.slot, "the replication slot is back: streaming again");
+        }
+        ended
+    }
+
+    /// One pass over the table, if no other relay of the source polls it.
+    async fn poll_pass(
+        &self,
+        drain: &CancellationToken,
+        abort: &CancellationToken,
+    ) -> Result<Option<End>, SessionError> {
+        // A connection of its own: the lock goes with it, whatever happens.
+        let lock = tokio::time::timeout(DB_TIMEOUT, crate::source::connect(&self.config))
+            .await
+            .map_err(|_| DbError::TimedOut {
+                step: "connect to poll the table",
+            })?
+            .map_err(|e| DbError::Failed {
+                step: "connect to poll the table",
+                source: Box::new(e),
+            })?;
+        let key = format!("outboxd wal polling {}", self.config.table);
+        let got: bool = step(
+            "take the polling lock",
+            lock.query_one("SELECT pg_try_advisory_lock(hashtext($1))", &[&key]),
+        )
+        .await?
+        .get(0);
+        if !got {
+            return Ok(None);
+        }
+        let (tx, rx) = mpsc::channel(DELETE_QUEUE);
+        let deleter = tokio::spawn(delete_confirmed(
+            self.pool.clone(),
+            self.sql.delivered.clone(),
+            rx,
+            self.metrics.clone(),
+            self.config.name.clone(),
+        ));
+        let mut st = State::new(tx);
+        let ended = self.snapshot(&mut st, &NoStream, drain, abort).await;
+        // Every delete of this pass done before the next pass reads.
+        st.deletes = None;
+        if tokio::time::timeout(DB_TIMEOUT, deleter).await.is_err() {
+            warn!(source = %self.config.name, "deletes of delivered rows did not finish; those rows may be sent again");
+        }
+        drop(lock);
+        ended
+    }
+
+    /// Whether the slot exists and can be streamed from.
+    async fn slot_usable(&self) -> Result<bool, DbError> {
+        let client = step("take a connection", self.pool.get()).await?;
+        let row = step(
+            "look for the slot",
+            client.query_opt(
+                "SELECT wal_status FROM pg_replication_slots WHERE slot_name = $1 AND database = current_database()",
+                &[&self.wal.slot],
+            ),
+        )
+        .await?;
+        Ok(match row {
+            None => false,
+            Some(r) => !matches!(
+                r.try_get::<_, Option<String>>(0).ok().flatten().as_deref(),
+                Some("lost")
+            ),
+        })
     }
 
     async fn session(
@@ -301,16 +464,7 @@ impl<P: Publisher> WalRelay<P> {
             self.metrics.clone(),
             name.clone(),
         ));
-        let mut st = State {
-            pending: VecDeque::new(),
-            ledger: Ledger::new(),
-            decoder: Decoder::new(),
-            txn: None,
-            skip: HashSet::new(),
-            snapshot_lsn: 0,
-            acked: 0,
-            deletes: Some(tx),
-        };
+        let mut st = State::new(tx);
         let result = async {
             if let Some(end) = self.snapshot(&mut st, &stream, drain, abort).await? {
                 return Ok(end);

@@ -286,8 +286,8 @@ async fn a_second_relay_stands_by_and_takes_over_when_the_first_is_killed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_dropped_slot_makes_the_source_unready_with_the_reason() {
-    let broker = TestBroker::new("#").await;
+async fn a_dropped_slot_makes_the_source_unready_and_the_table_is_polled_until_it_is_back() {
+    let mut broker = TestBroker::new("#").await;
     let (db, cfg) = wal_source("obxw_dropped", &broker.exchange).await;
     let relay = Relay::start(&cfg).await;
     relay.wait_ready(200, WAIT).await;
@@ -326,10 +326,32 @@ async fn a_dropped_slot_makes_the_source_unready_with_the_reason() {
         (n >= 1.0).then_some(())
     })
     .await;
-    // migrate makes it again, and the relay picks it up on its own.
+    // Meanwhile the table is polled: rows committed now still go out.
+    let polling = format!("outboxd_wal_polling{{source=\"{}\"}}", db.name);
+    relay.wait_metric(&polling, 1.0, WAIT).await;
+    for i in 0..3 {
+        insert(&db, "a", &format!("WhileGone{i}")).await;
+    }
+    let got = broker.collect(3, WAIT).await;
+    assert_eq!(kinds(&got), ["WhileGone0", "WhileGone1", "WhileGone2"]);
+    let (_, body) = relay.readyz().await;
+    assert_eq!(body["sources"][0]["wal"]["polling_table"], true, "{body}");
+    // migrate makes it again, and the relay streams from it on its own.
     let (code, _, err) = run_to_end(&["migrate"], &cfg);
     assert_eq!(code, Some(0), "{err}");
     relay.wait_ready(200, WAIT).await;
+    relay.wait_metric(&polling, 0.0, WAIT).await;
+    insert(&db, "a", "Streamed").await;
+    let got = broker.collect(1, WAIT).await;
+    assert_eq!(kinds(&got), ["Streamed"]);
+    assert!(
+        broker.next(Duration::from_millis(500)).await.is_none(),
+        "nothing sent twice"
+    );
+    eventually("the table to empty", WAIT, || async {
+        (db.count().await == 0).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
