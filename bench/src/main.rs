@@ -1,6 +1,10 @@
 //! outboxd-bench: measures outboxd against the broker's own ceiling, in one run.
 //!
-//!   scripts/bench.sh [--quick] [--only ceiling,drain,scaleout,latency,overhead,footprint,recovery,goals]
+//!   scripts/bench.sh [--quick] [--only ceiling,drain,scaleout,latency,overhead,footprint,recovery,goals,wal]
+//!
+//! `--only wal` runs the `capture = "wal"` flows (table rows and
+//! `outbox_emit()` messages, over 1 and 1,000 aggregates) against the
+//! classic ceiling.
 //!
 //! `--only goals` runs what the goals table of issue 10 needs (the classic
 //! ceiling, four drains, scale-out with 1 and 3 relays, two latencies, the
@@ -25,6 +29,7 @@ mod proxy;
 mod recovery;
 mod report;
 mod scaleout;
+mod wal;
 
 use std::collections::BTreeSet;
 
@@ -67,7 +72,7 @@ impl Options {
                 }
                 "-h" | "--help" => {
                     println!(
-                        "usage: outboxd-bench [--quick] [--repeats N] [--rows N] [--only ceiling,drain,scaleout,latency,overhead,footprint,recovery,goals] [--set source_key=toml_value ...]"
+                        "usage: outboxd-bench [--quick] [--repeats N] [--rows N] [--only ceiling,drain,scaleout,latency,overhead,footprint,recovery,goals,wal] [--set source_key=toml_value ...]"
                     );
                     std::process::exit(0);
                 }
@@ -114,7 +119,7 @@ async fn run(o: &Options) -> Result<(), String> {
         if o.wants("ceiling")
             || o.wants("drain")
             || o.wants("scaleout")
-            || (classic && o.wants("goals"))
+            || (classic && (o.wants("goals") || o.wants("wal")))
         {
             let c = ceiling::run(&env, queue, o, &mut report).await?;
             ceilings.insert(queue, c);
@@ -140,6 +145,11 @@ async fn run(o: &Options) -> Result<(), String> {
             )
             .await?;
         }
+    }
+    if o.wants("wal")
+        && let Some(c) = ceilings.get(&env::QueueType::Classic)
+    {
+        wal::run(&env, o, *c, &mut report).await?;
     }
     if o.wants("latency") {
         let loads = [latency::LOADS.as_slice(), &latency::GOAL_LOADS].concat();

@@ -413,7 +413,7 @@ impl Validator<'_> {
                 format!("{c:?} must be 1 to {MAX_CHANNEL_BYTES} bytes (set notify_channel to a shorter name)"),
             );
         }
-        let capture = self.capture(&k, &keys, &raw_capture, &tls);
+        let capture = self.capture(&k, &keys, &raw_capture);
         let PgUrl {
             config: mut database,
             display: database_display,
@@ -458,7 +458,6 @@ impl Validator<'_> {
         k: &dyn Fn(&str) -> String,
         keys: &Keys,
         raw: &RawCapture,
-        tls: &Option<PgTls>,
     ) -> Option<CaptureMode> {
         let mode = self.string_opt(&k("capture"), raw.capture.clone());
         match mode.as_deref() {
@@ -481,12 +480,6 @@ impl Validator<'_> {
                     self.invalid(
                         &k("on_park"),
                         "does not apply with capture = \"wal\": a parked message does not hold back its aggregate (the log moves on; replay puts it back in the table, where the log sees it again)",
-                    );
-                }
-                if matches!(tls, Some(PgTls::Require | PgTls::VerifyFull { .. })) {
-                    self.invalid(
-                        &k("sslmode"),
-                        "capture = \"wal\" cannot use TLS to PostgreSQL yet (its replication connection is plain); use capture = \"poll\" for this source, or reach the database over a trusted network",
                     );
                 }
                 let default = keys.name.as_deref().map(default_wal_name);

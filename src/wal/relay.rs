@@ -35,7 +35,7 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, SystemTime};
 
 use deadpool_postgres::Pool;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
@@ -53,9 +53,19 @@ use crate::source::dead::DeadTable;
 use crate::source::{DB_TIMEOUT, DbError, SourceHealth, step};
 use crate::telemetry::ErrorChain;
 
-/// Deletes (or marks) waiting to run, in batches; the relay waits when the
-/// database falls this far behind.
-const DELETE_QUEUE: usize = 64;
+/// Work for the task that deletes (or marks) delivered rows.
+enum Job {
+    Delete(Vec<i64>),
+    /// Answered once every delete queued before it has run (or was given up).
+    Flush(oneshot::Sender<()>),
+}
+
+/// Where a session queues deletes. Unbounded on purpose: publishing must
+/// not wait for the database, or a PostgreSQL shutdown (which waits for
+/// the relay to confirm everything its walsender sent) and a relay waiting
+/// for deletes the shutting-down server refuses would wait on each other.
+/// It holds one id (8 bytes) per delivered row not yet deleted.
+type Deletes = mpsc::UnboundedSender<Job>;
 
 /// One `capture = "wal"` source.
 pub struct WalRelay<P> {
@@ -123,13 +133,15 @@ struct State {
     /// stream are skipped, until the stream passes `snapshot_lsn`.
     skip: HashSet<i64>,
     snapshot_lsn: u64,
+    /// The transactions committed before the table was read.
+    read_before: Option<XidSnapshot>,
     /// The last position given to the stream.
     acked: u64,
-    deletes: Option<mpsc::Sender<Vec<i64>>>,
+    deletes: Deletes,
 }
 
 impl State {
-    fn new(deletes: mpsc::Sender<Vec<i64>>) -> Self {
+    fn new(deletes: Deletes) -> Self {
         State {
             pending: VecDeque::new(),
             ledger: Ledger::new(),
@@ -137,8 +149,9 @@ impl State {
             txn: None,
             skip: HashSet::new(),
             snapshot_lsn: 0,
+            read_before: None,
             acked: 0,
-            deletes: Some(deletes),
+            deletes,
         }
     }
 }
@@ -148,6 +161,9 @@ struct Txn {
     commit_lsn: u64,
     commit_time: SystemTime,
     ordinal: u32,
+    /// Committed before the read of the table: its rows were sent from the
+    /// table, or had left it (delivered or parked) before.
+    read_before: bool,
 }
 
 /// How polling the table while the slot is gone ended.
@@ -229,6 +245,28 @@ impl<P: Publisher> WalRelay<P> {
     /// Runs the source until a drain completes or `abort` fires; returns
     /// how many messages were in flight when it was aborted.
     pub async fn run(self: Arc<Self>, drain: CancellationToken, abort: CancellationToken) -> usize {
+        let (deletes, rx) = mpsc::unbounded_channel();
+        let deleter = tokio::spawn(delete_confirmed(
+            self.pool.clone(),
+            self.sql.delivered.clone(),
+            rx,
+            self.metrics.clone(),
+            self.config.name.clone(),
+        ));
+        let abandoned = self.run_sessions(&drain, &abort, &deletes).await;
+        drop(deletes);
+        if tokio::time::timeout(DB_TIMEOUT, deleter).await.is_err() {
+            warn!(source = %self.config.name, "deletes of delivered rows did not finish; those rows are sent again after a restart");
+        }
+        abandoned
+    }
+
+    async fn run_sessions(
+        &self,
+        drain: &CancellationToken,
+        abort: &CancellationToken,
+        deletes: &Deletes,
+    ) -> usize {
         let name = &self.config.name;
         info!(source = %name, slot = %self.wal.slot, publication = %self.wal.publication, table = %self.config.table, "wal relay started");
         let mut failures = 0u32;
@@ -241,7 +279,7 @@ impl<P: Publisher> WalRelay<P> {
                 return 0;
             }
             let ended = self
-                .session(&drain, &abort, &mut standing_by, &mut slot_gone)
+                .session(drain, abort, deletes, &mut standing_by, &mut slot_gone)
                 .await;
             let error = match ended {
                 Ok(End::Drained) => {
@@ -285,7 +323,7 @@ impl<P: Publisher> WalRelay<P> {
                             } else {
                                 debug!(source = %name, error = %message, "the replication slot is still unusable");
                             }
-                            match self.fallback(&drain, &abort).await {
+                            match self.fallback(drain, abort, deletes).await {
                                 Fallback::SlotBack => continue,
                                 Fallback::Drained => {
                                     info!(source = %name, "drained; relay stopped");
@@ -318,7 +356,12 @@ impl<P: Publisher> WalRelay<P> {
     /// under an advisory lock), until the slot is usable again. Rows are
     /// deleted (or marked) before the next pass reads the table, so a pass
     /// repeats nothing the previous one delivered.
-    async fn fallback(&self, drain: &CancellationToken, abort: &CancellationToken) -> Fallback {
+    async fn fallback(
+        &self,
+        drain: &CancellationToken,
+        abort: &CancellationToken,
+        deletes: &Deletes,
+    ) -> Fallback {
         let name = &self.config.name;
         self.health.set_polling(true);
         if let Some(g) = &self.polling {
@@ -327,7 +370,7 @@ impl<P: Publisher> WalRelay<P> {
         warn!(source = %name, slot = %self.wal.slot, "polling the outbox table while the replication slot is unusable");
         let ended = loop {
             self.health.beat();
-            match self.poll_pass(drain, abort).await {
+            match self.poll_pass(drain, abort, deletes).await {
                 Ok(Some(end)) => {
                     break match end {
                         End::Drained => Fallback::Drained,
@@ -363,6 +406,7 @@ impl<P: Publisher> WalRelay<P> {
         &self,
         drain: &CancellationToken,
         abort: &CancellationToken,
+        deletes: &Deletes,
     ) -> Result<Option<End>, SessionError> {
         // A connection of its own: the lock goes with it, whatever happens.
         let lock = tokio::time::timeout(DB_TIMEOUT, crate::source::connect(&self.config))
@@ -384,23 +428,22 @@ impl<P: Publisher> WalRelay<P> {
         if !got {
             return Ok(None);
         }
-        let (tx, rx) = mpsc::channel(DELETE_QUEUE);
-        let deleter = tokio::spawn(delete_confirmed(
-            self.pool.clone(),
-            self.sql.delivered.clone(),
-            rx,
-            self.metrics.clone(),
-            self.config.name.clone(),
-        ));
-        let mut st = State::new(tx);
+        let mut st = State::new(deletes.clone());
         let ended = self.snapshot(&mut st, &NoStream, drain, abort).await;
         // Every delete of this pass done before the next pass reads.
-        st.deletes = None;
-        if tokio::time::timeout(DB_TIMEOUT, deleter).await.is_err() {
-            warn!(source = %self.config.name, "deletes of delivered rows did not finish; those rows may be sent again");
-        }
+        self.flush_deletes(deletes).await;
         drop(lock);
         ended
+    }
+
+    /// Waits (at most `DB_TIMEOUT`) until every queued delete has run.
+    async fn flush_deletes(&self, deletes: &Deletes) {
+        let (done, flushed) = oneshot::channel();
+        if deletes.send(Job::Flush(done)).is_ok()
+            && tokio::time::timeout(DB_TIMEOUT, flushed).await.is_err()
+        {
+            warn!(source = %self.config.name, "deletes of delivered rows are behind; reading the table may send some of them again");
+        }
     }
 
     /// Whether the slot exists and can be streamed from.
@@ -427,6 +470,7 @@ impl<P: Publisher> WalRelay<P> {
         &self,
         drain: &CancellationToken,
         abort: &CancellationToken,
+        deletes: &Deletes,
         standing_by: &mut bool,
         slot_gone: &mut bool,
     ) -> Result<End, SessionError> {
@@ -442,7 +486,7 @@ impl<P: Publisher> WalRelay<P> {
         if std::mem::take(slot_gone) {
             info!(source = %self.config.name, slot = %self.wal.slot, "the replication slot is usable again");
         }
-        self.stream(stream, drain, abort).await
+        self.stream(stream, drain, abort, deletes).await
     }
 
     /// Streams from a started stream until drained, aborted or failed.
@@ -451,20 +495,15 @@ impl<P: Publisher> WalRelay<P> {
         mut stream: S,
         drain: &CancellationToken,
         abort: &CancellationToken,
+        deletes: &Deletes,
     ) -> Result<End, SessionError> {
-        let name = &self.config.name;
         self.health.set_db_up(true, None);
         self.health.set_streaming(true);
         self.metrics.up.set(1);
-        let (tx, rx) = mpsc::channel(DELETE_QUEUE);
-        let deleter = tokio::spawn(delete_confirmed(
-            self.pool.clone(),
-            self.sql.delivered.clone(),
-            rx,
-            self.metrics.clone(),
-            name.clone(),
-        ));
-        let mut st = State::new(tx);
+        let mut st = State::new(deletes.clone());
+        // Deletes still queued from the last session (the database was
+        // away) run first: else the read of the table sends their rows again.
+        self.flush_deletes(deletes).await;
         let result = async {
             if let Some(end) = self.snapshot(&mut st, &stream, drain, abort).await? {
                 return Ok(end);
@@ -474,16 +513,12 @@ impl<P: Publisher> WalRelay<P> {
         .await;
         // A clean end: the slot gets what is done before the stream stops
         // (after a failure the connection is gone; what is not on the
-        // server is sent again). The deletes run either way.
+        // server is sent again). Queued deletes run on either way.
         if result.is_ok() {
             self.settle_slot(&mut st, &stream).await;
         }
         stream.stop();
         self.health.set_streaming(false);
-        st.deletes = None;
-        if tokio::time::timeout(DB_TIMEOUT, deleter).await.is_err() {
-            warn!(source = %name, "deletes of delivered rows did not finish; those rows are sent again after a restart");
-        }
         result
     }
 
@@ -499,6 +534,18 @@ impl<P: Publisher> WalRelay<P> {
         let batch = i64::try_from(self.config.batch_size).unwrap_or(i64::MAX);
         let mut after = 0i64;
         let mut total = 0usize;
+        // Taken before the first page: whatever it counts as committed,
+        // every page sees.
+        let client = step("take a connection", self.pool.get()).await?;
+        let seen: String = step(
+            "read the transaction snapshot",
+            client.query_one("SELECT txid_current_snapshot()::text", &[]),
+        )
+        .await?
+        .try_get(0)
+        .unwrap_or_default();
+        drop(client);
+        st.read_before = XidSnapshot::parse(&seen);
         loop {
             let client = step("take a connection", self.pool.get()).await?;
             let rows = step(
@@ -619,6 +666,7 @@ impl<P: Publisher> WalRelay<P> {
         match event {
             Event::Begin {
                 final_lsn,
+                xid,
                 commit_time_micros,
             } => {
                 if final_lsn >= st.snapshot_lsn && !st.skip.is_empty() {
@@ -629,6 +677,7 @@ impl<P: Publisher> WalRelay<P> {
                     commit_lsn: final_lsn,
                     commit_time: row::pg_time(commit_time_micros),
                     ordinal: 0,
+                    read_before: st.read_before.as_ref().is_some_and(|s| s.saw(xid)),
                 });
             }
             Event::Change(data) => {
@@ -643,7 +692,10 @@ impl<P: Publisher> WalRelay<P> {
                     return Err(StreamError::Other("an insert outside a transaction".into()).into());
                 };
                 let row = row::from_insert(&ins, txn.commit_time);
-                if st.skip.remove(&row.id) {
+                // Either way the table read sent it, or it had been sent
+                // (and deleted) before: a slot whose position went back (a
+                // crash, PostgreSQL < 17 restarting) repeats those.
+                if st.skip.remove(&row.id) || txn.read_before {
                     return Ok(());
                 }
                 st.ledger.add(txn.seq);
@@ -815,11 +867,10 @@ impl<P: Publisher> WalRelay<P> {
             self.failed(st, failure, &outcomes[k + 1..]).await;
         }
         self.move_slot(st, stream);
-        if !ids.is_empty()
-            && let Some(tx) = &st.deletes
-        {
-            // Waits when the database is far behind (bounded queue).
-            let _ = tx.send(ids).await;
+        if !ids.is_empty() {
+            // Only fails once the deleter is gone (the relay is stopping):
+            // the rows stay and go out again after a restart.
+            let _ = st.deletes.send(Job::Delete(ids));
         }
         Ok(None)
     }
@@ -940,21 +991,33 @@ impl<P: Publisher> WalRelay<P> {
 }
 
 /// Deletes (or marks) delivered rows, merging what queued up meanwhile.
-/// Retries a failed delete until the relay stops; what is left then stays
-/// in the table and is sent again after a restart.
+/// Retries a failed delete (the database may be restarting) until the
+/// relay stops; what is left then stays in the table and is sent again
+/// after a restart.
 async fn delete_confirmed(
     pool: Pool,
     sql: String,
-    mut rx: mpsc::Receiver<Vec<i64>>,
+    mut rx: mpsc::UnboundedReceiver<Job>,
     metrics: SourceMetrics,
     name: String,
 ) {
     let mut failures = 0u32;
-    while let Some(mut ids) = rx.recv().await {
-        while let Ok(more) = rx.try_recv() {
-            ids.extend(more);
+    let mut flushes = Vec::new();
+    while let Some(first) = rx.recv().await {
+        let mut ids = Vec::new();
+        let mut next = Some(first);
+        // Everything queued up to the first flush goes in one statement.
+        while let Some(job) = next.take() {
+            match job {
+                Job::Delete(more) => ids.extend(more),
+                Job::Flush(done) => {
+                    flushes.push(done);
+                    break;
+                }
+            }
+            next = rx.try_recv().ok();
         }
-        loop {
+        while !ids.is_empty() {
             let done = async {
                 let client = step("take a connection", pool.get()).await?;
                 step("delete delivered rows", client.execute(&sql, &[&ids])).await
@@ -978,6 +1041,54 @@ async fn delete_confirmed(
                 }
             }
         }
+        for done in flushes.drain(..) {
+            let _ = done.send(());
+        }
+    }
+}
+
+/// A transaction snapshot (`txid_current_snapshot()`), on 32-bit xids as
+/// the stream's Begin carries them: which transactions had committed when
+/// it was taken.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct XidSnapshot {
+    xmin: u32,
+    xmax: u32,
+    running: Vec<u32>,
+}
+
+impl XidSnapshot {
+    /// `xmin:xmax:xip,xip` (64-bit, epoch included).
+    fn parse(text: &str) -> Option<Self> {
+        let mut parts = text.trim().splitn(3, ':');
+        let low = |v: &str| v.trim().parse::<u64>().ok().map(|x| x as u32);
+        let xmin = low(parts.next()?)?;
+        let xmax = low(parts.next()?)?;
+        let running = match parts.next() {
+            Some(list) if !list.trim().is_empty() => {
+                list.split(',').map(low).collect::<Option<Vec<u32>>>()?
+            }
+            _ => Vec::new(),
+        };
+        Some(Self {
+            xmin,
+            xmax,
+            running,
+        })
+    }
+
+    /// Whether `xid` had ended when the snapshot was taken (as the stream
+    /// only brings committed ones: committed). Comparisons wrap, as
+    /// PostgreSQL's do.
+    fn saw(&self, xid: u32) -> bool {
+        let precedes = |a: u32, b: u32| (a.wrapping_sub(b) as i32) < 0;
+        if precedes(xid, self.xmin) {
+            return true;
+        }
+        if !precedes(xid, self.xmax) {
+            return false;
+        }
+        !self.running.contains(&xid)
     }
 }
 
@@ -987,5 +1098,31 @@ fn now_or_never<F: Future>(f: F) -> Option<F::Output> {
     match pin!(f).poll(&mut cx) {
         Poll::Ready(v) => Some(v),
         Poll::Pending => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::XidSnapshot;
+
+    #[test]
+    fn a_transaction_snapshot_says_what_had_committed() {
+        let s = XidSnapshot::parse("100:110:103,105").unwrap();
+        assert!(s.saw(99) && s.saw(100) && s.saw(104) && s.saw(109));
+        assert!(!s.saw(103) && !s.saw(105), "running when it was taken");
+        assert!(!s.saw(110) && !s.saw(111), "not begun");
+        let empty = XidSnapshot::parse("7:7:").unwrap();
+        assert!(empty.saw(6) && !empty.saw(7));
+        // 64-bit with an epoch: the low 32 bits, compared with wraparound.
+        let e = (1u64 << 32) + u64::from(u32::MAX - 1);
+        let s = XidSnapshot::parse(&format!("{e}:{}:", e + 4)).unwrap();
+        assert!(s.saw(u32::MAX - 2), "before xmin");
+        assert!(
+            s.saw(u32::MAX) && s.saw(0) && s.saw(1),
+            "between, across the wrap"
+        );
+        assert!(!s.saw(2) && !s.saw(3), "at or after xmax");
+        assert_eq!(XidSnapshot::parse("nonsense"), None);
+        assert_eq!(XidSnapshot::parse("1:x:"), None);
     }
 }

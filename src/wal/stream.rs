@@ -9,14 +9,16 @@
 //! `confirmed_flush` skips transactions for good).
 
 use std::future::Future;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use bytes::Bytes;
 use pgwire_replication::{
-    Lsn, PgWireError, ReplicationClient, ReplicationConfig, ReplicationEvent,
+    Lsn, PgWireError, ReplicationClient, ReplicationConfig, ReplicationEvent, TlsConfig,
 };
 
 use crate::config::{SourceConfig, WalCapture};
+use crate::tls::PgTls;
 
 /// How often the slot's position is reported to the server when it moved.
 pub const STATUS_INTERVAL: Duration = Duration::from_secs(1);
@@ -31,6 +33,7 @@ pub enum Event {
     /// A transaction starts; `final_lsn` is its commit record's position.
     Begin {
         final_lsn: u64,
+        xid: u32,
         commit_time_micros: i64,
     },
     /// A pgoutput change (Relation, Insert, …) for [`super::decode`].
@@ -120,6 +123,18 @@ impl PgStream {
             .map(|p| String::from_utf8_lossy(p).into_owned())
             .unwrap_or_default();
         let dbname = db.get_dbname().unwrap_or(&user).to_owned();
+        // The same TLS as the source's other connections. verify-full
+        // checks the host name (or IP) against the certificate; without
+        // sslrootcert the roots are webpki-roots' (Mozilla's), not the
+        // system's.
+        let tls = match &config.tls {
+            PgTls::Off => TlsConfig::disabled(),
+            PgTls::Require => TlsConfig::require(),
+            PgTls::VerifyFull { ca_file } => {
+                TlsConfig::verify_full(ca_file.as_ref().map(PathBuf::from))
+                    .with_sni_hostname(host.clone())
+            }
+        };
         let cfg = ReplicationConfig::new(
             host,
             user,
@@ -129,6 +144,7 @@ impl PgStream {
             wal.publication.as_str(),
         )
         .with_port(port)
+        .with_tls(tls)
         // Never a stored position: the server resumes at confirmed_flush.
         .with_start_lsn(Lsn::ZERO)
         .with_status_interval(STATUS_INTERVAL)
@@ -159,10 +175,11 @@ impl WalStream for PgStream {
             return Ok(Some(match event {
                 ReplicationEvent::Begin {
                     final_lsn,
+                    xid,
                     commit_time_micros,
-                    ..
                 } => Event::Begin {
                     final_lsn: final_lsn.as_u64(),
+                    xid,
                     commit_time_micros,
                 },
                 ReplicationEvent::XLogData { data, .. } => Event::Change(data),

@@ -53,6 +53,13 @@ fn metric_names(text: &str) -> BTreeSet<String> {
             if before.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_') {
                 continue; // inside a longer name
             }
+            if text[..start]
+                .trim_end_matches('"')
+                .trim_end()
+                .ends_with('=')
+            {
+                continue; // a config value (`slot = "outboxd_orders"`), not a metric
+            }
             let name: String = text[start..]
                 .chars()
                 .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')

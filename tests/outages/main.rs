@@ -15,6 +15,7 @@ mod leak;
 mod restart;
 mod soak;
 mod tls;
+mod wal;
 
 use std::collections::HashMap;
 use std::process::Command;

@@ -41,7 +41,7 @@ fn wal_names_default_from_the_source_name() {
 
 #[test]
 fn wal_mistakes_name_their_key() {
-    let cases: [(&str, &[&str]); 7] = [
+    let cases: [(&str, &[&str]); 6] = [
         (
             "capture = \"cdc\"",
             &["source[0].capture", "\"poll\" or \"wal\"", "\"cdc\""],
@@ -65,10 +65,6 @@ fn wal_mistakes_name_their_key() {
         (
             "capture = \"wal\"\non_park = \"hold\"",
             &["source[0].on_park", "does not hold back its aggregate"],
-        ),
-        (
-            "capture = \"wal\"\nsslmode = \"require\"",
-            &["source[0].sslmode", "cannot use TLS to PostgreSQL yet"],
         ),
     ];
     for (line, wanted) in cases {

@@ -1,0 +1,160 @@
+//! `capture = "wal"`: how fast the stream carries a flow to the broker, as
+//! a share of the classic ceiling measured in the same run.
+//!
+//! Unlike the polling drains, the rows are not pre-filled: rows in the
+//! table when the relay starts go out by a read of the table, not through
+//! the stream. So the relay starts on an empty outbox and its slot, one
+//! producer commits `rows` rows (or `outbox_emit()` messages) in
+//! transactions of 1,000 as fast as it can (several times the broker's
+//! rate), and the figure is rows / time from the first commit to the last
+//! confirm.
+
+use std::time::{Duration, Instant};
+
+use crate::Options;
+use crate::env::{Env, PAYLOAD_BYTES, QueueType, cpu_of, pg, relay_config, sample, unique};
+use crate::report::{Report, median};
+
+const PER_TRANSACTION: i64 = 1000;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Rows,
+    Messages,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Rows => "table rows",
+            Kind::Messages => "outbox_emit messages",
+        }
+    }
+}
+
+pub async fn run(env: &Env, o: &Options, ceiling: f64, report: &mut Report) -> Result<(), String> {
+    for kind in [Kind::Rows, Kind::Messages] {
+        for aggregates in [1usize, 1000] {
+            let mut rates = Vec::new();
+            let mut pg_us = Vec::new();
+            for _ in 0..o.repeats {
+                let (rate, pg) = once(env, kind, aggregates, o.rows).await?;
+                rates.push(rate);
+                pg_us.push(pg);
+            }
+            let what = format!(
+                "wal {}, {aggregates} aggregate(s), {} rows",
+                kind.name(),
+                o.rows
+            );
+            let rate = median(&rates);
+            report.add(
+                format!("flow {what}"),
+                "msg/s",
+                rates,
+                format!("{:.2} of ceiling ({ceiling:.0} msg/s)", rate / ceiling),
+            );
+            report.add(
+                format!("PostgreSQL CPU per message, flow {what}"),
+                "µs",
+                pg_us,
+                "user+system of every postgres process (producer's inserts included)",
+            );
+        }
+    }
+    Ok(())
+}
+
+/// One flow: (messages/s, PostgreSQL CPU µs per message).
+async fn once(env: &Env, kind: Kind, aggregates: usize, rows: usize) -> Result<(f64, f64), String> {
+    let (db, url) = env.create_db("bench_wal").await?;
+    let (ch, exchange) = env.declare(QueueType::Classic).await?;
+    let slot = unique("bench_wal_slot");
+    let config = relay_config(
+        &url,
+        &exchange,
+        &format!("capture = \"wal\"\nslot = \"{slot}\"\npublication = \"{slot}\""),
+    );
+    let parsed =
+        outboxd::config::Config::from_toml(&config, &|_| None).map_err(|e| e.to_string())?;
+    outboxd::migrate::run(&parsed)
+        .await
+        .map_err(|e| outboxd::telemetry::ErrorChain(&e).to_string())?;
+    let relay = env.spawn_relay(&config).await?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while sample(
+        &relay.metrics().await,
+        "outboxd_slot_active{source=\"bench\"}",
+    ) != Some(1.0)
+    {
+        if Instant::now() > deadline {
+            return Err("the wal relay did not start streaming in 30 s".into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let producer = pg(&url).await?;
+    let pad = PAYLOAD_BYTES as i32 - 25;
+    let (aggs, total) = (aggregates as i64, rows as i64);
+    let pg0 = cpu_of("postgres");
+    let started = Instant::now();
+    let produce = tokio::spawn(async move {
+        let mut first = 1i64;
+        while first <= total {
+            let last = (first + PER_TRANSACTION - 1).min(total);
+            let sql = match kind {
+                Kind::Rows => {
+                    "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
+                     SELECT 'order', 'o-' || (g % $3), 'OrderCreated', jsonb_build_object('seq', g, 'pad', repeat('x', $4)) \
+                     FROM generate_series($1::bigint, $2::bigint) g"
+                }
+                Kind::Messages => {
+                    "SELECT count(outbox_emit('order', 'o-' || (g % $3), 'OrderCreated', \
+                         jsonb_build_object('seq', g, 'pad', repeat('x', $4)))) \
+                     FROM generate_series($1::bigint, $2::bigint) g"
+                }
+            };
+            producer
+                .execute(sql, &[&first, &last, &aggs, &pad])
+                .await
+                .map_err(|e| e.to_string())?;
+            first = last + 1;
+        }
+        Ok::<_, String>(())
+    });
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let published = sample(
+            &relay.metrics().await,
+            "outboxd_messages_published_total{source=\"bench\"}",
+        )
+        .unwrap_or(0.0);
+        if published as usize >= rows {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "wal flow did not finish in 10 minutes ({published} published)"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let pg_cpu = cpu_of("postgres") - pg0;
+    produce.await.map_err(|e| e.to_string())??;
+    let queued = env.message_count(QueueType::Classic, &exchange).await? as usize;
+    relay.stop().await;
+    if queued < rows {
+        return Err(format!(
+            "wal flow ended with {queued} of {rows} messages queued"
+        ));
+    }
+    env.undeclare(&ch, &exchange).await;
+    // A database with a slot cannot be dropped.
+    if let Ok(c) = pg(&url).await {
+        let _ = c
+            .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+            .await;
+    }
+    env.drop_db(&db).await;
+    Ok((rows as f64 / elapsed, pg_cpu * 1e6 / rows as f64))
+}
