@@ -21,11 +21,24 @@
 \else
 \set table outbox
 \endif
+\set notify_trigger :table _notify
 
 -- The names travel through settings into the dollar-quoted bodies.
 SELECT set_config('outboxd.schema', :'schema', false),
        set_config('outboxd.table', :'table', false),
-       set_config('outboxd.publication', :'publication', false);
+       set_config('outboxd.publication', :'publication', false),
+       set_config('outboxd.notify_trigger', :'notify_trigger', false);
+
+-- The log wakes the relay: producers need not pay for NOTIFY (or for
+-- reading its flag). sql/outbox.sql makes the trigger again when a source
+-- goes back to capture = "poll" and migrate runs.
+DO $do$
+BEGIN
+    EXECUTE format('DROP TRIGGER IF EXISTS %I ON %I.%I',
+        current_setting('outboxd.notify_trigger'),
+        current_setting('outboxd.schema'), current_setting('outboxd.table'));
+END
+$do$;
 
 -- The outbox table's inserts, nothing else: the relay deletes or marks
 -- rows itself, and those changes must not come back to it.

@@ -499,6 +499,14 @@ async fn check_table<W: Write>(
         );
     }
 
+    if source.capture.wal().is_some() {
+        r.line(
+            Level::Ok,
+            &what("trigger"),
+            "not needed with capture = \"wal\" (the log wakes the relay; migrate removes it)",
+        );
+        return Ok(());
+    }
     // The trigger function migrate creates has the channel built in.
     let bodies = client
         .query(

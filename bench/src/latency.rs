@@ -74,12 +74,51 @@ pub async fn run(
     loads: &[Load],
     floor: bool,
 ) -> Result<Vec<Measured>, String> {
+    run_with(env, o, report, loads, floor, false).await
+}
+
+/// The same with `capture = "wal"` (its own slot), figures named "wal …".
+pub async fn run_wal(
+    env: &Env,
+    o: &Options,
+    report: &mut Report,
+    loads: &[Load],
+) -> Result<Vec<Measured>, String> {
+    run_with(env, o, report, loads, false, true).await
+}
+
+async fn run_with(
+    env: &Env,
+    o: &Options,
+    report: &mut Report,
+    loads: &[Load],
+    floor: bool,
+    wal: bool,
+) -> Result<Vec<Measured>, String> {
     let (db, url) = env.create_db("bench_latency").await?;
-    env.migrate(&url).await?;
     let (ch, exchange) = env.declare(QueueType::Classic).await?;
-    let relay = env
-        .spawn_relay(&relay_config(&url, &exchange, &o.source_extra))
-        .await?;
+    let slot = crate::env::unique("bench_lat_slot");
+    let config = if wal {
+        let config = relay_config(
+            &url,
+            &exchange,
+            &format!(
+                "capture = \"wal\"\nslot = \"{slot}\"\npublication = \"{slot}\"\n{}",
+                o.source_extra
+            ),
+        );
+        let parsed =
+            outboxd::config::Config::from_toml(&config, &|_| None).map_err(|e| e.to_string())?;
+        outboxd::migrate::run(&parsed)
+            .await
+            .map_err(|e| outboxd::telemetry::ErrorChain(&e).to_string())?;
+        config
+    } else {
+        env.migrate(&url).await?;
+        relay_config(&url, &exchange, &o.source_extra)
+    };
+    let prefix = if wal { "wal " } else { "" };
+    let relay = env.spawn_relay(&config).await?;
 
     let receipts: Receipts = Arc::default();
     let consumer_ch = env.amqp.create_channel().await.map_err(|e| e.to_string())?;
@@ -186,7 +225,7 @@ pub async fn run(
             confirm_p99.push(hist_quantile(&delta, 0.99) * 1e3);
             achieved.push(real_rate);
         }
-        let label = label(load);
+        let label = format!("{prefix}{}", label(load));
         measured.push(Measured {
             load,
             p50: median(&p50s),
@@ -225,7 +264,7 @@ pub async fn run(
         );
     }
     report.add(
-        "relay RSS, one source, after latency runs",
+        format!("{prefix}relay RSS, one source, after latency runs"),
         "MB",
         vec![relay.rss_mb()],
         "steady state",
@@ -233,6 +272,14 @@ pub async fn run(
     consumer_task.abort();
     relay.stop().await;
     env.undeclare(&ch, &exchange).await;
+    if wal {
+        // A database with a slot cannot be dropped.
+        if let Ok(c) = pg(&url).await {
+            let _ = c
+                .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+                .await;
+        }
+    }
     env.drop_db(&db).await;
     Ok(measured)
 }

@@ -150,6 +150,10 @@ async fn run(o: &Options) -> Result<(), String> {
         && let Some(c) = ceilings.get(&env::QueueType::Classic)
     {
         wal::run(&env, o, *c, &mut report).await?;
+        // Commit→consumer at 100 and 1,000 rows/s, spread wide.
+        let loads = [latency::LOADS[1], latency::LOADS[2]];
+        latency::run_wal(&env, o, &mut report, &loads).await?;
+        wal::overhead(&env, o, &mut report).await?;
     }
     if o.wants("latency") {
         let loads = [latency::LOADS.as_slice(), &latency::GOAL_LOADS].concat();

@@ -11,7 +11,7 @@ use crate::Options;
 use crate::env::{Env, pg};
 use crate::report::{Report, median};
 
-const PRODUCERS: usize = 4;
+pub const PRODUCERS: usize = 4;
 const SECONDS: u64 = 5;
 
 pub async fn run(env: &Env, o: &Options, report: &mut Report) -> Result<(), String> {
@@ -71,7 +71,7 @@ pub async fn run(env: &Env, o: &Options, report: &mut Report) -> Result<(), Stri
     Ok(())
 }
 
-async fn insert_rate(url: &str) -> Result<f64, String> {
+pub async fn insert_rate(url: &str) -> Result<f64, String> {
     let mut tasks = tokio::task::JoinSet::new();
     let until = Instant::now() + Duration::from_secs(SECONDS);
     for _ in 0..PRODUCERS {

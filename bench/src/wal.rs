@@ -32,6 +32,84 @@ impl Kind {
     }
 }
 
+/// Producer single-row insert transactions per second (4 connections) with
+/// a `capture = "wal"` relay streaming and publishing them, against the
+/// same table with no relay and no slot, runs interleaved.
+pub async fn overhead(env: &Env, o: &Options, report: &mut Report) -> Result<(), String> {
+    let (plain_db, plain_url) = env.create_db("bench_wal_plain").await?;
+    env.migrate(&plain_url).await?;
+    let plain = pg(&plain_url).await?;
+    // Without the NOTIFY trigger, as migrate leaves a wal source's table.
+    plain
+        .batch_execute("DROP TRIGGER outbox_notify ON outbox")
+        .await
+        .map_err(|e| e.to_string())?;
+    let (db, url) = env.create_db("bench_wal_overhead").await?;
+    let (ch, exchange) = env.declare(QueueType::Classic).await?;
+    let slot = unique("bench_wal_slot");
+    let config = relay_config(
+        &url,
+        &exchange,
+        &format!("capture = \"wal\"\nslot = \"{slot}\"\npublication = \"{slot}\""),
+    );
+    let parsed =
+        outboxd::config::Config::from_toml(&config, &|_| None).map_err(|e| e.to_string())?;
+    outboxd::migrate::run(&parsed)
+        .await
+        .map_err(|e| outboxd::telemetry::ErrorChain(&e).to_string())?;
+    let relay = env.spawn_relay(&config).await?;
+    let admin = pg(&url).await?;
+    let (mut none, mut with) = (Vec::new(), Vec::new());
+    for _ in 0..o.repeats {
+        plain
+            .batch_execute("TRUNCATE outbox")
+            .await
+            .map_err(|e| e.to_string())?;
+        none.push(crate::overhead::insert_rate(&plain_url).await?);
+        with.push(crate::overhead::insert_rate(&url).await?);
+        // Let the relay catch up before the next pair.
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let left: i64 = admin
+                .query_one("SELECT count(*) FROM outbox", &[])
+                .await
+                .map_err(|e| e.to_string())?
+                .get(0);
+            if left == 0 || Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    let base = median(&none);
+    report.add(
+        "producer inserts/s, no relay, no slot",
+        "rows/s",
+        none,
+        format!(
+            "{} connections, single-row transactions",
+            crate::overhead::PRODUCERS
+        ),
+    );
+    let m = median(&with);
+    report.add(
+        "producer inserts/s with a capture = \"wal\" relay streaming",
+        "rows/s",
+        with,
+        format!("{:.3} of no relay", m / base),
+    );
+    relay.stop().await;
+    env.undeclare(&ch, &exchange).await;
+    let _ = admin
+        .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+        .await;
+    drop(admin);
+    drop(plain);
+    env.drop_db(&db).await;
+    env.drop_db(&plain_db).await;
+    Ok(())
+}
+
 pub async fn run(env: &Env, o: &Options, ceiling: f64, report: &mut Report) -> Result<(), String> {
     for kind in [Kind::Rows, Kind::Messages] {
         for aggregates in [1usize, 1000] {

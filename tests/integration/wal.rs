@@ -103,6 +103,19 @@ async fn migrate_makes_the_publication_the_slot_and_outbox_emit_and_is_idempoten
         !public_may_emit,
         "migrate (as a superuser) revokes it from PUBLIC"
     );
+    let triggers: i64 = db
+        .client
+        .query_one(
+            "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'outbox'::regclass AND NOT tgisinternal",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        triggers, 0,
+        "producers pay no NOTIFY trigger with capture = wal"
+    );
     // Again: nothing changes, nothing fails.
     let (code, _, err) = run_to_end(&["migrate"], &cfg);
     assert_eq!(code, Some(0), "second migrate: {err}");
@@ -362,6 +375,7 @@ async fn check_reports_the_wal_setup_and_slot_drop_asks_for_yes() {
     assert_eq!(code, Some(0), "{out}{err}");
     for line in [
         "wal_level: logical",
+        "trigger: not needed with capture = \"wal\"",
         "replication role: \"root\" is a superuser",
         &format!(
             "publication: \"{}\" publishes the inserts of public.outbox",
