@@ -116,7 +116,7 @@ pub async fn run(env: &Env, o: &Options, ceiling: f64, report: &mut Report) -> R
             let mut rates = Vec::new();
             let mut pg_us = Vec::new();
             for _ in 0..o.repeats {
-                let (rate, pg) = once(env, kind, aggregates, o.rows).await?;
+                let (rate, pg) = once(env, o, kind, aggregates, o.rows).await?;
                 rates.push(rate);
                 pg_us.push(pg);
             }
@@ -144,14 +144,23 @@ pub async fn run(env: &Env, o: &Options, ceiling: f64, report: &mut Report) -> R
 }
 
 /// One flow: (messages/s, PostgreSQL CPU µs per message).
-async fn once(env: &Env, kind: Kind, aggregates: usize, rows: usize) -> Result<(f64, f64), String> {
+async fn once(
+    env: &Env,
+    o: &Options,
+    kind: Kind,
+    aggregates: usize,
+    rows: usize,
+) -> Result<(f64, f64), String> {
     let (db, url) = env.create_db("bench_wal").await?;
     let (ch, exchange) = env.declare(QueueType::Classic).await?;
     let slot = unique("bench_wal_slot");
     let config = relay_config(
         &url,
         &exchange,
-        &format!("capture = \"wal\"\nslot = \"{slot}\"\npublication = \"{slot}\""),
+        &format!(
+            "capture = \"wal\"\nslot = \"{slot}\"\npublication = \"{slot}\"\n{}",
+            o.source_extra
+        ),
     );
     let parsed =
         outboxd::config::Config::from_toml(&config, &|_| None).map_err(|e| e.to_string())?;
@@ -173,7 +182,7 @@ async fn once(env: &Env, kind: Kind, aggregates: usize, rows: usize) -> Result<(
     let producer = pg(&url).await?;
     let pad = PAYLOAD_BYTES as i32 - 25;
     let (aggs, total) = (aggregates as i64, rows as i64);
-    let pg0 = cpu_of("postgres");
+    let (pg0, broker0) = (cpu_of("postgres"), cpu_of("beam.smp"));
     let started = Instant::now();
     let produce = tokio::spawn(async move {
         let mut first = 1i64;
@@ -218,6 +227,14 @@ async fn once(env: &Env, kind: Kind, aggregates: usize, rows: usize) -> Result<(
     }
     let elapsed = started.elapsed().as_secs_f64();
     let pg_cpu = cpu_of("postgres") - pg0;
+    let broker_cpu = cpu_of("beam.smp") - broker0;
+    println!(
+        "{{\"probe\":\"wal flow {} {aggregates} aggregate(s) CPU\",\"seconds\":{elapsed:.2},\"broker_cores\":{:.2},\"postgres_cores\":{:.2},\"relay_cores\":{:.2}}}",
+        kind.name(),
+        broker_cpu / elapsed,
+        pg_cpu / elapsed,
+        relay.cpu_seconds() / elapsed
+    );
     produce.await.map_err(|e| e.to_string())??;
     let queued = env.message_count(QueueType::Classic, &exchange).await? as usize;
     relay.stop().await;
