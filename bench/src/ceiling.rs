@@ -168,3 +168,69 @@ async fn publish(
     }
     Ok(n as f64 / started.elapsed().as_secs_f64())
 }
+
+/// The broker alone on **one** channel (the order a `capture = "wal"`
+/// relay needs), pipelined: a chunk's confirms are awaited while the next
+/// `depth - 1` chunks are published. Messages per second.
+pub async fn one_channel_pipelined(
+    env: &Env,
+    exchange: &str,
+    n: usize,
+    chunk: usize,
+    depth: usize,
+) -> Result<f64, String> {
+    let body = format!(
+        "{{\"seq\":0,\"pad\":\"{}\"}}",
+        "x".repeat(PAYLOAD_BYTES - 20)
+    )
+    .into_bytes();
+    let ch = env.amqp.create_channel().await.map_err(|e| e.to_string())?;
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(|e| e.to_string())?;
+    let opts = BasicPublishOptions {
+        mandatory: true,
+        immediate: false,
+    };
+    let mut waiting = std::collections::VecDeque::new();
+    let started = Instant::now();
+    let mut sent = 0;
+    while sent < n {
+        let k = chunk.min(n - sent);
+        let mut confirms = Vec::with_capacity(k);
+        for i in 0..k {
+            let c = ch
+                .basic_publish(
+                    exchange.into(),
+                    "bench".into(),
+                    opts,
+                    &body,
+                    properties(sent + i),
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            confirms.push(c);
+        }
+        waiting.push_back(tokio::spawn(async move {
+            for c in confirms {
+                match c.await.map_err(|e| e.to_string())? {
+                    Confirmation::Ack(None) => {}
+                    other => return Err(format!("publish not acked: {other:?}")),
+                }
+            }
+            Ok::<_, String>(())
+        }));
+        while waiting.len() >= depth {
+            if let Some(front) = waiting.pop_front() {
+                front.await.map_err(|e| e.to_string())??;
+            }
+        }
+        sent += k;
+    }
+    for w in waiting {
+        w.await.map_err(|e| e.to_string())??;
+    }
+    let rate = n as f64 / started.elapsed().as_secs_f64();
+    let _ = ch.close(200, "OK".into()).await;
+    Ok(rate)
+}

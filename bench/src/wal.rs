@@ -111,6 +111,27 @@ pub async fn overhead(env: &Env, o: &Options, report: &mut Report) -> Result<(),
 }
 
 pub async fn run(env: &Env, o: &Options, ceiling: f64, report: &mut Report) -> Result<(), String> {
+    // What one channel can take, the order of a wal relay, for comparison.
+    let (ch, name) = env.declare(QueueType::Classic).await?;
+    for depth in [1usize, 2, 4] {
+        let mut rates = Vec::new();
+        for _ in 0..o.repeats {
+            rates.push(
+                crate::ceiling::one_channel_pipelined(env, &name, o.rows, 1000, depth).await?,
+            );
+            ch.queue_purge(name.as_str().into(), Default::default())
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        let rate = median(&rates);
+        report.add(
+            format!("broker alone, one channel, {depth} chunk(s) of 1000 in flight"),
+            "msg/s",
+            rates,
+            format!("{:.2} of ceiling ({ceiling:.0} msg/s)", rate / ceiling),
+        );
+    }
+    env.undeclare(&ch, &name).await;
     for kind in [Kind::Rows, Kind::Messages] {
         for aggregates in [1usize, 1000] {
             let mut rates = Vec::new();

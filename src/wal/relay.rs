@@ -206,9 +206,9 @@ impl<P: Publisher> WalRelay<P> {
                 "SELECT {cols} FROM {t} o WHERE o.published_at IS NULL AND o.id > $1 ORDER BY o.id LIMIT $2"
             ),
             delivered: match config.after_publish {
-                AfterPublish::Delete => format!("DELETE FROM {t} WHERE id = ANY($1)"),
+                AfterPublish::Delete => format!("DELETE FROM {t} WHERE id = ANY($1) RETURNING id"),
                 AfterPublish::Mark => format!(
-                    "UPDATE {t} SET published_at = clock_timestamp() WHERE id = ANY($1) AND published_at IS NULL"
+                    "UPDATE {t} SET published_at = clock_timestamp() WHERE id = ANY($1) AND published_at IS NULL RETURNING id"
                 ),
             },
             park_rows: format!(
@@ -990,10 +990,18 @@ impl<P: Publisher> WalRelay<P> {
     }
 }
 
+/// How often rows a delete did not find are looked for again, and how many
+/// times: the stream can bring a transaction as soon as its commit record
+/// is flushed, a moment before the committing session makes it visible to
+/// others, so a fast confirm can send the DELETE before the row is there.
+const LATE_RETRY: Duration = Duration::from_millis(100);
+const LATE_TRIES: u32 = 30;
+
 /// Deletes (or marks) delivered rows, merging what queued up meanwhile.
-/// Retries a failed delete (the database may be restarting) until the
-/// relay stops; what is left then stays in the table and is sent again
-/// after a restart.
+/// Rows the statement did not find are tried again a few times (see
+/// [`LATE_RETRY`]). A failed statement (the database may be restarting) is
+/// retried until the relay stops; what is left then stays in the table and
+/// is sent again after a restart.
 async fn delete_confirmed(
     pool: Pool,
     sql: String,
@@ -1003,13 +1011,37 @@ async fn delete_confirmed(
 ) {
     let mut failures = 0u32;
     let mut flushes = Vec::new();
-    while let Some(first) = rx.recv().await {
-        let mut ids = Vec::new();
-        let mut next = Some(first);
+    // (id, statements that did not find it)
+    let mut late: Vec<(i64, u32)> = Vec::new();
+    let mut closed = false;
+    loop {
+        let first = if closed {
+            if late.is_empty() {
+                return;
+            }
+            tokio::time::sleep(LATE_RETRY).await;
+            None
+        } else if late.is_empty() {
+            match rx.recv().await {
+                Some(job) => Some(job),
+                None => return,
+            }
+        } else {
+            match tokio::time::timeout(LATE_RETRY, rx.recv()).await {
+                Ok(Some(job)) => Some(job),
+                Ok(None) => {
+                    closed = true;
+                    None
+                }
+                Err(_) => None,
+            }
+        };
+        let mut fresh = Vec::new();
+        let mut next = first;
         // Everything queued up to the first flush goes in one statement.
         while let Some(job) = next.take() {
             match job {
-                Job::Delete(more) => ids.extend(more),
+                Job::Delete(more) => fresh.extend(more),
                 Job::Flush(done) => {
                     flushes.push(done);
                     break;
@@ -1017,15 +1049,34 @@ async fn delete_confirmed(
             }
             next = rx.try_recv().ok();
         }
+        let ids: Vec<i64> = fresh
+            .iter()
+            .copied()
+            .chain(late.iter().map(|(id, _)| *id))
+            .collect();
         while !ids.is_empty() {
             let done = async {
                 let client = step("take a connection", pool.get()).await?;
-                step("delete delivered rows", client.execute(&sql, &[&ids])).await
+                step("delete delivered rows", client.query(&sql, &[&ids])).await
             }
             .await;
             match done {
-                Ok(_) => {
+                Ok(rows) => {
                     failures = 0;
+                    let found: HashSet<i64> =
+                        rows.iter().filter_map(|r| r.try_get(0).ok()).collect();
+                    let mut still = Vec::new();
+                    for (id, tries) in fresh.iter().map(|id| (*id, 0)).chain(late.drain(..)) {
+                        if found.contains(&id) {
+                            continue;
+                        }
+                        if tries + 1 >= LATE_TRIES {
+                            debug!(source = %name, row_id = id, "a delivered row was not found to delete (deleted by someone else, or parked)");
+                        } else {
+                            still.push((id, tries + 1));
+                        }
+                    }
+                    late = still;
                     break;
                 }
                 Err(err) => {
@@ -1034,6 +1085,7 @@ async fn delete_confirmed(
                     warn!(source = %name, rows = ids.len(), error = %ErrorChain(&err), "removing delivered rows failed; retrying (until then they would be sent again after a restart)");
                     if rx.is_closed() && failures > 3 {
                         warn!(source = %name, rows = ids.len(), "giving up removing delivered rows at shutdown; they are sent again after a restart");
+                        late.clear();
                         break;
                     }
                     let delay = Duration::from_millis(200).saturating_mul(failures.min(25));
