@@ -48,10 +48,46 @@ async fn a_broker_outage_flips_gauges_and_readiness_and_loses_nothing() {
     proxy.restore();
     relay.wait_metric("outboxd_broker_up", 1.0, WAIT).await;
     relay.wait_ready(200, WAIT).await;
-    eventually("an empty table", WAIT, || async {
-        (db.count().await == 0).then_some(())
-    })
-    .await;
+    // Twice failed in full suite runs on 2026-12-06 (an empty table not
+    // reached in 30 s, cause unknown): a longer bound, and on failure what
+    // the relay and the table were doing, for whoever looks next.
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    while db.count().await != 0 {
+        if std::time::Instant::now() > deadline {
+            let rows = db
+                .client
+                .query(
+                    "SELECT id, attempts, held, (available_at - now())::text, coalesce(last_error, '') \
+                     FROM outbox ORDER BY id LIMIT 5",
+                    &[],
+                )
+                .await
+                .unwrap_or_default();
+            for r in rows {
+                let (id, attempts, held, wait, err): (i64, i32, bool, String, String) =
+                    (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4));
+                eprintln!(
+                    "left: id {id} attempts {attempts} held {held} available in {wait} last_error {err}"
+                );
+            }
+            let metrics = relay.metrics().await;
+            for line in metrics
+                .lines()
+                .filter(|l| l.starts_with("outboxd_") && !l.ends_with(" 0"))
+            {
+                eprintln!("metric: {line}");
+            }
+            let logs = relay.logs();
+            for line in logs.iter().skip(logs.len().saturating_sub(60)) {
+                eprintln!("log: {line}");
+            }
+            panic!(
+                "{} rows still in the table 90 s after the broker came back",
+                db.count().await
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     all_arrive(&mut broker, &keys).await;
     assert!(
         relay.wait_exit(Duration::ZERO).await.is_none(),
