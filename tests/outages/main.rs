@@ -52,6 +52,16 @@ impl Drop for RabbitGuard {
     }
 }
 
+/// Starts PostgreSQL again even if the test fails half-way.
+pub struct PgGuard;
+impl Drop for PgGuard {
+    fn drop(&mut self) {
+        let _ = Command::new("sh")
+            .args(["-c", "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql | sort -V | tail -n 1) main start"])
+            .output();
+    }
+}
+
 /// A durable exchange and queue that survive a broker restart (the test's
 /// own connection does not), deleted when dropped.
 pub struct DurableQueue {

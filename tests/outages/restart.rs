@@ -5,7 +5,7 @@ use std::time::Duration;
 use crate::support::db::TestDb;
 use crate::support::eventually;
 use crate::support::relay::{Relay, simple_config};
-use crate::{DurableQueue, LONG, RabbitGuard, all_arrived, service};
+use crate::{DurableQueue, LONG, PgGuard, RabbitGuard, all_arrived, service};
 
 const ROWS: usize = 20_000;
 
@@ -51,16 +51,6 @@ async fn rabbitmq_stopped_for_seconds_then_started_every_row_arrives() {
         relay.wait_exit(Duration::ZERO).await.is_none(),
         "the relay never exits"
     );
-}
-
-/// Starts PostgreSQL again even if the test fails half-way.
-struct PgGuard;
-impl Drop for PgGuard {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("sh")
-            .args(["-c", "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql | sort -V | tail -n 1) main start"])
-            .output();
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

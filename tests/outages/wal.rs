@@ -9,7 +9,7 @@ use crate::support::aggregates::{Event, aggregates, check_order, produce, writte
 use crate::support::db::TestDb;
 use crate::support::eventually;
 use crate::support::relay::{Relay, SourceSpec, config, run_to_end};
-use crate::{DurableQueue, LONG, RabbitGuard, all_arrived, service};
+use crate::{DurableQueue, LONG, PgGuard, RabbitGuard, all_arrived, service};
 
 /// A database with the outbox, publication and slot, and the config of
 /// one wal source on it (named after the database, so its slot is its own).
@@ -22,16 +22,6 @@ async fn wal_source(prefix: &str, exchange: &str) -> (TestDb, String) {
     let (code, _, err) = run_to_end(&["migrate"], &cfg);
     assert_eq!(code, Some(0), "migrate: {err}");
     (db, cfg)
-}
-
-/// Starts PostgreSQL again even if the test fails half-way.
-struct PgGuard;
-impl Drop for PgGuard {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("sh")
-            .args(["-c", "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql | sort -V | tail -n 1) main start"])
-            .output();
-    }
 }
 
 /// Peak resident memory of a process, in KiB (VmHWM).
