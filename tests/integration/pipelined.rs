@@ -166,11 +166,15 @@ async fn cut_connections_repeat_each_aggregate_in_order() {
         &[SourceSpec::new("orders", &db.url, &broker.exchange)],
     ))
     .await;
-    // Cut while a batch is being published: when the consumer is midway
-    // through one (messages arrive before their batch is confirmed). A cut
-    // can still land between batches; cut again until one has hit rows in
-    // flight (the first unconfirmed row of an aggregate counts a failure;
-    // the rows held behind it do not).
+    // Cut while a batch is in flight. Where the consumer has got to says
+    // nothing about the relay (it can be thousands of rows ahead of the
+    // queue's reader), so the table drives the cuts: at each step the
+    // proxy first blackholes the connection, so nothing the relay publishes
+    // from then on can be confirmed, and waits for the relay to claim a
+    // batch (it then publishes into the blackhole) or, if its pipeline is
+    // already full of unconfirmed batches, for a moment to pass. The cut
+    // then fails those rows (the first unconfirmed row of an aggregate
+    // counts a failure; the rows held behind it do not).
     let failed_in_flight = || async {
         let mut failed = 0.0;
         for reason in ["connection", "timeout"] {
@@ -180,12 +184,32 @@ async fn cut_connections_repeat_each_aggregate_in_order() {
         }
         failed
     };
-    let mut got = Vec::new();
+    let claims = || async {
+        relay
+            .metric("outboxd_batch_size_count{source=\"orders\"}")
+            .await
+            .unwrap_or(0.0)
+    };
     let mut cuts = 0;
-    for at in (750..ROWS as usize).step_by(500) {
-        while got.len() < at {
-            got.push(broker.next(WAIT).await.expect("messages keep coming"));
-        }
+    for left in (1..=10).map(|k| ROWS - 500 * k) {
+        eventually("the relay to work the table down", WAIT, || async {
+            (db.count().await <= left).then_some(())
+        })
+        .await;
+        let before = claims().await;
+        proxy.blackhole();
+        let claimed = tokio::time::timeout(Duration::from_secs(2), async {
+            while claims().await <= before {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .is_ok();
+        let remaining = db.count().await;
+        assert!(
+            remaining > 0,
+            "rows left at the cut (claimed one: {claimed})"
+        );
         proxy.cut();
         relay.wait_metric("outboxd_broker_up", 0.0, WAIT).await;
         proxy.restore();
@@ -198,11 +222,9 @@ async fn cut_connections_repeat_each_aggregate_in_order() {
         (db.count().await == 0).then_some(())
     })
     .await;
-    got.extend(
-        broker
-            .collect(ROWS as usize * 2, Duration::from_secs(3))
-            .await,
-    );
+    let got = broker
+        .collect(ROWS as usize * 2, Duration::from_secs(3))
+        .await;
     let mut seen = HashSet::new();
     let mut last: HashMap<String, i64> = HashMap::new();
     for m in &got {
