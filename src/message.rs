@@ -12,6 +12,9 @@ use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use serde_json::Value;
 
+pub mod cloudevents;
+
+use crate::config::{MessageFormat, SourceConfig};
 use crate::template::{Template, Values};
 
 /// One row as the claim query returns it.
@@ -44,6 +47,21 @@ pub struct Routing<'a> {
     pub routing_key: &'a Template,
     /// Largest body allowed (`max_message_bytes`).
     pub max_body: usize,
+    /// `message_format`.
+    pub format: &'a MessageFormat,
+}
+
+impl<'a> Routing<'a> {
+    /// A source's routing settings.
+    pub fn of(cfg: &'a SourceConfig) -> Self {
+        Self {
+            source: &cfg.name,
+            exchange: &cfg.exchange,
+            routing_key: &cfg.routing_key,
+            max_body: cfg.max_message_bytes,
+            format: &cfg.format,
+        }
+    }
 }
 
 /// A message ready for `basic_publish`.
@@ -134,6 +152,18 @@ impl OutboxRow {
         }
         headers.insert("x-aggregate-type".into(), long_string(&self.aggregate_type));
         headers.insert("x-aggregate-id".into(), long_string(&self.aggregate_id));
+        if let MessageFormat::CloudEvents { source } = r.format {
+            cloudevents::add(
+                &mut headers,
+                &cloudevents::Attributes {
+                    id: &self.dedup_key,
+                    source,
+                    event_type: &self.event_type,
+                    time: self.created_at,
+                    subject: &self.aggregate_id,
+                },
+            );
+        }
         let timestamp = self
             .created_at
             .duration_since(UNIX_EPOCH)
@@ -288,6 +318,7 @@ mod tests {
             exchange: "orders.events",
             routing_key: t,
             max_body: 1024,
+            format: &MessageFormat::Plain,
         }
     }
 

@@ -77,4 +77,6 @@ pub struct RawSource {
     pub capture: Option<String>,
     pub slot: Option<String>,
     pub publication: Option<String>,
+    pub message_format: Option<String>,
+    pub cloudevents_source: Option<String>,
 }

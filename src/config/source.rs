@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use tokio_postgres::config::SslMode;
 
+use super::format::MessageFormat;
 use super::pg_url::{PgUrl, parse_pg};
 use super::raw::RawSource;
 use super::{DurationRange, Invalid, NotOneOf, Secret, Validator, in_range};
@@ -230,6 +231,8 @@ pub struct SourceConfig {
     pub tls: PgTls,
     pub notify_channel: String,
     pub capture: CaptureMode,
+    /// `message_format` (and `cloudevents_source`).
+    pub format: MessageFormat,
 }
 
 /// Key paths for one source: `source[2].batch_size (source "billing")`.
@@ -414,6 +417,12 @@ impl Validator<'_> {
             );
         }
         let capture = self.capture(&k, &keys, &raw_capture);
+        let format = self.message_format(
+            &k,
+            keys.name.as_deref(),
+            raw.message_format,
+            raw.cloudevents_source,
+        );
         let PgUrl {
             config: mut database,
             display: database_display,
@@ -449,6 +458,7 @@ impl Validator<'_> {
             tls,
             notify_channel: notify_channel?,
             capture: capture?,
+            format: format?,
         })
     }
 

@@ -53,7 +53,7 @@ proptest! {
             undecodable: None,
         };
         let t = Template::parse("{aggregate_type}.{event_type}").unwrap();
-        let routing = Routing { source: "s", exchange: "e", routing_key: &t, max_body: usize::MAX };
+        let routing = Routing { source: "s", exchange: "e", routing_key: &t, max_body: usize::MAX, format: &MessageFormat::Plain };
         match row.to_outbound(&routing) {
             Ok(m) => {
                 // Byte-exact: the body is the compact form of the same

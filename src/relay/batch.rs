@@ -73,12 +73,7 @@ async fn run<C: Capture, P: Publisher>(
     };
     relay.metrics.batch_size.observe(rows.len() as f64);
 
-    let routing = Routing {
-        source: &cfg.name,
-        exchange: &cfg.exchange,
-        routing_key: &cfg.routing_key,
-        max_body: cfg.max_message_bytes,
-    };
+    let routing = Routing::of(cfg);
     let mut messages: Vec<_> = rows
         .iter()
         .map(|row| {

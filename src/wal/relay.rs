@@ -814,12 +814,7 @@ impl<P: Publisher> WalRelay<P> {
             }
         }
         let n = st.pending.len().min(cfg.batch_size);
-        let routing = Routing {
-            source: &cfg.name,
-            exchange: &cfg.exchange,
-            routing_key: &cfg.routing_key,
-            max_body: cfg.max_message_bytes,
-        };
+        let routing = Routing::of(cfg);
         let messages: Vec<_> = st
             .pending
             .iter()

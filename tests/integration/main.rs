@@ -11,6 +11,7 @@ mod crash;
 mod dead_letters;
 mod delivery;
 mod failures;
+mod formats;
 mod held;
 mod hostile;
 mod monitoring;

@@ -37,6 +37,7 @@ fn with_rabbit_line(line: &str) -> String {
 
 mod capture;
 mod defaults;
+mod format;
 mod mistakes;
 mod properties;
 mod secrets;
