@@ -6,10 +6,9 @@
 //! the goals reuse the matrix's figures instead of draining again.
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
 
 use crate::Options;
-use crate::env::{Env, QueueType, cpu_of, pg, relay_config, sample};
+use crate::env::{CpuMark, Env, QueueType, pg, relay_config};
 use crate::order::{Tally, read_back};
 use crate::report::{Report, median};
 
@@ -258,36 +257,10 @@ async fn once(env: &Env, spec: Spec, o: &Options) -> Result<Run, String> {
         ),
     );
     let relay = env.spawn_relay(&config).await?;
-    let (broker0, pg0) = (cpu_of("beam.smp"), cpu_of("postgres"));
-    let started = Instant::now();
-    let deadline = started + Duration::from_secs(600);
-    // Watch the relay's own counter: polling count(*) on the table would
-    // cost the database more than the relay does.
-    loop {
-        let published = sample(
-            &relay.metrics().await,
-            "outboxd_messages_published_total{source=\"bench\"}",
-        )
-        .unwrap_or(0.0);
-        if published as usize >= rows {
-            break;
-        }
-        if Instant::now() > deadline {
-            return Err(format!(
-                "drain did not finish in 10 minutes ({published} published)"
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let elapsed = started.elapsed().as_secs_f64();
-    let (broker_cpu, pg_cpu) = (cpu_of("beam.smp") - broker0, cpu_of("postgres") - pg0);
-    println!(
-        "{{\"probe\":\"drain {} CPU\",\"seconds\":{elapsed:.2},\"broker_cores\":{:.2},\"postgres_cores\":{:.2},\"relay_cores\":{:.2}}}",
-        spec.name(),
-        broker_cpu / elapsed,
-        pg_cpu / elapsed,
-        relay.cpu_seconds() / elapsed
-    );
+    let mark = CpuMark::now();
+    relay.wait_published(rows, "the drain").await?;
+    let used = mark.report(&format!("drain {} CPU", spec.name()), &relay);
+    let (elapsed, pg_cpu) = (used.seconds, used.postgres * used.seconds);
     let left: i64 = client
         .query_one(count_sql, &[])
         .await

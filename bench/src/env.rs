@@ -30,6 +30,18 @@ pub enum QueueType {
 }
 
 impl QueueType {
+    /// The queue arguments that make this type.
+    fn arguments(self) -> FieldTable {
+        let mut args = FieldTable::default();
+        if self == QueueType::Quorum {
+            args.insert(
+                "x-queue-type".into(),
+                AMQPValue::LongString(LongString::from(b"quorum".to_vec())),
+            );
+        }
+        args
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             QueueType::Classic => "classic",
@@ -164,13 +176,7 @@ impl Env {
         )
         .await
         .map_err(|e| e.to_string())?;
-        let mut args = FieldTable::default();
-        if kind == QueueType::Quorum {
-            args.insert(
-                "x-queue-type".into(),
-                AMQPValue::LongString(LongString::from(b"quorum".to_vec())),
-            );
-        }
+        let args = kind.arguments();
         let durable = QueueDeclareOptions {
             durable: true,
             ..Default::default()
@@ -196,13 +202,7 @@ impl Env {
             .create_channel()
             .await
             .map_err(|e| e.to_string())?;
-        let mut args = FieldTable::default();
-        if kind == QueueType::Quorum {
-            args.insert(
-                "x-queue-type".into(),
-                AMQPValue::LongString(LongString::from(b"quorum".to_vec())),
-            );
-        }
+        let args = kind.arguments();
         let passive = QueueDeclareOptions {
             passive: true,
             durable: true,
@@ -223,6 +223,39 @@ impl Env {
         let _ = ch
             .exchange_delete(name.into(), ExchangeDeleteOptions::default())
             .await;
+    }
+
+    /// A `capture = "wal"` relay config on `url` with a slot of its own,
+    /// after `outboxd migrate` made the table, publication and slot.
+    /// Returns the config and the slot's name (see [`Env::drop_wal_db`]).
+    pub async fn wal_config(
+        &self,
+        url: &str,
+        exchange: &str,
+        extra: &str,
+    ) -> Result<(String, String), String> {
+        let slot = unique("bench_wal_slot");
+        let config = relay_config(
+            url,
+            exchange,
+            &format!("capture = \"wal\"\nslot = \"{slot}\"\npublication = \"{slot}\"\n{extra}"),
+        );
+        let parsed =
+            outboxd::config::Config::from_toml(&config, &|_| None).map_err(|e| e.to_string())?;
+        outboxd::migrate::run(&parsed)
+            .await
+            .map_err(|e| outboxd::telemetry::ErrorChain(&e).to_string())?;
+        Ok((config, slot))
+    }
+
+    /// Drops a database that has a slot (which must go first).
+    pub async fn drop_wal_db(&self, db: &str, url: &str, slot: &str) {
+        if let Ok(c) = pg(url).await {
+            let _ = c
+                .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+                .await;
+        }
+        self.drop_db(db).await;
     }
 
     pub async fn spawn_relay(&self, config: &str) -> Result<Relay, String> {
@@ -317,6 +350,42 @@ impl Relay {
         out
     }
 
+    /// Waits until the relay has published `rows` messages (its own
+    /// counter: polling the table would cost the database more than the
+    /// relay does), at most 10 minutes.
+    pub async fn wait_published(&self, rows: usize, what: &str) -> Result<(), String> {
+        self.wait_for(
+            "outboxd_messages_published_total{source=\"bench\"}",
+            rows as f64,
+            Duration::from_secs(600),
+            what,
+        )
+        .await
+    }
+
+    /// Waits until `series` reaches `at_least`, polling every 20 ms.
+    pub async fn wait_for(
+        &self,
+        series: &str,
+        at_least: f64,
+        limit: Duration,
+        what: &str,
+    ) -> Result<(), String> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let value = sample(&self.metrics().await, series).unwrap_or(0.0);
+            if value >= at_least {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "{what} did not happen in {limit:?} ({series} = {value})"
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     pub async fn stop(mut self) {
         let _ = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
@@ -330,6 +399,48 @@ impl Relay {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_file(&self.config);
+    }
+}
+
+/// The CPU the broker and PostgreSQL have used since it was taken.
+pub struct CpuMark {
+    started: Instant,
+    broker: f64,
+    postgres: f64,
+}
+
+/// Cores used over a run.
+pub struct CpuUse {
+    pub seconds: f64,
+    pub broker: f64,
+    pub postgres: f64,
+    pub relay: f64,
+}
+
+impl CpuMark {
+    pub fn now() -> Self {
+        Self {
+            started: Instant::now(),
+            broker: cpu_of("beam.smp"),
+            postgres: cpu_of("postgres"),
+        }
+    }
+
+    /// Cores used since the mark (CPU seconds over wall seconds), and
+    /// PostgreSQL's CPU seconds; prints them as the JSON line of `probe`.
+    pub fn report(&self, probe: &str, relay: &Relay) -> CpuUse {
+        let seconds = self.started.elapsed().as_secs_f64();
+        let used = CpuUse {
+            seconds,
+            broker: (cpu_of("beam.smp") - self.broker) / seconds,
+            postgres: (cpu_of("postgres") - self.postgres) / seconds,
+            relay: relay.cpu_seconds() / seconds,
+        };
+        println!(
+            "{{\"probe\":\"{probe}\",\"seconds\":{seconds:.2},\"broker_cores\":{:.2},\"postgres_cores\":{:.2},\"relay_cores\":{:.2}}}",
+            used.broker, used.postgres, used.relay
+        );
+        used
     }
 }
 

@@ -97,25 +97,14 @@ async fn run_with(
 ) -> Result<Vec<Measured>, String> {
     let (db, url) = env.create_db("bench_latency").await?;
     let (ch, exchange) = env.declare(QueueType::Classic).await?;
-    let slot = crate::env::unique("bench_lat_slot");
-    let config = if wal {
-        let config = relay_config(
-            &url,
-            &exchange,
-            &format!(
-                "capture = \"wal\"\nslot = \"{slot}\"\npublication = \"{slot}\"\n{}",
-                o.source_extra
-            ),
-        );
-        let parsed =
-            outboxd::config::Config::from_toml(&config, &|_| None).map_err(|e| e.to_string())?;
-        outboxd::migrate::run(&parsed)
-            .await
-            .map_err(|e| outboxd::telemetry::ErrorChain(&e).to_string())?;
-        config
+    let (config, slot) = if wal {
+        env.wal_config(&url, &exchange, &o.source_extra).await?
     } else {
         env.migrate(&url).await?;
-        relay_config(&url, &exchange, &o.source_extra)
+        (
+            relay_config(&url, &exchange, &o.source_extra),
+            String::new(),
+        )
     };
     let prefix = if wal { "wal " } else { "" };
     let relay = env.spawn_relay(&config).await?;
@@ -273,14 +262,10 @@ async fn run_with(
     relay.stop().await;
     env.undeclare(&ch, &exchange).await;
     if wal {
-        // A database with a slot cannot be dropped.
-        if let Ok(c) = pg(&url).await {
-            let _ = c
-                .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
-                .await;
-        }
+        env.drop_wal_db(&db, &url, &slot).await;
+    } else {
+        env.drop_db(&db).await;
     }
-    env.drop_db(&db).await;
     Ok(measured)
 }
 

@@ -12,7 +12,7 @@
 use std::time::{Duration, Instant};
 
 use crate::Options;
-use crate::env::{Env, PAYLOAD_BYTES, QueueType, cpu_of, pg, relay_config, sample, unique};
+use crate::env::{CpuMark, Env, PAYLOAD_BYTES, QueueType, pg};
 use crate::report::{Report, median};
 
 const PER_TRANSACTION: i64 = 1000;
@@ -46,17 +46,7 @@ pub async fn overhead(env: &Env, o: &Options, report: &mut Report) -> Result<(),
         .map_err(|e| e.to_string())?;
     let (db, url) = env.create_db("bench_wal_overhead").await?;
     let (ch, exchange) = env.declare(QueueType::Classic).await?;
-    let slot = unique("bench_wal_slot");
-    let config = relay_config(
-        &url,
-        &exchange,
-        &format!("capture = \"wal\"\nslot = \"{slot}\"\npublication = \"{slot}\""),
-    );
-    let parsed =
-        outboxd::config::Config::from_toml(&config, &|_| None).map_err(|e| e.to_string())?;
-    outboxd::migrate::run(&parsed)
-        .await
-        .map_err(|e| outboxd::telemetry::ErrorChain(&e).to_string())?;
+    let (config, slot) = env.wal_config(&url, &exchange, "").await?;
     let relay = env.spawn_relay(&config).await?;
     let admin = pg(&url).await?;
     let (mut none, mut with) = (Vec::new(), Vec::new());
@@ -100,12 +90,9 @@ pub async fn overhead(env: &Env, o: &Options, report: &mut Report) -> Result<(),
     );
     relay.stop().await;
     env.undeclare(&ch, &exchange).await;
-    let _ = admin
-        .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
-        .await;
     drop(admin);
     drop(plain);
-    env.drop_db(&db).await;
+    env.drop_wal_db(&db, &url, &slot).await;
     env.drop_db(&plain_db).await;
     Ok(())
 }
@@ -174,37 +161,20 @@ async fn once(
 ) -> Result<(f64, f64), String> {
     let (db, url) = env.create_db("bench_wal").await?;
     let (ch, exchange) = env.declare(QueueType::Classic).await?;
-    let slot = unique("bench_wal_slot");
-    let config = relay_config(
-        &url,
-        &exchange,
-        &format!(
-            "capture = \"wal\"\nslot = \"{slot}\"\npublication = \"{slot}\"\n{}",
-            o.source_extra
-        ),
-    );
-    let parsed =
-        outboxd::config::Config::from_toml(&config, &|_| None).map_err(|e| e.to_string())?;
-    outboxd::migrate::run(&parsed)
-        .await
-        .map_err(|e| outboxd::telemetry::ErrorChain(&e).to_string())?;
+    let (config, slot) = env.wal_config(&url, &exchange, &o.source_extra).await?;
     let relay = env.spawn_relay(&config).await?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while sample(
-        &relay.metrics().await,
-        "outboxd_slot_active{source=\"bench\"}",
-    ) != Some(1.0)
-    {
-        if Instant::now() > deadline {
-            return Err("the wal relay did not start streaming in 30 s".into());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    relay
+        .wait_for(
+            "outboxd_slot_active{source=\"bench\"}",
+            1.0,
+            Duration::from_secs(30),
+            "the wal relay streaming",
+        )
+        .await?;
     let producer = pg(&url).await?;
     let pad = PAYLOAD_BYTES as i32 - 25;
     let (aggs, total) = (aggregates as i64, rows as i64);
-    let (pg0, broker0) = (cpu_of("postgres"), cpu_of("beam.smp"));
-    let started = Instant::now();
+    let mark = CpuMark::now();
     let produce = tokio::spawn(async move {
         let mut first = 1i64;
         while first <= total {
@@ -229,33 +199,12 @@ async fn once(
         }
         Ok::<_, String>(())
     });
-    let deadline = Instant::now() + Duration::from_secs(600);
-    loop {
-        let published = sample(
-            &relay.metrics().await,
-            "outboxd_messages_published_total{source=\"bench\"}",
-        )
-        .unwrap_or(0.0);
-        if published as usize >= rows {
-            break;
-        }
-        if Instant::now() > deadline {
-            return Err(format!(
-                "wal flow did not finish in 10 minutes ({published} published)"
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let elapsed = started.elapsed().as_secs_f64();
-    let pg_cpu = cpu_of("postgres") - pg0;
-    let broker_cpu = cpu_of("beam.smp") - broker0;
-    println!(
-        "{{\"probe\":\"wal flow {} {aggregates} aggregate(s) CPU\",\"seconds\":{elapsed:.2},\"broker_cores\":{:.2},\"postgres_cores\":{:.2},\"relay_cores\":{:.2}}}",
-        kind.name(),
-        broker_cpu / elapsed,
-        pg_cpu / elapsed,
-        relay.cpu_seconds() / elapsed
+    relay.wait_published(rows, "the wal flow").await?;
+    let used = mark.report(
+        &format!("wal flow {} {aggregates} aggregate(s) CPU", kind.name()),
+        &relay,
     );
+    let (elapsed, pg_cpu) = (used.seconds, used.postgres * used.seconds);
     produce.await.map_err(|e| e.to_string())??;
     let queued = env.message_count(QueueType::Classic, &exchange).await? as usize;
     relay.stop().await;
@@ -265,12 +214,6 @@ async fn once(
         ));
     }
     env.undeclare(&ch, &exchange).await;
-    // A database with a slot cannot be dropped.
-    if let Ok(c) = pg(&url).await {
-        let _ = c
-            .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
-            .await;
-    }
-    env.drop_db(&db).await;
+    env.drop_wal_db(&db, &url, &slot).await;
     Ok((rows as f64 / elapsed, pg_cpu * 1e6 / rows as f64))
 }
