@@ -248,12 +248,23 @@ impl Env {
         Ok((config, slot))
     }
 
-    /// Drops a database that has a slot (which must go first).
+    /// Drops a database that has a slot (which must go first; its last
+    /// reader may take a moment to let go of it).
     pub async fn drop_wal_db(&self, db: &str, url: &str, slot: &str) {
         if let Ok(c) = pg(url).await {
-            let _ = c
-                .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
-                .await;
+            for _ in 0..50 {
+                let dropped = c
+                    .execute(
+                        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+                         WHERE slot_name = $1",
+                        &[&slot],
+                    )
+                    .await;
+                if dropped.is_ok() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
         }
         self.drop_db(db).await;
     }

@@ -49,13 +49,48 @@ pub async fn overhead(env: &Env, o: &Options, report: &mut Report) -> Result<(),
     let (config, slot) = env.wal_config(&url, &exchange, "").await?;
     let relay = env.spawn_relay(&config).await?;
     let admin = pg(&url).await?;
-    let (mut none, mut with) = (Vec::new(), Vec::new());
+    // The same slot and publication read by PostgreSQL's own client, which
+    // decodes nothing and deletes nothing, with no broker: what logical
+    // decoding alone costs the producers (the walsender's CPU), apart from
+    // what the relay, its deletes and the broker take.
+    let (recv_db, recv_url) = env.create_db("bench_wal_recv").await?;
+    let (_, recv_slot) = env.wal_config(&recv_url, &exchange, "").await?;
+    let recv = pg(&recv_url).await?;
+    let mut recvlogical = std::process::Command::new("pg_recvlogical")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-U",
+            "root",
+            "-d",
+            &recv_db,
+            "-S",
+            &recv_slot,
+        ])
+        .args([
+            "--start",
+            "-f",
+            "/dev/null",
+            "-F",
+            "1",
+            "-o",
+            "proto_version=1",
+        ])
+        .arg("-o")
+        .arg(format!("publication_names={recv_slot}"))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot start pg_recvlogical: {e}"))?;
+    let (mut none, mut decoding, mut with) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..o.repeats {
-        plain
-            .batch_execute("TRUNCATE outbox")
-            .await
-            .map_err(|e| e.to_string())?;
+        for table in [&plain, &recv] {
+            table
+                .batch_execute("TRUNCATE outbox")
+                .await
+                .map_err(|e| e.to_string())?;
+        }
         none.push(crate::overhead::insert_rate(&plain_url).await?);
+        decoding.push(crate::overhead::insert_rate(&recv_url).await?);
         with.push(crate::overhead::insert_rate(&url).await?);
         // Let the relay catch up before the next pair.
         let deadline = Instant::now() + Duration::from_secs(120);
@@ -81,13 +116,28 @@ pub async fn overhead(env: &Env, o: &Options, report: &mut Report) -> Result<(),
             crate::overhead::PRODUCERS
         ),
     );
+    let d = median(&decoding);
+    report.add(
+        "producer inserts/s with the slot read by pg_recvlogical (no relay, no broker)",
+        "rows/s",
+        decoding,
+        format!("{:.3} of no relay: logical decoding alone", d / base),
+    );
     let m = median(&with);
     report.add(
         "producer inserts/s with a capture = \"wal\" relay streaming",
         "rows/s",
         with,
-        format!("{:.3} of no relay", m / base),
+        format!(
+            "{:.3} of no relay, {:.3} of pg_recvlogical",
+            m / base,
+            m / d
+        ),
     );
+    let _ = recvlogical.kill();
+    let _ = recvlogical.wait();
+    drop(recv);
+    env.drop_wal_db(&recv_db, &recv_url, &recv_slot).await;
     relay.stop().await;
     env.undeclare(&ch, &exchange).await;
     drop(admin);
