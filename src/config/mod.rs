@@ -8,6 +8,7 @@
 //! instead of stopping at the first. Defaults live as consts next to the
 //! field they fill and are listed in `config/outboxd.toml`.
 
+mod columns;
 mod interpolate;
 mod invalid;
 mod pg_url;
@@ -22,6 +23,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use columns::{ColumnMap, DEBEZIUM_COLUMNS, Layout, RELAY_TABLE_SUFFIX};
 pub use invalid::{Invalid, NotOneOf};
 pub use rabbitmq::{AmqpTls, RabbitConfig};
 pub use secret::Secret;

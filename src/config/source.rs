@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use tokio_postgres::config::SslMode;
 
+use super::columns::ColumnMap;
 use super::pg_url::{PgUrl, parse_pg};
 use super::raw::RawSource;
 use super::{DurationRange, Invalid, NotOneOf, Secret, Validator, in_range};
@@ -230,6 +231,9 @@ pub struct SourceConfig {
     pub tls: PgTls,
     pub notify_channel: String,
     pub capture: CaptureMode,
+    /// `layout = "debezium"` or `[source.columns]`: producers insert into
+    /// this table, and a trigger forwards each row into `table`.
+    pub mapping: Option<ColumnMap>,
 }
 
 /// Key paths for one source: `source[2].batch_size (source "billing")`.
@@ -304,6 +308,13 @@ impl Validator<'_> {
             .string_opt(&k("table"), raw.table)
             .unwrap_or_else(|| DEFAULT_TABLE.to_owned());
         let table = self.check(&k("table"), TableName::parse(&table));
+        // A mapped table forwards its inserts to the relay's own table beside
+        // it; from here on `table` is the table the relay reads.
+        let mapping = self.columns(&k, raw.layout.take(), raw.columns.take(), table.as_ref());
+        let table = match (table, &mapping) {
+            (Some(_), Some(Some(map))) => Some(map.relay_table()),
+            (table, _) => table,
+        };
         let exchange = self
             .string_opt(&k("exchange"), raw.exchange)
             .unwrap_or_default();
@@ -449,6 +460,7 @@ impl Validator<'_> {
             tls,
             notify_channel: notify_channel?,
             capture: capture?,
+            mapping: mapping?,
         })
     }
 
