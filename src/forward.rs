@@ -233,3 +233,6 @@ pub fn describe(problems: &[MappingProblem]) -> String {
         .collect::<Vec<_>>()
         .join("; ")
 }
+
+#[cfg(test)]
+mod tests;
