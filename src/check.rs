@@ -8,8 +8,12 @@
 //! For a `capture = "wal"` source also: wal_level = logical, the role may
 //! replicate, the publication and the slot are there and usable, and a
 //! warning while max_slot_wal_keep_size leaves a slot's WAL unbounded.
+//! For a mapped table (`layout = "debezium"`), also its columns and its
+//! forwarding trigger (`check/mapped.rs`).
 //! Sources are checked concurrently (a few at a time) and reported in
 //! config order, each source's lines together.
+
+mod mapped;
 
 use std::io::Write;
 use std::sync::Arc;
@@ -244,6 +248,15 @@ async fn check_source<W: Write>(r: &mut Report<W>, source: &SourceConfig) {
         r.line(
             Level::Fail,
             &what("table"),
+            &format!("query failed: {}", ErrorChain(&e)),
+        );
+    }
+    if let Some(map) = &source.mapping
+        && let Err(e) = mapped::check(r, &client, source, map).await
+    {
+        r.line(
+            Level::Fail,
+            &what("columns"),
             &format!("query failed: {}", ErrorChain(&e)),
         );
     }

@@ -23,7 +23,9 @@
 //! wires one relay per configured source, the broker connection and the
 //! HTTP endpoints in [`admin`]; [`commands`] runs each subcommand and
 //! maps its error to the exit code. [`config`] loads and validates the
-//! TOML file. [`health`] is the client side of `/healthz`, for `outboxd
+//! TOML file. [`forward`] is the trigger a mapped table (Debezium's
+//! outbox layout, say) forwards its producers' rows through into the
+//! relay's own table. [`health`] is the client side of `/healthz`, for `outboxd
 //! health` (a container's health check).
 
 pub mod admin;
@@ -34,6 +36,7 @@ pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod dead_letters;
+pub mod forward;
 pub mod health;
 pub mod ident;
 pub mod message;

@@ -2,7 +2,9 @@
 //! trigger in every source database, from `sql/outbox.sql`; for a
 //! `capture = "wal"` source also its publication, `outbox_emit()` and its
 //! replication slot, from `sql/wal.sql`. Slots are made here only, never
-//! by `run`.
+//! by `run`. For a mapped table (`layout = "debezium"`), the relay's table
+//! is made beside it, and the producers' table gets the trigger that
+//! forwards its inserts (`crate::forward`), once its columns are checked.
 //!
 //! The same file works with psql by hand. psql fills in its `:"var"`
 //! placeholders; here we do the same substitution ourselves, with names
@@ -11,6 +13,7 @@
 use tracing::info;
 
 use crate::config::{Config, SourceConfig, WalCapture};
+use crate::forward;
 use crate::ident::{quote_ident, quote_literal};
 use crate::source::ConnectError;
 
@@ -45,6 +48,16 @@ pub enum MigrateError {
         slot: String,
         #[source]
         source: tokio_postgres::Error,
+    },
+    /// A mapped table whose columns do not fit `[source.columns]`: no
+    /// trigger is written that would fail the producers' inserts.
+    #[error(
+        "migrate failed for source {source_name:?} ({database}): the table does not fit the column mapping: {problems}"
+    )]
+    Mapping {
+        source_name: String,
+        database: String,
+        problems: String,
     },
     #[error("migrate failed for source {source_name:?} ({database}): {source}")]
     Sql {
@@ -123,6 +136,14 @@ pub async fn run(config: &Config) -> Result<(), MigrateError> {
             channel = %source.notify_channel,
             "outbox table, indexes and trigger are in place"
         );
+        if let Some(map) = &source.mapping {
+            info!(
+                source = %source.name,
+                table = %map.table,
+                trigger = %forward::trigger::trigger_name(map),
+                "the mapped table forwards its inserts to the relay's table"
+            );
+        }
         if let Some(w) = source.capture.wal() {
             info!(
                 source = %source.name,
@@ -144,23 +165,42 @@ async fn migrate_one(source: &SourceConfig) -> Result<(), MigrateError> {
             source: e,
         })?;
     let wal = source.capture.wal().map(|w| render_wal(source, w));
+    let sql_error = |e| MigrateError::Sql {
+        source_name: source.name.clone(),
+        database: source.database_display.clone(),
+        source: e,
+    };
+    // A mapped table's columns are checked first: a trigger that names a
+    // missing column would fail every producer's insert.
+    let forward = match &source.mapping {
+        None => None,
+        Some(map) => match forward::read_plan(&client, map).await.map_err(sql_error)? {
+            Ok(plan) => Some(forward::trigger::render(&source.table, map, &plan)),
+            Err(problems) => {
+                return Err(MigrateError::Mapping {
+                    source_name: source.name.clone(),
+                    database: source.database_display.clone(),
+                    problems: forward::describe(&problems),
+                });
+            }
+        },
+    };
     let result = async {
         let tx = client.transaction().await?;
         // "already exists, skipping" notices are the expected case on a re-run.
         tx.batch_execute("SET LOCAL client_min_messages = warning")
             .await?;
         tx.batch_execute(&render(source)).await?;
+        if let Some(forward) = &forward {
+            tx.batch_execute(forward).await?;
+        }
         if let Some(wal) = &wal {
             tx.batch_execute(&wal.0).await?;
         }
         tx.commit().await
     }
     .await
-    .map_err(|e| MigrateError::Sql {
-        source_name: source.name.clone(),
-        database: source.database_display.clone(),
-        source: e,
-    });
+    .map_err(sql_error);
     result?;
     if let (Some((_, slot_sql)), Some(w)) = (&wal, source.capture.wal()) {
         client

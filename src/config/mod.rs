@@ -8,6 +8,7 @@
 //! instead of stopping at the first. Defaults live as consts next to the
 //! field they fill and are listed in `config/outboxd.toml`.
 
+mod columns;
 mod format;
 mod interpolate;
 mod invalid;
@@ -23,6 +24,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use columns::{ColumnMap, DEBEZIUM_COLUMNS, Layout, RELAY_TABLE_SUFFIX};
 pub use format::MessageFormat;
 pub use invalid::{Invalid, NotOneOf};
 pub use rabbitmq::{AmqpTls, RabbitConfig};

@@ -79,4 +79,21 @@ pub struct RawSource {
     pub publication: Option<String>,
     pub message_format: Option<String>,
     pub cloudevents_source: Option<String>,
+    pub layout: Option<String>,
+    pub columns: Option<RawColumns>,
+}
+
+/// `[source.columns]`: the producers' column names of a mapped table.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawColumns {
+    pub id: Option<String>,
+    pub aggregate_type: Option<String>,
+    pub aggregate_id: Option<String>,
+    pub event_type: Option<String>,
+    pub payload: Option<String>,
+    pub dedup_key: Option<String>,
+    pub headers: Option<String>,
+    pub created_at: Option<String>,
+    pub header_columns: Option<Vec<String>>,
 }

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use tokio_postgres::config::SslMode;
 
+use super::columns::ColumnMap;
 use super::format::MessageFormat;
 use super::pg_url::{PgUrl, parse_pg};
 use super::raw::RawSource;
@@ -233,6 +234,9 @@ pub struct SourceConfig {
     pub capture: CaptureMode,
     /// `message_format` (and `cloudevents_source`).
     pub format: MessageFormat,
+    /// `layout = "debezium"` or `[source.columns]`: producers insert into
+    /// this table, and a trigger forwards each row into `table`.
+    pub mapping: Option<ColumnMap>,
 }
 
 /// Key paths for one source: `source[2].batch_size (source "billing")`.
@@ -307,6 +311,13 @@ impl Validator<'_> {
             .string_opt(&k("table"), raw.table)
             .unwrap_or_else(|| DEFAULT_TABLE.to_owned());
         let table = self.check(&k("table"), TableName::parse(&table));
+        // A mapped table forwards its inserts to the relay's own table beside
+        // it; from here on `table` is the table the relay reads.
+        let mapping = self.columns(&k, raw.layout.take(), raw.columns.take(), table.as_ref());
+        let table = match (table, &mapping) {
+            (Some(_), Some(Some(map))) => Some(map.relay_table()),
+            (table, _) => table,
+        };
         let exchange = self
             .string_opt(&k("exchange"), raw.exchange)
             .unwrap_or_default();
@@ -459,6 +470,7 @@ impl Validator<'_> {
             notify_channel: notify_channel?,
             capture: capture?,
             format: format?,
+            mapping: mapping?,
         })
     }
 

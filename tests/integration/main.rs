@@ -9,6 +9,7 @@ mod cli;
 mod config_errors;
 mod crash;
 mod dead_letters;
+mod debezium;
 mod delivery;
 mod failures;
 mod formats;

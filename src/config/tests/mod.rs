@@ -36,6 +36,7 @@ fn with_rabbit_line(line: &str) -> String {
 }
 
 mod capture;
+mod columns;
 mod defaults;
 mod format;
 mod mistakes;
