@@ -83,6 +83,16 @@ pub async fn run(config: Config, drain: CancellationToken) -> Result<(), AppErro
             // The log wakes the relay and orders its rows: no listener, no
             // partitions. The slot's gauges and the table's backlog instead.
             let slot_metrics = metrics.slot(&cfg.name);
+            // No listener to hear the pause: read it every poll interval.
+            helpers.spawn(source::pause::watch(
+                src.pool.clone(),
+                cfg.table.clone(),
+                cfg.name.clone(),
+                health.clone(),
+                source_metrics.paused.clone(),
+                cfg.poll_interval,
+                helpers_stop.clone(),
+            ));
             helpers.spawn(crate::wal::upkeep::run(
                 src.clone(),
                 wal.clone(),
