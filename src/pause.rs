@@ -135,9 +135,9 @@ fn describe(source: &SourceConfig, paused: bool, changed: bool, since: Option<&s
             "{what} was already paused (since {}); nothing changed",
             since.unwrap_or("an unknown time")
         ),
-        (false, true) if source.capture.wal().is_some() => format!(
-            "resumed {what}: its relay streams again within {when:?}, from the slot"
-        ),
+        (false, true) if source.capture.wal().is_some() => {
+            format!("resumed {what}: its relay streams again within {when:?}, from the slot")
+        }
         (false, true) => format!("resumed {what}: its relays claim again now"),
         (false, false) => format!("{what} was not paused; nothing changed"),
     }

@@ -92,12 +92,7 @@ pub async fn run<W: Write>(config: &Config, json: bool, mut out: W) -> Vec<Strin
     let statuses = gather(config).await;
     // A closed stdout must not turn a status into a panic.
     if json {
-        let _ = serde_json::to_writer_pretty(
-            &mut out,
-            &Report {
-                sources: &statuses,
-            },
-        );
+        let _ = serde_json::to_writer_pretty(&mut out, &Report { sources: &statuses });
         let _ = writeln!(out);
     } else {
         let _ = out.write_all(render::table(&statuses).as_bytes());

@@ -80,7 +80,10 @@ pub fn record<E: std::error::Error>(source: &Source, result: Result<Row, E>) {
                 oldest_sendable_age_seconds: b.oldest_sendable_age_seconds,
             });
             source.metrics.held.set(b.held);
-            source.metrics.held_by_dead_letters.set(b.held_by_dead_letters);
+            source
+                .metrics
+                .held_by_dead_letters
+                .set(b.held_by_dead_letters);
             source.metrics.pending.set(b.pending);
             source.metrics.oldest_pending_age.set(b.oldest_age_seconds);
             source.metrics.dead_letters.set(b.dead_letters);

@@ -96,10 +96,7 @@ fn relay_line(r: &RelayStatus, ordered: bool) -> String {
 
 fn slot_line(slot: &SlotStatus) -> String {
     if !slot.exists {
-        return format!(
-            "slot {}: missing (`outboxd migrate` makes it)",
-            slot.name
-        );
+        return format!("slot {}: missing (`outboxd migrate` makes it)", slot.name);
     }
     let state = match slot.active_pid {
         Some(pid) if slot.active => format!("active (pid {pid})"),
