@@ -124,7 +124,7 @@ pub async fn gather(config: &Config) -> Vec<SourceStatus> {
     for (source, task) in tasks {
         statuses.push(match task.await {
             Ok(status) => status,
-            Err(err) => unreadable(&source, format!("the status itself failed: {err}")),
+            Err(err) => unreadable(source, format!("the status itself failed: {err}")),
         });
     }
     statuses

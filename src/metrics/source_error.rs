@@ -8,7 +8,8 @@ pub enum SourceError {
     Database,
     /// The LISTEN connection was lost.
     Listener,
-    /// The backlog query behind the gauges failed.
+    /// The backlog query behind the gauges, or the listener's read of the
+    /// pause flag, failed.
     BacklogQuery,
     /// The database refused to settle a row as planned (delete, park):
     /// the row was rescheduled instead.

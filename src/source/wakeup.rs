@@ -7,8 +7,10 @@
 //! deadpool drives pooled connections with `connection.await`, which throws
 //! notifications away, so this connection is opened with tokio-postgres
 //! directly and driven with `poll_message`. It also runs the backlog query
-//! behind `outboxd_pending_messages`, so an idle source holds two
-//! connections: this one and one pooled connection for its polls.
+//! behind `outboxd_pending_messages` and reads the operator's pause flag
+//! (`pause.rs`; a pause or resume also arrives as a notification), and it
+//! holds the relay's membership lock of the table, so an idle source
+//! holds two connections: this one and one pooled connection for its polls.
 
 use crate::metrics::SourceError;
 use std::future::{Future, poll_fn};
