@@ -83,6 +83,44 @@ pub fn apply(name: &str, health: &SourceHealth, gauge: &IntGauge, paused: bool) 
     }
 }
 
+/// How long a relay waits at start for its first read of the flag.
+pub const FIRST_READ: Duration = Duration::from_secs(5);
+
+/// One read of the flag on a pooled connection.
+pub async fn read(pool: &Pool, sql: &str, within: Duration) -> Result<bool, String> {
+    let client = step("take a connection", pool.get())
+        .await
+        .map_err(|e| ErrorChain(&e).to_string())?;
+    match tokio::time::timeout(within, client.query_opt(sql, &[])).await {
+        Ok(result) => decode(result),
+        Err(_) => Err(format!("no answer within {within:?}")),
+    }
+}
+
+/// Before a relay's first claim: a source that is paused when its relay
+/// starts must not send a batch before the listener (or [`watch`]) has
+/// read the flag. A database that does not answer leaves the source
+/// unpaused: the relay cannot claim then either, and the listener reads
+/// the flag as soon as it connects.
+pub async fn first_read(
+    pool: &Pool,
+    table: &TableName,
+    name: &str,
+    health: &SourceHealth,
+    gauge: &IntGauge,
+) {
+    let within = FIRST_READ;
+    match tokio::time::timeout(within, read(pool, &read_sql(table), within)).await {
+        Ok(Ok(paused)) => apply(name, health, gauge, paused),
+        Ok(Err(error)) => {
+            debug!(source = %name, %error, "cannot read the pause flag at start; the listener reads it once connected")
+        }
+        Err(_) => {
+            debug!(source = %name, "no answer reading the pause flag at start; the listener reads it once connected")
+        }
+    }
+}
+
 /// `capture = "wal"`: reads the flag every `every` until `stop`. A failed
 /// read keeps the last state (the relay reports the database itself).
 pub async fn watch(
@@ -102,16 +140,7 @@ pub async fn watch(
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let read = async {
-            let client = step("take a connection", pool.get())
-                .await
-                .map_err(|e| ErrorChain(&e).to_string())?;
-            match tokio::time::timeout(super::DB_TIMEOUT, client.query_opt(&sql, &[])).await {
-                Ok(result) => decode(result),
-                Err(_) => Err(format!("no answer within {:?}", super::DB_TIMEOUT)),
-            }
-        };
-        match read.await {
+        match read(&pool, &sql, super::DB_TIMEOUT).await {
             Ok(paused) => apply(&name, &health, &gauge, paused),
             Err(error) => {
                 debug!(source = %name, %error, "reading the pause flag failed; keeping the last state")

@@ -22,7 +22,8 @@ fn pause(cfg: &str, what: &str) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pause_holds_rows_back_from_every_relay_and_resume_delivers_them_all() {
+async fn pause_holds_rows_back_from_every_relay_even_one_started_while_paused_and_resume_delivers_them_all()
+ {
     let db = TestDb::migrated("obx_pause").await;
     let mut broker = TestBroker::new("order.#").await;
     let cfg = config(
@@ -46,27 +47,33 @@ async fn pause_holds_rows_back_from_every_relay_and_resume_delivers_them_all() {
         assert_eq!(ready["sources"][0]["paused"], true, "{ready}");
     }
     db.insert_rows(20, 10).await;
+    // A relay that starts while the source is paused claims nothing either.
+    let third = Relay::start(&cfg).await;
+    third.wait_metric(PAUSED, 1.0, WAIT).await;
     assert!(
         broker.next(QUIET).await.is_none(),
         "nothing is published while paused"
     );
     assert_eq!(db.count().await, 20, "the rows wait in the outbox");
 
-    // Status sees the pause, the backlog, and both relays with every
-    // partition between them.
-    let (code, json, err) = status_json(&cfg);
-    assert_eq!(code, Some(0), "{err}");
-    let s = source(&json, "orders");
+    // Status sees the pause, the backlog, and the three relays with every
+    // partition between them (once the third has taken its share).
+    let s = eventually("three relays sharing 64 partitions", WAIT, || async {
+        let (code, json, err) = status_json(&cfg);
+        assert_eq!(code, Some(0), "{err}");
+        let s = source(&json, "orders").clone();
+        let relays = s["relays"].as_array().expect("relays").clone();
+        let owned: Vec<usize> = relays
+            .iter()
+            .map(|r| r["partitions"].as_array().map_or(0, Vec::len))
+            .collect();
+        (relays.len() == 3 && owned.iter().sum::<usize>() == 64 && owned.iter().all(|n| *n > 0))
+            .then_some(s)
+    })
+    .await;
     assert_eq!(s["paused"], true, "{s}");
     assert!(s["paused_since"].is_string(), "{s}");
     assert_eq!(s["backlog"], 20, "{s}");
-    let relays = s["relays"].as_array().expect("relays");
-    assert_eq!(relays.len(), 2, "{s}");
-    let partitions: usize = relays
-        .iter()
-        .map(|r| r["partitions"].as_array().map_or(0, Vec::len))
-        .sum();
-    assert_eq!(partitions, 64, "every partition owned once: {s}");
 
     // Idempotent: a second pause changes nothing and says so.
     let out = pause(&cfg, "pause");
@@ -80,7 +87,7 @@ async fn pause_holds_rows_back_from_every_relay_and_resume_delivers_them_all() {
         (db.count().await == 0).then_some(())
     })
     .await;
-    for relay in [&first, &second] {
+    for relay in [&first, &second, &third] {
         relay.wait_metric(PAUSED, 0.0, WAIT).await;
     }
     let out = pause(&cfg, "resume");
