@@ -135,6 +135,14 @@ INSERT INTO :"schema".:"wakeup_table" (armed)
 -- Producers only read the flag; any role may.
 GRANT SELECT ON :"schema".:"wakeup_table" TO PUBLIC;
 
+-- Pause: `outboxd pause` sets it (and disarms the flag, so producers send
+-- no NOTIFY meanwhile), `outboxd resume` clears it; every relay on the
+-- table reads it once per poll interval and stops claiming while it is
+-- set. Rows keep accumulating in the outbox. Flag tables made by an
+-- earlier version get the columns here (no rewrite).
+ALTER TABLE :"schema".:"wakeup_table" ADD COLUMN IF NOT EXISTS paused boolean NOT NULL DEFAULT false;
+ALTER TABLE :"schema".:"wakeup_table" ADD COLUMN IF NOT EXISTS paused_at timestamptz;
+
 -- The function has the flag table and channel built in (static SQL, so its
 -- plan is cached; every name qualified). psql does not substitute variables
 -- inside a dollar-quoted body, so the names travel through settings into

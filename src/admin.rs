@@ -99,6 +99,8 @@ async fn readyz(State(state): State<Arc<AdminState>>) -> Response {
                 "name": h.name,
                 "database_up": h.db_up(),
                 "listening": h.listening(),
+                // Paused by an operator: still ready (pausing is deliberate).
+                "paused": h.paused(),
                 "last_error": h.last_error(),
                 "dead_letters": stuck.dead_letters,
                 "held_by_dead_letters": stuck.held_by_dead_letters,
@@ -147,6 +149,7 @@ async fn status(State(state): State<Arc<AdminState>>) -> Response {
                 "name": h.name,
                 "database_up": h.db_up(),
                 "listening": h.listening(),
+                "paused": h.paused(),
                 "relays": relays,
                 "partitions_owned": partitions.len(),
                 "partitions": partitions,

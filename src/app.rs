@@ -83,6 +83,16 @@ pub async fn run(config: Config, drain: CancellationToken) -> Result<(), AppErro
             // The log wakes the relay and orders its rows: no listener, no
             // partitions. The slot's gauges and the table's backlog instead.
             let slot_metrics = metrics.slot(&cfg.name);
+            // No listener to hear the pause: read it every poll interval.
+            helpers.spawn(source::pause::watch(
+                src.pool.clone(),
+                cfg.table.clone(),
+                cfg.name.clone(),
+                health.clone(),
+                source_metrics.paused.clone(),
+                cfg.poll_interval,
+                helpers_stop.clone(),
+            ));
             helpers.spawn(crate::wal::upkeep::run(
                 src.clone(),
                 wal.clone(),
@@ -109,7 +119,19 @@ pub async fn run(config: Config, drain: CancellationToken) -> Result<(), AppErro
                 )),
             );
             wal_relay.polling = Some(slot_metrics.polling);
-            relays.spawn(Arc::new(wal_relay).run(drain.clone(), abort.clone()));
+            let (wal_relay, drain, abort) = (Arc::new(wal_relay), drain.clone(), abort.clone());
+            relays.spawn(async move {
+                let r = &wal_relay;
+                source::pause::first_read(
+                    &r.pool,
+                    &r.config.table,
+                    &r.config.name,
+                    &r.health,
+                    &r.metrics.paused,
+                )
+                .await;
+                wal_relay.run(drain, abort).await
+            });
             continue;
         }
         helpers.spawn(source::wakeup::run(
@@ -134,7 +156,19 @@ pub async fn run(config: Config, drain: CancellationToken) -> Result<(), AppErro
                 config.rabbitmq.confirm_timeout,
             )),
         });
-        relays.spawn(relay.run(drain.clone(), abort.clone()));
+        let (drain, abort) = (drain.clone(), abort.clone());
+        relays.spawn(async move {
+            let src = &relay.capture;
+            source::pause::first_read(
+                &src.pool,
+                &src.config.table,
+                &src.config.name,
+                &src.health,
+                &src.metrics.paused,
+            )
+            .await;
+            relay.run(drain, abort).await
+        });
     }
 
     let server_stop = CancellationToken::new();

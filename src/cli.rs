@@ -1,5 +1,6 @@
-//! The command line: `outboxd run | migrate | check | dead-letters --config
-//! PATH`, and `outboxd health [--url URL]`, which reads no config.
+//! The command line: `outboxd run | migrate | check | status | pause |
+//! resume | dead-letters | slot --config PATH`, and `outboxd health [--url
+//! URL]`, which reads no config.
 
 use std::path::PathBuf;
 
@@ -44,6 +45,18 @@ pub enum ConfigCommand {
     Migrate(ConfigArg),
     /// Check the config, the broker, each database, table, privileges and exchange; non-zero exit on failure.
     Check(ConfigArg),
+    /// Per source, from the database: backlog, oldest pending age, held rows, dead letters, relays and their partitions, paused or not, the slot; exit 1 if a source cannot be read.
+    Status {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// JSON instead of a table (field names in the README).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop every relay on a source's table from claiming (recorded in the database; rows keep accumulating, nothing is lost).
+    Pause(SourceArg),
+    /// Let the relays of a paused source claim again.
+    Resume(SourceArg),
     /// List, replay or purge parked rows (the dead-letter table).
     #[command(subcommand)]
     DeadLetters(DeadLetters),
@@ -114,6 +127,16 @@ pub struct Which {
     pub all: bool,
 }
 
+/// `-c PATH --source S`.
+#[derive(Debug, Args)]
+pub struct SourceArg {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// The source's name in the config.
+    #[arg(long)]
+    pub source: String,
+}
+
 #[derive(Debug, Args)]
 pub struct ConfigArg {
     /// Path to the TOML config file.
@@ -136,7 +159,10 @@ impl ConfigCommand {
                 | DeadLetters::Replay { config, .. }
                 | DeadLetters::Purge { config, .. },
             )
-            | ConfigCommand::Slot(Slot::Drop { config, .. }) => &config.config,
+            | ConfigCommand::Slot(Slot::Drop { config, .. })
+            | ConfigCommand::Status { config, .. }
+            | ConfigCommand::Pause(SourceArg { config, .. })
+            | ConfigCommand::Resume(SourceArg { config, .. }) => &config.config,
         }
     }
 }

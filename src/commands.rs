@@ -5,12 +5,12 @@
 use clap::Parser as _;
 use tokio_util::sync::CancellationToken;
 
-use crate::cli::{Cli, Command, ConfigCommand, DeadLetters, Slot, Which};
+use crate::cli::{Cli, Command, ConfigCommand, DeadLetters, Slot, SourceArg, Which};
 use crate::config::{Config, ConfigError, LogFormat};
 use crate::dead_letters::{self, DeadLetterError, Selection};
 use crate::health::{self, HealthError, HealthUrl};
 use crate::telemetry::ErrorChain;
-use crate::{app, check, migrate, shutdown, telemetry};
+use crate::{app, check, migrate, pause, shutdown, status, telemetry};
 
 /// Every way a command can fail, each with its exit code.
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +33,10 @@ pub enum Error {
     Slot(#[from] crate::wal::slot::SlotError),
     #[error("{0} check(s) failed")]
     Check(usize),
+    #[error(transparent)]
+    Pause(#[from] pause::PauseError),
+    #[error("cannot read source(s) {}", .0.iter().map(|s| format!("{s:?}")).collect::<Vec<_>>().join(", "))]
+    Status(Vec<String>),
     #[error("not healthy: {0}")]
     Unhealthy(#[source] HealthError),
 }
@@ -53,6 +57,8 @@ impl Error {
             | Error::DeadLetters(_)
             | Error::Slot(_)
             | Error::Check(_)
+            | Error::Pause(_)
+            | Error::Status(_)
             | Error::Unhealthy(_) => 1,
         }
     }
@@ -117,6 +123,18 @@ async fn run_with_config(
                 "{}",
                 crate::wal::slot::drop_slot(&config, &source, yes).await?
             );
+        }
+        ConfigCommand::Status { json, .. } => {
+            let unreadable = status::run(&config, json, std::io::stdout()).await;
+            if !unreadable.is_empty() {
+                return Err(Error::Status(unreadable));
+            }
+        }
+        ConfigCommand::Pause(SourceArg { source, .. }) => {
+            println!("{}", pause::set(&config, &source, true).await?);
+        }
+        ConfigCommand::Resume(SourceArg { source, .. }) => {
+            println!("{}", pause::set(&config, &source, false).await?);
         }
         ConfigCommand::Check(_) => {
             let failures =

@@ -14,6 +14,9 @@ use prometheus::{
 
 use crate::outcome::FailureReason;
 
+mod source_error;
+pub use source_error::SourceError;
+
 pub const PUBLISHED: &str = "outboxd_messages_published_total";
 pub const PUBLISH_FAILURES: &str = "outboxd_publish_failures_total";
 pub const PENDING: &str = "outboxd_pending_messages";
@@ -35,48 +38,12 @@ pub const SLOT_RETAINED: &str = "outboxd_slot_retained_bytes";
 pub const SLOT_LAG: &str = "outboxd_slot_lag_bytes";
 pub const SLOT_ACTIVE: &str = "outboxd_slot_active";
 pub const WAL_POLLING: &str = "outboxd_wal_polling";
+pub const SOURCE_PAUSED: &str = "outboxd_source_paused";
 pub const SOURCE_ERRORS: &str = "outboxd_source_errors_total";
 pub const BROKER_UP: &str = "outboxd_broker_up";
 pub const BROKER_BLOCKED: &str = "outboxd_broker_blocked";
 pub const BROKER_CONNECTS: &str = "outboxd_broker_connections_total";
 pub const BUILD_INFO: &str = "outboxd_build_info";
-
-/// Where a source's database error happened: the `reason` label of
-/// `outboxd_source_errors_total`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SourceError {
-    /// A claim, settle or helper statement failed; the source pauses.
-    Database,
-    /// The LISTEN connection was lost.
-    Listener,
-    /// The backlog query behind the gauges failed.
-    BacklogQuery,
-    /// The database refused to settle a row as planned (delete, park):
-    /// the row was rescheduled instead.
-    Settle,
-    /// `capture = "wal"`: the replication stream could not start or failed.
-    Replication,
-}
-
-impl SourceError {
-    pub const ALL: [SourceError; 5] = [
-        SourceError::Database,
-        SourceError::Listener,
-        SourceError::BacklogQuery,
-        SourceError::Settle,
-        SourceError::Replication,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SourceError::Database => "database",
-            SourceError::Listener => "listener",
-            SourceError::BacklogQuery => "backlog_query",
-            SourceError::Settle => "settle",
-            SourceError::Replication => "replication",
-        }
-    }
-}
 
 /// The broker connection's series (one connection per process).
 #[derive(Clone)]
@@ -110,6 +77,7 @@ pub struct Metrics {
     slot_lag: IntGaugeVec,
     slot_active: IntGaugeVec,
     wal_polling: IntGaugeVec,
+    paused: IntGaugeVec,
     broker: BrokerMetrics,
 }
 
@@ -154,6 +122,8 @@ pub struct SourceMetrics {
     pub held: IntGauge,
     /// Of those, rows waiting for a parked row (`on_park = "hold"`).
     pub held_by_dead_letters: IntGauge,
+    /// 1 while an operator has paused the source (`outboxd pause`).
+    pub paused: IntGauge,
 }
 
 impl SourceMetrics {
@@ -342,6 +312,10 @@ impl Metrics {
             WAL_POLLING,
             "capture = \"wal\": 1 while this relay polls the outbox table because the replication slot is missing or lost.",
         );
+        let paused = gauge(
+            SOURCE_PAUSED,
+            "1 while the source is paused (`outboxd pause`): its relays claim nothing and rows accumulate in the outbox; 0 otherwise.",
+        );
         let rebalances = register(
             &r,
             IntCounterVec::new(
@@ -424,6 +398,7 @@ impl Metrics {
             slot_lag,
             slot_active,
             wal_polling,
+            paused,
             broker,
         }
     }
@@ -477,6 +452,7 @@ impl Metrics {
             relays: self.relays.with_label_values(l),
             held: self.held.with_label_values(l),
             held_by_dead_letters: self.held_dead.with_label_values(l),
+            paused: self.paused.with_label_values(l),
         }
     }
 

@@ -69,6 +69,9 @@ struct Loop<C, P> {
     pause: Pause,
     /// `ordering = "aggregate"`: the partitions we own (from the listener).
     owned: watch::Receiver<Arc<Vec<i32>>>,
+    /// The operator's pause (`outboxd pause`, read by the listener): no
+    /// claims and no sweeps while set; batches in flight finish.
+    paused: watch::Receiver<bool>,
     next_sweep: Instant,
     draining: bool,
 }
@@ -86,6 +89,7 @@ impl<C: Capture, P: Publisher> Relay<C, P> {
     pub async fn run(self: Arc<Self>, drain: CancellationToken, abort: CancellationToken) -> usize {
         let mut state = Loop {
             owned: self.capture.partitions(),
+            paused: self.health.paused_changes(),
             relay: self.clone(),
             tasks: InFlight::new(),
             cursor: Cursor::new(),
@@ -163,6 +167,15 @@ impl<C: Capture, P: Publisher> Relay<C, P> {
                     // the next claim (and guarded by the batch lock meanwhile).
                     state.cursor.due = !state.draining;
                 }
+                Ok(()) = state.paused.changed() => {
+                    if !*state.paused.borrow_and_update() {
+                        // Resumed: look at the whole table, and set the
+                        // wake-up flag afresh (pause disarmed it).
+                        state.cursor.due = !state.draining;
+                        state.cursor.full_scan = true;
+                        state.flag.last = None;
+                    }
+                }
                 _ = poll.tick(), if !state.draining => {
                     self.capture.upkeep();
                     state.cursor.due = true;
@@ -203,6 +216,7 @@ impl<C: Capture, P: Publisher> Loop<C, P> {
     /// need a second connection, room in flight.
     fn can_sweep(&self, now: Instant) -> bool {
         !self.pause.active(now)
+            && !*self.paused.borrow()
             && !self.draining
             && !self.tasks.sweep_running
             && !self.flag.running
@@ -211,11 +225,12 @@ impl<C: Capture, P: Publisher> Loop<C, P> {
             && now >= self.next_sweep
     }
 
-    /// A claim may start: not paused, the broker takes messages, no claim
+    /// A claim may start: not paused (after failures or by an operator), the broker takes messages, no claim
     /// running, not beside a flag update or a sweep (an idle source then
     /// needs one pooled connection, not two), room in flight, and a reason.
     fn can_claim(&self, now: Instant) -> bool {
         !self.pause.active(now)
+            && !*self.paused.borrow()
             && self.relay.publisher.can_publish()
             && self.tasks.claiming.is_none()
             && !self.flag.running
@@ -225,11 +240,13 @@ impl<C: Capture, P: Publisher> Loop<C, P> {
     }
 
     /// Draining is over: nothing in flight, and nothing left to claim (or
-    /// no way to: the broker is away, or there are no partitions).
+    /// no way to: the broker is away, there are no partitions, or an
+    /// operator paused the source).
     fn drained(&self) -> bool {
         self.draining
             && self.tasks.is_empty()
             && (!self.cursor.wants_claim()
+                || *self.paused.borrow()
                 || !self.relay.publisher.can_publish()
                 || self.claim_from().is_none())
     }

@@ -21,6 +21,7 @@ fn every_series_exists_at_zero_before_any_event() {
         "outboxd_held_by_dead_letters{source=\"orders\"} 0",
         "outboxd_oldest_sendable_age_seconds{source=\"orders\"} 0",
         "outboxd_unclaimable_rows{source=\"orders\"} 0",
+        "outboxd_source_paused{source=\"orders\"} 0",
         "outboxd_source_errors_total{reason=\"settle\",source=\"orders\"} 0",
         "outboxd_parked_total{reason=\"refused\",source=\"orders\"} 0",
         "outboxd_build_info{version=\"",

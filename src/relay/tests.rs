@@ -295,3 +295,40 @@ async fn a_failed_batch_does_not_free_the_slot_of_a_running_sweep() {
     running.drain.cancel();
     assert_eq!(running.handle.await.unwrap(), 0);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_paused_source_claims_nothing_until_resumed_and_drains_at_once() {
+    let h = harness("");
+    h.relay.health.set_paused(true);
+    h.capture.insert([1, 2]);
+    let running = h.start();
+    // Many poll intervals and wake-ups of paused time: not one claim.
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    h.capture.insert([3]);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(
+        h.publisher.sent_ids().is_empty(),
+        "nothing sent while paused"
+    );
+    assert_eq!(h.capture.left(), [1, 2, 3], "every row waits");
+
+    h.relay.health.set_paused(false);
+    until(
+        "every row delivered after resume",
+        Duration::from_secs(10),
+        || h.capture.left().is_empty(),
+    )
+    .await;
+
+    // Paused again with a row waiting: a drain ends without claiming it.
+    h.relay.health.set_paused(true);
+    h.capture.insert([4]);
+    running.drain.cancel();
+    let abandoned = tokio::time::timeout(Duration::from_secs(5), running.handle)
+        .await
+        .expect("a paused drain ends at once")
+        .unwrap();
+    assert_eq!(abandoned, 0);
+    assert_eq!(h.capture.left(), [4], "the row stays for after the pause");
+    assert!(!h.publisher.sent_ids().contains(&4));
+}

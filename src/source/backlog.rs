@@ -55,35 +55,38 @@ pub fn sql(config: &SourceConfig) -> String {
 /// from one run of [`sql`] (run by the listener, on its connection).
 pub fn record<E: std::error::Error>(source: &Source, result: Result<Row, E>) {
     let decoded = match result {
-        Ok(row) => gauges(&row).map_err(|e| ErrorChain(&e).to_string()),
+        Ok(row) => decode(&row).map_err(|e| ErrorChain(&e).to_string()),
         Err(e) => Err(ErrorChain(&e).to_string()),
     };
     match decoded {
-        Ok((count, age, dead, held, held_dead, sendable_age, unclaimable)) => {
+        Ok(b) => {
             let before = source.metrics.unclaimable.get();
-            source.metrics.unclaimable.set(unclaimable);
-            if unclaimable > 0 && unclaimable != before {
+            source.metrics.unclaimable.set(b.unclaimable);
+            if b.unclaimable > 0 && b.unclaimable != before {
                 warn!(
                     source = %source.config.name,
-                    rows = unclaimable,
+                    rows = b.unclaimable,
                     "rows in the outbox have published_at set, which the relay never does with after_publish = \"delete\"; they will never be sent (clear published_at to send them, or delete them)"
                 );
             }
             source
                 .metrics
                 .oldest_sendable_age
-                .set(sendable_age.max(0.0));
+                .set(b.oldest_sendable_age_seconds);
             source.health.set_stuck(Stuck {
-                dead_letters: dead,
-                held_by_dead_letters: held_dead,
-                unclaimable,
-                oldest_sendable_age_seconds: sendable_age.max(0.0),
+                dead_letters: b.dead_letters,
+                held_by_dead_letters: b.held_by_dead_letters,
+                unclaimable: b.unclaimable,
+                oldest_sendable_age_seconds: b.oldest_sendable_age_seconds,
             });
-            source.metrics.held.set(held);
-            source.metrics.held_by_dead_letters.set(held_dead);
-            source.metrics.pending.set(count);
-            source.metrics.oldest_pending_age.set(age.max(0.0));
-            source.metrics.dead_letters.set(dead);
+            source.metrics.held.set(b.held);
+            source
+                .metrics
+                .held_by_dead_letters
+                .set(b.held_by_dead_letters);
+            source.metrics.pending.set(b.pending);
+            source.metrics.oldest_pending_age.set(b.oldest_age_seconds);
+            source.metrics.dead_letters.set(b.dead_letters);
         }
         Err(err) => {
             // The relay loop reports the database's state; this is only a gauge.
@@ -93,16 +96,29 @@ pub fn record<E: std::error::Error>(source: &Source, result: Result<Row, E>) {
     }
 }
 
-type Gauges = (i64, f64, i64, i64, i64, f64, i64);
+/// One run of [`sql`], decoded.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Backlog {
+    /// Unpublished rows.
+    pub pending: i64,
+    /// Age of the oldest of them, 0 when there is none.
+    pub oldest_age_seconds: f64,
+    pub dead_letters: i64,
+    pub held: i64,
+    pub held_by_dead_letters: i64,
+    pub oldest_sendable_age_seconds: f64,
+    pub unclaimable: i64,
+}
 
-fn gauges(row: &Row) -> Result<Gauges, tokio_postgres::Error> {
-    Ok((
-        row.try_get(0)?,
-        row.try_get(1)?,
-        row.try_get(2)?,
-        row.try_get(3)?,
-        row.try_get(4)?,
-        row.try_get(5)?,
-        row.try_get(6)?,
-    ))
+/// Decodes one row of [`sql`] (also read by `outboxd status`).
+pub fn decode(row: &Row) -> Result<Backlog, tokio_postgres::Error> {
+    Ok(Backlog {
+        pending: row.try_get(0)?,
+        oldest_age_seconds: row.try_get::<_, f64>(1)?.max(0.0),
+        dead_letters: row.try_get(2)?,
+        held: row.try_get(3)?,
+        held_by_dead_letters: row.try_get(4)?,
+        oldest_sendable_age_seconds: row.try_get::<_, f64>(5)?.max(0.0),
+        unclaimable: row.try_get(6)?,
+    })
 }

@@ -5,6 +5,8 @@ use std::sync::PoisonError;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use tokio::sync::watch;
+
 pub struct SourceHealth {
     pub name: String,
     started: Instant,
@@ -28,6 +30,9 @@ pub struct SourceHealth {
     streaming: AtomicBool,
     /// `capture = "wal"`: the slot is unusable and the table is polled.
     polling: AtomicBool,
+    /// An operator paused the source (`outboxd pause`), as last read from
+    /// the database; the relay loop waits on its changes.
+    paused: watch::Sender<bool>,
 }
 
 /// A `capture = "wal"` source's replication slot, for `/readyz`.
@@ -69,6 +74,7 @@ impl SourceHealth {
             slot: Mutex::new(None),
             streaming: AtomicBool::new(false),
             polling: AtomicBool::new(false),
+            paused: watch::Sender::new(false),
         }
     }
 
@@ -171,8 +177,24 @@ impl SourceHealth {
         self.polling.load(Ordering::Relaxed)
     }
 
+    /// Records the pause flag as read; returns the previous state.
+    pub fn set_paused(&self, paused: bool) -> bool {
+        self.paused.send_replace(paused)
+    }
+
+    pub fn paused(&self) -> bool {
+        *self.paused.borrow()
+    }
+
+    /// Wakes on every change of the pause flag.
+    pub fn paused_changes(&self) -> watch::Receiver<bool> {
+        self.paused.subscribe()
+    }
+
     /// Whether `/readyz` may count the source as ready: its database is up
-    /// and, for `capture = "wal"`, its slot usable.
+    /// and, for `capture = "wal"`, its slot usable. A paused source stays
+    /// ready: pausing is deliberate, and taking the relay out of service
+    /// (or restarting it) would not resume it.
     pub fn ready(&self) -> bool {
         self.db_up() && self.slot().is_none_or(|s| s.problem.is_none())
     }

@@ -13,6 +13,7 @@ pub mod liveness;
 #[cfg(test)]
 pub mod memory;
 pub mod order;
+pub mod pause;
 pub mod poll;
 pub mod pool;
 pub mod retention;
@@ -43,6 +44,8 @@ pub struct Queries {
     /// `ordering = "aggregate"`: claims, releases, the sweep, relay count.
     pub order: order::Sql,
     pub lock_keys: order::LockKeys,
+    /// Reads the operator's pause flag (`pause.rs`).
+    pub paused: String,
 }
 
 /// One source database: everything its tasks share. It is the polling
@@ -80,6 +83,7 @@ impl Source {
             flag: flag::Sql::new(&config.table),
             order,
             lock_keys: order::LockKeys::new(&config.table),
+            paused: pause::read_sql(&config.table),
         };
         metrics.up.set(0);
         Self {

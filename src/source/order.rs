@@ -288,6 +288,23 @@ impl Sql {
     }
 }
 
+/// `outboxd status`: each relay on the table, found by its member lock
+/// (held by its listener's session; see `join_sql`), with the session's
+/// application_name, client address, start, and the partitions it holds.
+/// $1 member key, $2 partition key.
+pub const RELAYS_SQL: &str = "SELECT m.pid, COALESCE(a.application_name, ''), \
+        CASE WHEN a.client_addr IS NULL THEN NULL ELSE host(a.client_addr) || ':' || a.client_port END, \
+        to_json(a.backend_start) #>> '{}', \
+        COALESCE((SELECT array_agg(p.objid::int ORDER BY p.objid) FROM pg_catalog.pg_locks p \
+            WHERE p.pid = m.pid AND p.locktype = 'advisory' AND p.granted AND p.objsubid = 2 \
+              AND p.database = m.database \
+              AND p.classid = (hashtext($2)::bigint & 4294967295)::oid), '{}') \
+    FROM pg_catalog.pg_locks m LEFT JOIN pg_catalog.pg_stat_activity a ON a.pid = m.pid \
+    WHERE m.locktype = 'advisory' AND m.granted AND m.objid = 0 AND m.objsubid = 2 \
+      AND m.classid = (hashtext($1)::bigint & 4294967295)::oid \
+      AND m.database = (SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database()) \
+    ORDER BY a.backend_start, m.pid";
+
 /// How many partitions a relay should own when `members` relays run.
 pub fn fair_share(members: i32) -> usize {
     let members = members.max(1);
@@ -314,15 +331,13 @@ pub fn plan(owned: &BTreeSet<i32>, share: usize, offset: i32) -> (Vec<i32>, Vec<
     (Vec::new(), wanted)
 }
 
-/// Joins the table's relays on this (listener) connection.
-pub async fn join(client: &Client, keys: &LockKeys) -> Result<(), tokio_postgres::Error> {
-    client
-        .execute(
-            "SELECT pg_advisory_lock_shared(hashtext($1), 0)",
-            &[&keys.member],
-        )
-        .await
-        .map(drop)
+/// Joins the table's relays (a shared session lock on the member key),
+/// as a statement for the listener's LISTEN batch.
+pub fn join_sql(keys: &LockKeys) -> String {
+    format!(
+        "SELECT pg_advisory_lock_shared(hashtext({}), 0)",
+        crate::ident::quote_literal(&keys.member)
+    )
 }
 
 /// One turn of the rebalance: count the relays, then give back or take

@@ -7,8 +7,10 @@
 //! deadpool drives pooled connections with `connection.await`, which throws
 //! notifications away, so this connection is opened with tokio-postgres
 //! directly and driven with `poll_message`. It also runs the backlog query
-//! behind `outboxd_pending_messages`, so an idle source holds two
-//! connections: this one and one pooled connection for its polls.
+//! behind `outboxd_pending_messages` and reads the operator's pause flag
+//! (`pause.rs`; a pause or resume also arrives as a notification), and it
+//! holds the relay's membership lock of the table, so an idle source
+//! holds two connections: this one and one pooled connection for its polls.
 
 use crate::metrics::SourceError;
 use std::future::{Future, poll_fn};
@@ -21,7 +23,7 @@ use tokio_postgres::{AsyncMessage, NoTls, Socket};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::{Source, backlog, liveness, order};
+use super::{Source, backlog, liveness, order, pause};
 use crate::backoff::Backoff;
 use crate::ident::quote_ident;
 use crate::telemetry::ErrorChain;
@@ -81,6 +83,17 @@ type Bounded<'a, T> = Pin<
 type Rebalance<'a> = Bounded<'a, (BTreeSet<i32>, i32)>;
 
 type Query<'a> = Bounded<'a, tokio_postgres::Row>;
+
+type PauseRead<'a> = Bounded<'a, Option<tokio_postgres::Row>>;
+
+fn apply_pause(source: &Source, paused: bool) {
+    pause::apply(
+        &source.config.name,
+        &source.health,
+        &source.metrics.paused,
+        paused,
+    );
+}
 
 /// Why the listener's connection ended (it always ends in an error: the
 /// listener runs until it is stopped). The tokio-postgres error is the
@@ -146,8 +159,13 @@ where
     } else {
         String::new()
     };
+    // Every relay joins the table's members on this connection (a shared
+    // session lock), so `outboxd status` can list the relays on a table
+    // from `pg_locks`; with `ordering = "aggregate"` the rebalance counts
+    // them too.
     let listen_sql = format!(
-        "{idle_limit}LISTEN {}",
+        "{idle_limit}{}; LISTEN {}",
+        order::join_sql(&source.queries.lock_keys),
         quote_ident(&source.config.notify_channel)
     );
     let mut listen = Box::pin(client.batch_execute(&listen_sql));
@@ -161,7 +179,11 @@ where
     let mut rebalance_tick = tokio::time::interval(source.config.poll_interval);
     rebalance_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut rebalancing: Option<Rebalance<'_>> = None;
-    let mut joined = false;
+    // The pause flag, read on this connection once per poll interval (and
+    // as soon as listening starts).
+    let mut pause_tick = tokio::time::interval(source.config.poll_interval);
+    pause_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut pause_read: Option<PauseRead<'_>> = None;
     let mut owned = BTreeSet::new();
     // Relays that start together reach for different partitions first.
     let offset = (std::process::id() as i32).rem_euclid(order::PARTITIONS);
@@ -169,7 +191,10 @@ where
         tokio::select! {
             // The connection must be polled for any query on it to complete.
             message = poll_fn(|cx| connection.poll_message(cx)) => match message {
-                Some(Ok(AsyncMessage::Notification(_))) => source.wake.notify_one(),
+                Some(Ok(AsyncMessage::Notification(n))) => match pause::from_payload(n.payload()) {
+                    Some(paused) => apply_pause(source, paused),
+                    None => source.wake.notify_one(),
+                },
                 Some(Ok(AsyncMessage::Notice(notice))) => debug!(source = %source.config.name, %notice, "notice on the listener"),
                 Some(Ok(_)) => {}
                 Some(Err(e)) => return Stopped::Connection(e),
@@ -198,15 +223,31 @@ where
                 };
                 backlog::record(source, result);
             }
+            _ = pause_tick.tick(), if listening && pause_read.is_none() => {
+                pause_read = Some(Box::pin(tokio::time::timeout(
+                    super::DB_TIMEOUT,
+                    client.query_opt(&source.queries.paused, &[]),
+                )));
+            }
+            result = async { pause_read.as_mut().expect("guarded by is_some").await }, if pause_read.is_some() => {
+                pause_read = None;
+                let Ok(result) = result else {
+                    return Stopped::Stalled;
+                };
+                match pause::decode(result) {
+                    Ok(paused) => apply_pause(source, paused),
+                    Err(error) => {
+                        source.metrics.error(SourceError::BacklogQuery).inc();
+                        debug!(source = %source.config.name, %error, "reading the pause flag failed; keeping the last state");
+                    }
+                }
+            }
             _ = rebalance_tick.tick(), if ordered && listening && rebalancing.is_none() => {
                 let (client, sql, keys, mine) = (&client, &source.queries.order, &source.queries.lock_keys, owned.clone());
-                let join = !joined;
-                rebalancing = Some(Box::pin(tokio::time::timeout(super::DB_TIMEOUT, async move {
-                    if join {
-                        order::join(client, keys).await?;
-                    }
-                    order::rebalance(client, sql, keys, mine, offset).await
-                })));
+                rebalancing = Some(Box::pin(tokio::time::timeout(
+                    super::DB_TIMEOUT,
+                    order::rebalance(client, sql, keys, mine, offset),
+                )));
             }
             result = async { rebalancing.as_mut().expect("guarded by is_some").await }, if rebalancing.is_some() => {
                 rebalancing = None;
@@ -215,7 +256,6 @@ where
                 };
                 match result {
                     Ok((now_owned, relays)) => {
-                        joined = true;
                         source.metrics.relays.set(i64::from(relays));
                         source.health.set_ownership(now_owned.iter().copied().collect(), relays);
                         if now_owned != owned {

@@ -23,6 +23,12 @@
 //! - **One streamer per slot.** The server lets one session stream from a
 //!   slot; a second relay gets "slot in use" and stands by, trying again
 //!   every poll interval, and takes over once the first one's session ends.
+//! - **Pause** (`outboxd pause`, read every poll interval by
+//!   `source::pause::watch`): the session stops taking events once the
+//!   batch in flight is confirmed, gives the slot what is done, and closes
+//!   the replication connection (an unread stream would be ended by the
+//!   server's `wal_sender_timeout` anyway); on resume a new session starts
+//!   from the slot. Meanwhile the slot keeps the WAL from its position.
 //! - **Memory** is bounded by one batch of pending messages plus the
 //!   transport's read-ahead (`stream::READ_AHEAD` events), whatever the size of
 //!   a transaction.
@@ -105,6 +111,8 @@ struct Item {
 /// How a session ended when it did not fail.
 enum End {
     Drained,
+    /// An operator paused the source: the session ended cleanly.
+    Paused,
     /// Abandoned at the drain timeout with this many messages in flight
     /// (sent again after a restart).
     Aborted(usize),
@@ -286,6 +294,14 @@ impl<P: Publisher> WalRelay<P> {
                     info!(source = %name, "drained; relay stopped");
                     return 0;
                 }
+                Ok(End::Paused) => match self.wait_resumed(drain, abort).await {
+                    Some(End::Aborted(n)) => return n,
+                    Some(_) => {
+                        info!(source = %name, "drained; relay stopped");
+                        return 0;
+                    }
+                    None => continue,
+                },
                 Ok(End::Aborted(n)) => {
                     warn!(source = %name, messages = n, "drain time is up; messages in flight are sent again after a restart");
                     return n;
@@ -370,11 +386,20 @@ impl<P: Publisher> WalRelay<P> {
         warn!(source = %name, slot = %self.wal.slot, "polling the outbox table while the replication slot is unusable");
         let ended = loop {
             self.health.beat();
+            if self.health.paused() {
+                tokio::select! {
+                    _ = drain.cancelled() => break Fallback::Drained,
+                    _ = abort.cancelled() => break Fallback::Aborted(0),
+                    _ = tokio::time::sleep(self.config.poll_interval) => continue,
+                }
+            }
             match self.poll_pass(drain, abort, deletes).await {
                 Ok(Some(end)) => {
                     break match end {
                         End::Drained => Fallback::Drained,
                         End::Aborted(n) => Fallback::Aborted(n),
+                        // Paused mid-pass: the next pass (after resume) goes on.
+                        End::Paused => continue,
                     };
                 }
                 Ok(None) => {}
@@ -466,6 +491,28 @@ impl<P: Publisher> WalRelay<P> {
         })
     }
 
+    /// Paused: no replication connection until the source is resumed (or
+    /// the relay stops). `Some` if the relay stops meanwhile.
+    async fn wait_resumed(
+        &self,
+        drain: &CancellationToken,
+        abort: &CancellationToken,
+    ) -> Option<End> {
+        let mut paused = self.health.paused_changes();
+        info!(source = %self.config.name, slot = %self.wal.slot, "paused: replication connection closed; the slot keeps the WAL from its position until `outboxd resume`");
+        while *paused.borrow_and_update() {
+            // /healthz: a paused loop still turns.
+            self.health.beat();
+            tokio::select! {
+                _ = drain.cancelled() => return Some(End::Drained),
+                _ = abort.cancelled() => return Some(End::Aborted(0)),
+                _ = paused.changed() => {}
+                _ = tokio::time::sleep(self.config.poll_interval) => {}
+            }
+        }
+        None
+    }
+
     async fn session(
         &self,
         drain: &CancellationToken,
@@ -474,6 +521,9 @@ impl<P: Publisher> WalRelay<P> {
         standing_by: &mut bool,
         slot_gone: &mut bool,
     ) -> Result<End, SessionError> {
+        if self.health.paused() {
+            return Ok(End::Paused);
+        }
         let stream = tokio::select! {
             _ = drain.cancelled() => return Ok(End::Drained),
             started = tokio::time::timeout(DB_TIMEOUT, PgStream::start(&self.config, &self.wal)) => {
@@ -587,6 +637,9 @@ impl<P: Publisher> WalRelay<P> {
             }
             drop(client);
             while !st.pending.is_empty() {
+                if self.health.paused() {
+                    return Ok(Some(End::Paused));
+                }
                 if let Some(end) = self.send_next(st, stream, drain, abort).await? {
                     return Ok(Some(end));
                 }
@@ -611,10 +664,15 @@ impl<P: Publisher> WalRelay<P> {
         let mut tick = tokio::time::interval(self.config.poll_interval.min(STATUS_INTERVAL));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let cap = self.config.batch_size;
+        let mut paused = self.health.paused_changes();
         loop {
             self.health.beat();
             if drain.is_cancelled() {
                 return Ok(End::Drained);
+            }
+            // Between batches: nothing is in flight.
+            if *paused.borrow_and_update() {
+                return Ok(End::Paused);
             }
             // Take in what is ready, up to a batch.
             while st.pending.len() < cap {
@@ -647,6 +705,7 @@ impl<P: Publisher> WalRelay<P> {
                 event = stream.recv(), if st.pending.len() < cap => self.handle(st, stream, event?)?,
                 _ = retry => {}
                 _ = tick.tick() => {}
+                Ok(()) = paused.changed() => {}
             }
         }
     }

@@ -15,10 +15,12 @@ use crate::source::health::SlotState;
 use crate::source::{Source, backlog, step};
 use crate::telemetry::ErrorChain;
 
-/// The slot, as PostgreSQL sees it. Positions as bigint bytes.
-const SLOT_SQL: &str = "SELECT s.active, s.wal_status, s.plugin, \
+/// The slot, as PostgreSQL sees it (also read by `outboxd status`):
+/// active, wal_status, plugin, retained and lag as bigint bytes, and the
+/// pid of the session streaming from it.
+pub const SLOT_SQL: &str = "SELECT s.active, s.wal_status, s.plugin, \
         (pg_current_wal_lsn() - s.restart_lsn)::bigint, \
-        (pg_current_wal_lsn() - s.confirmed_flush_lsn)::bigint \
+        (pg_current_wal_lsn() - s.confirmed_flush_lsn)::bigint, s.active_pid \
     FROM pg_catalog.pg_replication_slots s \
     WHERE s.slot_name = $1 AND s.database = current_database()";
 
