@@ -7,8 +7,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cli::{Cli, Command, ConfigCommand, DeadLetters, Slot, SourceArg, Which};
 use crate::config::{Config, ConfigError, LogFormat};
-use crate::dead_letters::{self, DeadLetterError, Selection};
+use crate::dead_letters::{self, Selection};
 use crate::health::{self, HealthError, HealthUrl};
+use crate::source::command::SourceCommandError;
 use crate::telemetry::ErrorChain;
 use crate::{app, check, migrate, pause, shutdown, status, telemetry};
 
@@ -27,14 +28,11 @@ pub enum Error {
     Run(#[from] app::AppError),
     #[error(transparent)]
     Migrate(#[from] migrate::MigrateError),
+    /// `dead-letters`, `slot drop`, `pause` and `resume`.
     #[error(transparent)]
-    DeadLetters(#[from] DeadLetterError),
-    #[error(transparent)]
-    Slot(#[from] crate::wal::slot::SlotError),
+    SourceCommand(#[from] SourceCommandError),
     #[error("{0} check(s) failed")]
     Check(usize),
-    #[error(transparent)]
-    Pause(#[from] pause::PauseError),
     #[error("cannot read source(s) {}", .0.iter().map(|s| format!("{s:?}")).collect::<Vec<_>>().join(", "))]
     Status(Vec<String>),
     #[error("not healthy: {0}")]
@@ -54,10 +52,8 @@ impl Error {
             | Error::Signals(_)
             | Error::Run(_)
             | Error::Migrate(_)
-            | Error::DeadLetters(_)
-            | Error::Slot(_)
+            | Error::SourceCommand(_)
             | Error::Check(_)
-            | Error::Pause(_)
             | Error::Status(_)
             | Error::Unhealthy(_) => 1,
         }
@@ -153,7 +149,10 @@ async fn health_command(url: &HealthUrl) -> Result<(), Error> {
     Ok(())
 }
 
-async fn dead_letters_command(config: &Config, action: DeadLetters) -> Result<(), DeadLetterError> {
+async fn dead_letters_command(
+    config: &Config,
+    action: DeadLetters,
+) -> Result<(), SourceCommandError> {
     let which = |w: Which| {
         if w.all {
             Selection::All

@@ -6,34 +6,8 @@
 
 use std::io::Write;
 
-use tokio_postgres::Client;
-
 use crate::config::{Config, OnPark, SourceConfig};
-use crate::source::ConnectError;
-
-/// Why a dead-letters command failed; database errors keep their cause
-/// as the source (tokio-postgres keeps the server's message one further).
-#[derive(Debug, thiserror::Error)]
-pub enum DeadLetterError {
-    #[error("no source named {0:?} in the config")]
-    UnknownSource(String),
-    #[error("source {source_name:?} ({database}): cannot connect: {source}")]
-    Connect {
-        source_name: String,
-        database: String,
-        #[source]
-        source: ConnectError,
-    },
-    #[error("source {source_name:?} ({database}): {source}")]
-    Database {
-        source_name: String,
-        database: String,
-        #[source]
-        source: tokio_postgres::Error,
-    },
-    #[error("{0}")]
-    Refused(String),
-}
+use crate::source::command::{SourceCommandError, connect, db_error, find};
 
 /// Which rows an action applies to.
 pub enum Selection {
@@ -45,40 +19,13 @@ fn dead_table(source: &SourceConfig) -> String {
     source.table.sibling("_dead")
 }
 
-fn find<'a>(config: &'a Config, name: &str) -> Result<&'a SourceConfig, DeadLetterError> {
-    config
-        .sources
-        .iter()
-        .find(|s| s.name == name)
-        .ok_or_else(|| DeadLetterError::UnknownSource(name.to_owned()))
-}
-
-async fn connect(source: &SourceConfig) -> Result<Client, DeadLetterError> {
-    crate::source::connect(source)
-        .await
-        .map_err(|e| DeadLetterError::Connect {
-            source_name: source.name.clone(),
-            database: source.database_display.clone(),
-            source: e,
-        })
-}
-
-/// Names the source a query failed on: `.map_err(db_error(source))`.
-fn db_error(source: &SourceConfig) -> impl FnOnce(tokio_postgres::Error) -> DeadLetterError {
-    |e| DeadLetterError::Database {
-        source_name: source.name.clone(),
-        database: source.database_display.clone(),
-        source: e,
-    }
-}
-
 /// Prints the parked rows of one source (or all), oldest id first.
 pub async fn list<W: Write>(
     config: &Config,
     only: Option<&str>,
     limit: i64,
     mut out: W,
-) -> Result<(), DeadLetterError> {
+) -> Result<(), SourceCommandError> {
     let sources: Vec<&SourceConfig> = match only {
         Some(name) => vec![find(config, name)?],
         None => config.sources.iter().collect(),
@@ -138,11 +85,11 @@ pub struct Replayed {
 
 impl Replayed {
     /// `Err` naming the ids that were asked for but not parked.
-    pub fn complete(&self, source: &str) -> Result<(), DeadLetterError> {
+    pub fn complete(&self, source: &str) -> Result<(), SourceCommandError> {
         if self.missing.is_empty() {
             return Ok(());
         }
-        Err(DeadLetterError::Refused(format!(
+        Err(SourceCommandError::Refused(format!(
             "no dead letter with id {:?} in source {source:?}",
             self.missing
         )))
@@ -153,7 +100,7 @@ pub async fn replay(
     config: &Config,
     source: &str,
     which: &Selection,
-) -> Result<Replayed, DeadLetterError> {
+) -> Result<Replayed, SourceCommandError> {
     let source = find(config, source)?;
     let client = connect(source).await?;
     let (filter, ids) = selection(which);
@@ -190,7 +137,7 @@ pub async fn purge(
     source: &str,
     which: &Selection,
     yes: bool,
-) -> Result<u64, DeadLetterError> {
+) -> Result<u64, SourceCommandError> {
     let source = find(config, source)?;
     let client = connect(source).await?;
     let (filter, ids) = selection(which);
@@ -204,7 +151,7 @@ pub async fn purge(
             .await
             .map_err(db_error(source))?
             .get(0);
-        return Err(DeadLetterError::Refused(format!(
+        return Err(SourceCommandError::Refused(format!(
             "this would delete {n} dead letter(s) of source {:?} for good; re-run with --yes",
             source.name
         )));

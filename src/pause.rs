@@ -9,53 +9,14 @@
 //! nothing and says so.
 
 use crate::config::{Config, SourceConfig};
-use crate::source::ConnectError;
+use crate::source::command::{SourceCommandError, connect, db_error, find};
 use crate::source::pause::{PAUSE_PAYLOAD, RESUME_PAYLOAD, predates_pause};
-
-#[derive(Debug, thiserror::Error)]
-pub enum PauseError {
-    #[error("no source named {0:?} in the config")]
-    UnknownSource(String),
-    #[error("source {source_name:?} ({database}): cannot connect: {source}")]
-    Connect {
-        source_name: String,
-        database: String,
-        #[source]
-        source: ConnectError,
-    },
-    #[error(
-        "source {source_name:?} ({database}): {flag} has no pause flag (made by an earlier \
-         version, or missing); run `outboxd migrate`, which adds it"
-    )]
-    NotMigrated {
-        source_name: String,
-        database: String,
-        flag: String,
-    },
-    #[error("source {source_name:?} ({database}): {source}")]
-    Database {
-        source_name: String,
-        database: String,
-        #[source]
-        source: tokio_postgres::Error,
-    },
-}
 
 /// Pauses (`paused = true`) or resumes the source named `name`; returns
 /// what to print.
-pub async fn set(config: &Config, name: &str, paused: bool) -> Result<String, PauseError> {
-    let source = config
-        .sources
-        .iter()
-        .find(|s| s.name == name)
-        .ok_or_else(|| PauseError::UnknownSource(name.to_owned()))?;
-    let mut client = crate::source::connect(source)
-        .await
-        .map_err(|e| PauseError::Connect {
-            source_name: source.name.clone(),
-            database: source.database_display.clone(),
-            source: e,
-        })?;
+pub async fn set(config: &Config, name: &str, paused: bool) -> Result<String, SourceCommandError> {
+    let source = find(config, name)?;
+    let mut client = connect(source).await?;
     let flag = source.table.sibling("_wakeup");
     let result: Result<Option<(bool, Option<String>)>, tokio_postgres::Error> = async {
         let tx = client.transaction().await?;
@@ -106,20 +67,16 @@ pub async fn set(config: &Config, name: &str, paused: bool) -> Result<String, Pa
         Ok(Some((changed, since))) => Ok(describe(source, paused, changed, since.as_deref())),
         Ok(None) => Err(not_migrated(source, flag)),
         Err(e) if predates_pause(&e) => Err(not_migrated(source, flag)),
-        Err(e) => Err(PauseError::Database {
-            source_name: source.name.clone(),
-            database: source.database_display.clone(),
-            source: e,
-        }),
+        Err(e) => Err(db_error(source)(e)),
     }
 }
 
-fn not_migrated(source: &SourceConfig, flag: String) -> PauseError {
-    PauseError::NotMigrated {
-        source_name: source.name.clone(),
-        database: source.database_display.clone(),
-        flag,
-    }
+fn not_migrated(source: &SourceConfig, flag: String) -> SourceCommandError {
+    SourceCommandError::Refused(format!(
+        "source {:?} ({}): {flag} has no pause flag (made by an earlier version, or missing); \
+         run `outboxd migrate`, which adds it",
+        source.name, source.database_display
+    ))
 }
 
 /// The line the command prints.

@@ -5,6 +5,7 @@
 pub mod backlog;
 pub mod capture;
 pub mod claim;
+pub mod command;
 pub mod complete;
 pub mod dead;
 pub mod flag;

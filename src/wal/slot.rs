@@ -3,56 +3,22 @@
 //! `--yes` it only says what it would drop and how much WAL that frees.
 
 use crate::config::Config;
-use crate::source::ConnectError;
-
-#[derive(Debug, thiserror::Error)]
-pub enum SlotError {
-    #[error("no source named {0:?} in the config")]
-    UnknownSource(String),
-    #[error("source {0:?} does not use capture = \"wal\"; it has no slot")]
-    NotWal(String),
-    #[error("source {source_name:?} ({database}): cannot connect: {source}")]
-    Connect {
-        source_name: String,
-        database: String,
-        #[source]
-        source: ConnectError,
-    },
-    #[error("source {source_name:?} ({database}): {source}")]
-    Database {
-        source_name: String,
-        database: String,
-        #[source]
-        source: tokio_postgres::Error,
-    },
-    #[error("{0}")]
-    Refused(String),
-}
+use crate::source::command::{SourceCommandError, connect, db_error, find};
 
 /// Drops the slot of `source` (with `yes`), or describes it. Returns what
 /// to print.
-pub async fn drop_slot(config: &Config, source: &str, yes: bool) -> Result<String, SlotError> {
-    let cfg = config
-        .sources
-        .iter()
-        .find(|s| s.name == source)
-        .ok_or_else(|| SlotError::UnknownSource(source.to_owned()))?;
-    let wal = cfg
-        .capture
-        .wal()
-        .ok_or_else(|| SlotError::NotWal(source.to_owned()))?;
-    let db_err = |e| SlotError::Database {
-        source_name: cfg.name.clone(),
-        database: cfg.database_display.clone(),
-        source: e,
-    };
-    let client = crate::source::connect(cfg)
-        .await
-        .map_err(|e| SlotError::Connect {
-            source_name: cfg.name.clone(),
-            database: cfg.database_display.clone(),
-            source: e,
-        })?;
+pub async fn drop_slot(
+    config: &Config,
+    source: &str,
+    yes: bool,
+) -> Result<String, SourceCommandError> {
+    let cfg = find(config, source)?;
+    let wal = cfg.capture.wal().ok_or_else(|| {
+        SourceCommandError::Refused(format!(
+            "source {source:?} does not use capture = \"wal\"; it has no slot"
+        ))
+    })?;
+    let client = connect(cfg).await?;
     let row = client
         .query_opt(
             "SELECT active_pid, pg_size_pretty((pg_current_wal_lsn() - restart_lsn)::bigint), wal_status \
@@ -60,9 +26,9 @@ pub async fn drop_slot(config: &Config, source: &str, yes: bool) -> Result<Strin
             &[&wal.slot],
         )
         .await
-        .map_err(db_err)?;
+        .map_err(db_error(cfg))?;
     let Some(row) = row else {
-        return Err(SlotError::Refused(format!(
+        return Err(SourceCommandError::Refused(format!(
             "slot {:?} of source {source:?} does not exist; nothing to drop",
             wal.slot
         )));
@@ -78,12 +44,12 @@ pub async fn drop_slot(config: &Config, source: &str, yes: bool) -> Result<Strin
         retained.unwrap_or_else(|| "no".into())
     );
     if let Some(pid) = active {
-        return Err(SlotError::Refused(format!(
+        return Err(SourceCommandError::Refused(format!(
             "{describe}; it is in use by the session of pid {pid}: stop the relays of this source first"
         )));
     }
     if !yes {
-        return Err(SlotError::Refused(format!(
+        return Err(SourceCommandError::Refused(format!(
             "would drop {describe}. Rows still in the outbox table are sent again by the next run \
              (from the table, before the new slot's stream); outbox_emit() messages not yet sent are \
              lost with it. Run again with --yes to drop it, then `outboxd migrate` to make a new one."
@@ -92,6 +58,6 @@ pub async fn drop_slot(config: &Config, source: &str, yes: bool) -> Result<Strin
     client
         .execute("SELECT pg_drop_replication_slot($1)", &[&wal.slot])
         .await
-        .map_err(db_err)?;
+        .map_err(db_error(cfg))?;
     Ok(format!("dropped {describe}"))
 }
