@@ -8,10 +8,12 @@
 //! instead of stopping at the first. Defaults live as consts next to the
 //! field they fill and are listed in `config/outboxd.toml`.
 
+mod capture;
 mod columns;
 mod format;
 mod interpolate;
 mod invalid;
+mod pg_tls;
 mod pg_url;
 mod rabbitmq;
 mod raw;
@@ -24,14 +26,13 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use capture::{CaptureMode, WalCapture, default_wal_name};
 pub use columns::{ColumnMap, DEBEZIUM_COLUMNS, Layout, RELAY_TABLE_SUFFIX};
 pub use format::MessageFormat;
 pub use invalid::{Invalid, NotOneOf};
 pub use rabbitmq::{AmqpTls, RabbitConfig};
 pub use secret::Secret;
-pub use source::{
-    AfterPublish, CaptureMode, OnPark, Ordering, SourceConfig, WalCapture, default_wal_name,
-};
+pub use source::{AfterPublish, OnPark, Ordering, SourceConfig};
 
 use interpolate::interpolate;
 use raw::RawConfig;

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use tokio_postgres::config::SslMode;
 
+use super::capture::{CaptureMode, RawCapture};
 use super::columns::ColumnMap;
 use super::format::MessageFormat;
 use super::pg_url::{PgUrl, parse_pg};
@@ -107,80 +108,6 @@ impl Ordering {
     }
 }
 
-/// How rows come in.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CaptureMode {
-    /// Claim due rows from the table (NOTIFY and the poll interval wake
-    /// the relay).
-    Poll,
-    /// Read committed inserts (and `outbox_emit` messages) from the
-    /// write-ahead log through a logical replication slot, in commit order.
-    Wal(WalCapture),
-}
-
-/// `capture = "wal"`: the slot and publication `migrate` makes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct WalCapture {
-    /// `[a-z0-9_]`, at most 63 bytes (the replication command takes it
-    /// unquoted).
-    pub slot: String,
-    pub publication: String,
-}
-
-impl CaptureMode {
-    pub fn wal(&self) -> Option<&WalCapture> {
-        match self {
-            CaptureMode::Wal(w) => Some(w),
-            CaptureMode::Poll => None,
-        }
-    }
-}
-
-/// `outboxd_<name>` with the name lowered to `[a-z0-9_]` (every other
-/// character becomes `_`): the default slot and publication name.
-pub fn default_wal_name(source: &str) -> String {
-    let lowered: String = source
-        .chars()
-        .map(|c| {
-            let c = c.to_ascii_lowercase();
-            if c.is_ascii_lowercase() || c.is_ascii_digit() {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    format!("outboxd_{lowered}")
-}
-
-/// PostgreSQL identifiers (slot and publication names) are at most 63 bytes.
-const MAX_IDENT_BYTES: usize = 63;
-
-fn check_slot(name: &str) -> Result<(), Invalid> {
-    let ok = !name.is_empty()
-        && name.len() <= MAX_IDENT_BYTES
-        && name
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
-    if ok {
-        Ok(())
-    } else {
-        Err(Invalid::new(format!(
-            "{name:?} must be 1 to {MAX_IDENT_BYTES} characters of lower-case ASCII letters, digits and `_` (PostgreSQL's rule for replication slot names)"
-        )))
-    }
-}
-
-fn check_publication(name: &str) -> Result<(), Invalid> {
-    if name.is_empty() || name.len() > MAX_IDENT_BYTES || name.contains('\0') {
-        Err(Invalid::new(format!(
-            "{name:?} must be 1 to {MAX_IDENT_BYTES} bytes (a PostgreSQL identifier)"
-        )))
-    } else {
-        Ok(())
-    }
-}
-
 /// With `ordering = "aggregate"`: what the later rows of an aggregate do
 /// once one of its rows is parked in the dead-letter table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -240,13 +167,13 @@ pub struct SourceConfig {
 }
 
 /// Key paths for one source: `source[2].batch_size (source "billing")`.
-struct Keys {
-    index: usize,
-    name: Option<String>,
+pub(super) struct Keys {
+    pub(super) index: usize,
+    pub(super) name: Option<String>,
 }
 
 impl Keys {
-    fn key(&self, field: &str) -> String {
+    pub(super) fn key(&self, field: &str) -> String {
         match &self.name {
             Some(name) => format!("source[{}].{field} (source {name:?})", self.index),
             None => format!("source[{}].{field}", self.index),
@@ -472,139 +399,6 @@ impl Validator<'_> {
             format: format?,
             mapping: mapping?,
         })
-    }
-
-    /// `capture`, `slot` and `publication`.
-    fn capture(
-        &mut self,
-        k: &dyn Fn(&str) -> String,
-        keys: &Keys,
-        raw: &RawCapture,
-    ) -> Option<CaptureMode> {
-        let mode = self.string_opt(&k("capture"), raw.capture.clone());
-        match mode.as_deref() {
-            None | Some("poll") => {
-                for (key, value) in [("slot", &raw.slot), ("publication", &raw.publication)] {
-                    if value.is_some() {
-                        self.invalid(&k(key), "only applies with capture = \"wal\"");
-                    }
-                }
-                Some(CaptureMode::Poll)
-            }
-            Some("wal") => {
-                if raw.ordering_set {
-                    self.invalid(
-                        &k("ordering"),
-                        "does not apply with capture = \"wal\": the write-ahead log gives commit order, so every aggregate's rows go out in order",
-                    );
-                }
-                if raw.on_park_set {
-                    self.invalid(
-                        &k("on_park"),
-                        "does not apply with capture = \"wal\": a parked message does not hold back its aggregate (the log moves on; replay puts it back in the table, where the log sees it again)",
-                    );
-                }
-                let default = keys.name.as_deref().map(default_wal_name);
-                let slot = self
-                    .string_opt(&k("slot"), raw.slot.clone())
-                    .or(default.clone());
-                let slot = slot.and_then(|s| self.check(&k("slot"), check_slot(&s)).map(|()| s));
-                let publication = self
-                    .string_opt(&k("publication"), raw.publication.clone())
-                    .or(default);
-                let publication = publication.and_then(|p| {
-                    self.check(&k("publication"), check_publication(&p))
-                        .map(|()| p)
-                });
-                Some(CaptureMode::Wal(WalCapture {
-                    slot: slot?,
-                    publication: publication?,
-                }))
-            }
-            Some(other) => {
-                self.invalid(
-                    &k("capture"),
-                    format!("must be \"poll\" or \"wal\", got {other:?}"),
-                );
-                None
-            }
-        }
-    }
-}
-
-/// The keys that choose how rows come in, taken out of the raw source.
-struct RawCapture {
-    capture: Option<String>,
-    slot: Option<String>,
-    publication: Option<String>,
-    ordering_set: bool,
-    on_park_set: bool,
-}
-
-impl Validator<'_> {
-    /// `sslmode` and `sslrootcert`, from the keys or from the connection
-    /// string (libpq's parameters of the same names); given in both places
-    /// they must agree. The default is prefer (no TLS, see `crate::tls`).
-    fn pg_tls(
-        &mut self,
-        k: &dyn Fn(&str) -> String,
-        (mode, root): (Option<String>, Option<String>),
-        (url_mode, url_root): (Option<String>, Option<String>),
-    ) -> Option<PgTls> {
-        let mode = self.string_opt(&k("sslmode"), mode);
-        let root = self.string_opt(&k("sslrootcert"), root);
-        // An error names where the value came from: its key, or the URL.
-        let (mode, mode_key) = self.agree(k, "sslmode", mode, url_mode)?;
-        let (root, root_key) = self.agree(k, "sslrootcert", root, url_root)?;
-        let mode = match mode.as_deref() {
-            None | Some("disable" | "prefer") => PgTls::Off,
-            Some("require") => PgTls::Require,
-            Some("verify-full") => PgTls::VerifyFull {
-                ca_file: root.clone(),
-            },
-            Some(other) => {
-                self.invalid(
-                    &mode_key,
-                    format!("sslmode must be \"disable\", \"prefer\", \"require\" or \"verify-full\", got {other:?}"),
-                );
-                return None;
-            }
-        };
-        if root.is_some() && !matches!(mode, PgTls::VerifyFull { .. }) {
-            self.invalid(
-                &root_key,
-                "sslrootcert only applies with sslmode = \"verify-full\"",
-            );
-            return None;
-        }
-        // Build it once now, so an unreadable CA file is a config error.
-        self.check(&root_key, crate::tls::client_config(&mode).map(|_| mode))
-    }
-
-    /// A setting given as a key and in the connection string: either one,
-    /// or both with the same value; with the key path to blame for it.
-    /// `None` (with the error recorded) if the two differ.
-    fn agree(
-        &mut self,
-        k: &dyn Fn(&str) -> String,
-        name: &str,
-        from_key: Option<String>,
-        from_url: Option<String>,
-    ) -> Option<(Option<String>, String)> {
-        match (from_key, from_url) {
-            (Some(a), Some(b)) if a != b => {
-                self.invalid(
-                    &k(name),
-                    format!(
-                        "{a:?} differs from the database_url's {name}={b:?}; give it in one place"
-                    ),
-                );
-                None
-            }
-            (Some(a), _) => Some((Some(a), k(name))),
-            (None, Some(b)) => Some((Some(b), k("database_url"))),
-            (None, None) => Some((None, k(name))),
-        }
     }
 }
 
