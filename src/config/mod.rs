@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use invalid::{Invalid, NotOneOf};
-pub use rabbitmq::{AmqpTls, RabbitConfig};
+pub use rabbitmq::{AmqpTls, RabbitConfig, RabbitNode};
 pub use secret::Secret;
 pub use source::{
     AfterPublish, CaptureMode, OnPark, Ordering, SourceConfig, WalCapture, default_wal_name,

@@ -38,6 +38,7 @@ fn with_rabbit_line(line: &str) -> String {
 mod capture;
 mod defaults;
 mod mistakes;
+mod nodes;
 mod properties;
 mod secrets;
 mod tls;
