@@ -63,7 +63,36 @@ pub async fn connect(
         let stream = handshake(&connector, &trust, &uri.authority.host, uri.authority.port).await?;
         Ok(AsyncTcpStream::Plain(stream))
     };
-    Connection::connector(uri, runtime, handshake, props).await
+    Connection::connector(uri, runtime, handshake, props)
+        .await
+        .map_err(refused_by_broker)
+}
+
+/// With TLS 1.3 the broker judges our certificate after our side of the
+/// handshake is done, so its refusal arrives as an alert on lapin's first
+/// read. Such an error gets what to do about it in front.
+fn refused_by_broker(err: lapin::Error) -> lapin::Error {
+    let text = crate::telemetry::ErrorChain(&err).to_string();
+    let hint = if text.contains("CertificateRequired") {
+        "the broker asks for a client certificate; set rabbitmq.tls_cert_file and tls_key_file"
+    } else if [
+        "BadCertificate",
+        "UnknownCA",
+        "CertificateUnknown",
+        "DecryptError",
+    ]
+    .iter()
+    .any(|alert| text.contains(alert))
+    {
+        "the broker refused our client certificate; is it signed by a CA the broker trusts \
+         (its ssl_options.cacertfile)?"
+    } else {
+        return err;
+    };
+    lapin::Error::from(io::Error::new(
+        io::ErrorKind::PermissionDenied,
+        format!("TLS: {hint} ({text})"),
+    ))
 }
 
 async fn handshake(
