@@ -89,7 +89,8 @@ node_env() {
 ctl() {
     n=$1
     shift
-    (node_env "$n" && "$BIN/rabbitmqctl" -q -n "$(name "$n")" "$@")
+    # 9>&-: an epmd the CLI may start must not hold the lock.
+    (node_env "$n" && "$BIN/rabbitmqctl" -q -n "$(name "$n")" "$@" 9>&-)
 }
 
 # Node $1 is registered with epmd (instant, unlike a CLI call).
@@ -166,7 +167,7 @@ start_node() {
     (
         node_env "$n"
         # setsid: the node outlives this script but not as its child.
-        setsid "$BIN/rabbitmq-server" >"$dir/n$n/log/console.log" 2>&1 </dev/null &
+        setsid "$BIN/rabbitmq-server" >"$dir/n$n/log/console.log" 2>&1 </dev/null 9>&- &
     )
 }
 
@@ -235,6 +236,15 @@ status() {
     fi
     [ "$up" -eq "$nodes" ]
 }
+
+# One command at a time per DIR: a test killed during `start` leaves that
+# script running, and the next run's `start` must wait for it rather than
+# wipe nodes it is still joining. The nodes do not inherit the lock.
+exec 9>"$dir/lock"
+if ! flock -n 9; then
+    echo "waiting for another rabbit-cluster.sh on $dir"
+    flock 9
+fi
 
 case $cmd in
 start) start ;;
