@@ -18,7 +18,7 @@ use lapin::uri::{AMQPScheme, AMQPUri};
 use lapin::{Connection, ConnectionProperties, Event};
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::nodes::Rotation;
 use crate::backoff::Backoff;
@@ -172,7 +172,14 @@ impl Broker {
             let i = rotation.node();
             // `Rotation` keeps its index below the length of a list the
             // config never leaves empty; stop rather than panic all the same.
-            let Some(node) = nodes.get(i) else { break };
+            let Some(node) = nodes.get(i) else {
+                error!(
+                    node = i + 1,
+                    nodes = nodes.len(),
+                    "no such rabbitmq node; the broker connection stops"
+                );
+                break;
+            };
             let attempt = tokio::select! {
                 _ = stop.cancelled() => break,
                 r = Self::connect(&self.config, node) => r,
