@@ -16,8 +16,8 @@
 # /etc/rabbitmq is not read. The Erlang cookie is the installed one, copied
 # to DIR/home.
 #
-# start is idempotent: a cluster that is up (every node running and in the
-# cluster) is left as it is; anything else in DIR or on these node names
+# start is idempotent: a cluster that is up (started with the same options,
+# every node running and in the cluster) is left as it is; anything else in DIR or on these node names
 # (a test killed half-way) is stopped and wiped first. stop stops every
 # node of DIR, killing one that does not answer; stop-node stops node I
 # alone (rabbitmqctl stop). status says which nodes run.
@@ -172,7 +172,8 @@ start_node() {
 }
 
 start() {
-    if [ -f "$dir/up" ] && registered 1 && in_cluster 1; then
+    # Started with the same options, and whole: nothing to do.
+    if [ "$(cat "$dir/up" 2>/dev/null)" = "nodes=$nodes tls=$tls" ] && registered 1 && in_cluster 1; then
         echo "already running: $(for n in $(seq 1 "$nodes"); do printf '%s ' "$(name "$n")"; done)(nothing done)"
         return
     fi
@@ -180,7 +181,7 @@ start() {
     if [ -d "$dir/n1" ]; then
         echo "removed the data of an earlier cluster in $dir"
     fi
-    rm -rf "$dir/home" "$dir/up" "$dir"/n[0-9]
+    rm -rf "$dir/home" "$dir/up" "$dir/join.log" "$dir"/n[0-9]
     mkdir -p "$dir/home"
     cp "$COOKIE" "$dir/home/.erlang.cookie"
     chmod 400 "$dir/home/.erlang.cookie"
@@ -200,18 +201,22 @@ start() {
     booted=$(now_ms)
     # stop_app and start_app (a few seconds each) run on all joining nodes
     # at once; the joins themselves, one at a time.
-    for n in $(seq 2 "$nodes"); do ctl "$n" stop_app & done
+    # Their chatter (a joining node's start_app logs errors about peers
+    # it has not met yet) goes to join.log, shown if the join fails.
+    joinlog="$dir/join.log"
+    for n in $(seq 2 "$nodes"); do ctl "$n" stop_app >>"$joinlog" 2>&1 & done
     wait
-    for n in $(seq 2 "$nodes"); do ctl "$n" join_cluster "$(name 1)"; done
-    for n in $(seq 2 "$nodes"); do ctl "$n" start_app & done
+    for n in $(seq 2 "$nodes"); do ctl "$n" join_cluster "$(name 1)" >>"$joinlog" 2>&1 || true; done
+    for n in $(seq 2 "$nodes"); do ctl "$n" start_app >>"$joinlog" 2>&1 & done
     wait
     if ! in_cluster 1; then
         echo "the nodes did not form one cluster:" >&2
+        cat "$joinlog" >&2 || true
         ctl 1 cluster_status >&2 || true
         stop_all
         exit 1
     fi
-    : >"$dir/up"
+    echo "nodes=$nodes tls=$tls" >"$dir/up"
     done_ms=$(now_ms)
     for n in $(seq 1 "$nodes"); do
         ports="amqp 127.0.0.1:$((base + n - 1))"
