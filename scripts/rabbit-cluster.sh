@@ -146,6 +146,7 @@ write_config() {
     mkdir -p "$dir/n$n/log" "$dir/n$n/mnesia"
     {
         echo "listeners.tcp.default = 127.0.0.1:$((base + n - 1))"
+        # guest may log in from anywhere; the listeners are on loopback only.
         echo "loopback_users = none"
         # A short-lived test node: no disk alarm on a nearly full /tmp.
         echo "disk_free_limit.absolute = 50MB"
