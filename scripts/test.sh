@@ -6,8 +6,10 @@
 # test on a free loopback port; installed if needed), then
 # the shop example's test (kill -9 of its relay, a cut consumer connection),
 # the ordering tests (several relays and producers each) and the outage
-# tests (which restart and reconfigure those services), each on their own,
-# one at a time.
+# tests (which restart and reconfigure those services, and start RabbitMQ
+# nodes of their own with scripts/rabbit-cluster.sh: a 3-node cluster and a
+# TLS node, which need nothing beyond the installed RabbitMQ), each on
+# their own, one at a time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

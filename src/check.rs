@@ -84,6 +84,84 @@ const STEP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(40);
 /// each, and a long list does not open a connection to every database at once.
 const SOURCES_AT_ONCE: usize = 8;
 
+/// Connects to every broker node, one line each; returns a connection to
+/// the first that answered. With several nodes, one that does not answer
+/// is a warning while another does (the relay connects to that one).
+async fn check_broker<W: Write>(r: &mut Report<W>, config: &Config) -> Option<Arc<Connection>> {
+    let rabbit = &config.rabbitmq;
+    let count = rabbit.nodes.len();
+    // Encrypted but unauthenticated is worth a warning every time.
+    let unverified = rabbit
+        .tls
+        .as_ref()
+        .is_some_and(|t| t.trust == Trust::Anyone);
+    let over = if rabbit.tls.is_some() {
+        " over TLS"
+    } else {
+        ""
+    };
+    // All at once: a silent node costs one connect timeout, not one each.
+    let attempts: Vec<_> = rabbit
+        .nodes
+        .iter()
+        .map(|node| {
+            let (rabbit, node) = (rabbit.clone(), node.clone());
+            tokio::spawn(async move { Broker::connect(&rabbit, &node).await })
+        })
+        .collect();
+    let mut results = Vec::with_capacity(attempts.len());
+    for attempt in attempts {
+        results.push(attempt.await.map_err(|e| {
+            lapin::Error::from(std::io::Error::other(format!("the check task failed: {e}")))
+        }));
+    }
+    let results: Vec<_> = results.into_iter().map(|r| r.and_then(|r| r)).collect();
+    let answered = results.iter().filter(|r| r.is_ok()).count();
+    let mut first = None;
+    for ((i, result), node) in results.into_iter().enumerate().zip(&rabbit.nodes) {
+        let what = if count == 1 {
+            "rabbitmq".to_owned()
+        } else {
+            format!("rabbitmq node {} of {count}", i + 1)
+        };
+        match result {
+            Ok(conn) => {
+                let level = if unverified { Level::Warn } else { Level::Ok };
+                r.line(
+                    level,
+                    &what,
+                    &format!("connected to {}", rabbit.describe_node(i)),
+                );
+                match first {
+                    None => first = Some(Arc::new(conn)),
+                    // A closed connection is all we want; a failure to say
+                    // goodbye changes nothing about the check.
+                    Some(_) => {
+                        let _ = conn.close(200, "outboxd check done".into()).await;
+                    }
+                }
+            }
+            Err(e) => {
+                let level = if answered > 0 {
+                    Level::Warn
+                } else {
+                    Level::Fail
+                };
+                r.line(
+                    level,
+                    &what,
+                    &format!(
+                        "cannot connect to {}{over}: {}",
+                        node.display,
+                        ErrorChain(&e)
+                    ),
+                );
+            }
+        }
+    }
+    first
+}
+
 /// Runs every check, printing to `out`; returns the number of failures.
 pub async fn run<W: Write>(config: &Config, config_path: &str, out: W) -> usize {
     let mut r = Report { out, failures: 0 };
@@ -92,39 +170,7 @@ pub async fn run<W: Write>(config: &Config, config_path: &str, out: W) -> usize 
         "config",
         &format!("{config_path} is valid ({} sources)", config.sources.len()),
     );
-    let broker = match Broker::connect(&config.rabbitmq).await {
-        Ok(conn) => {
-            // Encrypted but unauthenticated is worth a warning every time.
-            let unverified = config
-                .rabbitmq
-                .tls
-                .as_ref()
-                .is_some_and(|t| t.trust == Trust::Anyone);
-            r.line(
-                if unverified { Level::Warn } else { Level::Ok },
-                "rabbitmq",
-                &format!("connected to {}", config.rabbitmq.describe()),
-            );
-            Some(Arc::new(conn))
-        }
-        Err(e) => {
-            let over = if config.rabbitmq.tls.is_some() {
-                " over TLS"
-            } else {
-                ""
-            };
-            r.line(
-                Level::Fail,
-                "rabbitmq",
-                &format!(
-                    "cannot connect to {}{over}: {}",
-                    config.rabbitmq.display,
-                    ErrorChain(&e)
-                ),
-            );
-            None
-        }
-    };
+    let broker = check_broker(&mut r, config).await;
     // Each source writes its lines into a buffer of its own; the buffers
     // are printed in config order, each as soon as it and those before it
     // are done, so a source's lines stay together.

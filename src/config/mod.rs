@@ -30,7 +30,7 @@ pub use capture::{CaptureMode, WalCapture, default_wal_name};
 pub use columns::{ColumnMap, DEBEZIUM_COLUMNS, Layout, RELAY_TABLE_SUFFIX};
 pub use format::MessageFormat;
 pub use invalid::{Invalid, NotOneOf};
-pub use rabbitmq::{AmqpTls, RabbitConfig};
+pub use rabbitmq::{AmqpTls, RabbitConfig, RabbitNode};
 pub use secret::Secret;
 pub use source::{AfterPublish, OnPark, Ordering, SourceConfig};
 

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use lapin::uri::{AMQPScheme, AMQPUri};
 
-use super::raw::RawRabbit;
+use super::raw::{OneOrMany, RawRabbit};
 use super::secret::scrub;
 use super::{DurationRange, Invalid, Secret, Validator};
 use crate::tls::{Trust, tls_client_config};
@@ -23,14 +23,25 @@ pub const MAX_CONNECTION_NAME_BYTES: usize = 255;
 
 #[derive(Debug, Clone)]
 pub struct RabbitConfig {
-    pub url: Secret,
-    /// `host:port/vhost as user`, safe to log.
+    /// The broker's nodes, in config order; never empty. outboxd keeps one
+    /// connection, to one of them (see `sink::rabbitmq::nodes`).
+    pub nodes: Vec<RabbitNode>,
+    /// Every node's `host:port/vhost as user`, comma-separated, safe to log.
     pub display: String,
     pub confirm_timeout: Duration,
     pub connection_name: String,
-    /// `Some` exactly when the URL is amqps://: every connection then does
-    /// a TLS handshake first (never plain TCP), see `sink::rabbitmq::tls`.
+    /// `Some` exactly when the URLs are amqps:// (all nodes use the same
+    /// scheme): every connection then does a TLS handshake first (never
+    /// plain TCP), see `sink::rabbitmq::tls`.
     pub tls: Option<AmqpTls>,
+}
+
+/// One broker node of `rabbitmq.url` or `rabbitmq.urls`.
+#[derive(Debug, Clone)]
+pub struct RabbitNode {
+    pub url: Secret,
+    /// `host:port/vhost as user`, safe to log.
+    pub display: String,
 }
 
 /// TLS settings of an amqps:// connection.
@@ -59,18 +70,30 @@ impl AmqpTls {
 }
 
 impl RabbitConfig {
-    /// `host:port/vhost as user`, plus what TLS checks for amqps://.
+    /// `host:port/vhost as user` of every node, plus what TLS checks for amqps://.
     pub fn describe(&self) -> String {
+        self.with_tls(&self.display)
+    }
+
+    /// The same for node `i` alone (index into `nodes`).
+    pub fn describe_node(&self, i: usize) -> String {
+        match self.nodes.get(i) {
+            Some(node) => self.with_tls(&node.display),
+            None => self.describe(),
+        }
+    }
+
+    fn with_tls(&self, display: &str) -> String {
         match &self.tls {
-            None => self.display.clone(),
-            Some(tls) => format!("{} ({})", self.display, tls.describe()),
+            None => display.to_owned(),
+            Some(tls) => format!("{display} ({})", tls.describe()),
         }
     }
 }
 
 impl Validator<'_> {
     pub(super) fn rabbitmq(&mut self, raw: RawRabbit) -> Option<RabbitConfig> {
-        let url = self.secret("rabbitmq.url", "rabbitmq.url_file", raw.url, raw.url_file);
+        let urls = self.node_urls(raw.url, raw.urls, raw.url_file);
         let confirm_timeout = self
             .duration_in(
                 "rabbitmq.confirm_timeout",
@@ -94,8 +117,7 @@ impl Validator<'_> {
         let cert = self.string_opt("rabbitmq.tls_cert_file", raw.tls_cert_file);
         let key = self.string_opt("rabbitmq.tls_key_file", raw.tls_key_file);
         let skip_verify = raw.tls_insecure_skip_verify.unwrap_or(false);
-        let url = url?;
-        let (display, amqps) = self.check("rabbitmq.url", amqp_display(url.expose()))?;
+        let (nodes, amqps) = self.nodes(urls?)?;
         let tls = if amqps {
             self.amqp_tls(tls_ca_file, cert, key, skip_verify)
         } else {
@@ -110,13 +132,130 @@ impl Validator<'_> {
             }
             None
         };
+        let display = nodes
+            .iter()
+            .map(|n| n.display.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
         Some(RabbitConfig {
-            url,
+            nodes,
             display,
             confirm_timeout,
             connection_name,
             tls,
         })
+    }
+
+    /// The node URLs with the key each came from: `url = "…"` (or
+    /// `url_file`, one URL a line), `url = [...]` or `urls = [...]`.
+    fn node_urls(
+        &mut self,
+        url: Option<OneOrMany>,
+        urls: Option<Vec<String>>,
+        url_file: Option<String>,
+    ) -> Option<Vec<(String, Secret)>> {
+        let (base, list) = match (url, urls) {
+            (Some(_), Some(_)) => {
+                self.invalid(
+                    "rabbitmq.urls",
+                    "rabbitmq.url and rabbitmq.urls are both set; list the nodes in one of them",
+                );
+                return None;
+            }
+            (None, Some(_)) if url_file.is_some() => {
+                self.invalid(
+                    "rabbitmq.urls",
+                    "rabbitmq.url_file and rabbitmq.urls are both set; list the nodes in one of them",
+                );
+                return None;
+            }
+            (None, Some(list)) => ("rabbitmq.urls", list),
+            (Some(OneOrMany::Many(_)), None) if url_file.is_some() => {
+                self.invalid(
+                    "rabbitmq.url",
+                    "give the value or its `_file` variant, not both",
+                );
+                return None;
+            }
+            (Some(OneOrMany::Many(list)), None) => ("rabbitmq.url", list),
+            (Some(OneOrMany::One(one)), None) => {
+                let url = self.secret("rabbitmq.url", "rabbitmq.url_file", Some(one), url_file)?;
+                return Some(vec![("rabbitmq.url".to_owned(), url)]);
+            }
+            (None, None) => {
+                let from_file = url_file.is_some();
+                let url = self.secret("rabbitmq.url", "rabbitmq.url_file", None, url_file)?;
+                if !from_file || !url.expose().contains('\n') {
+                    return Some(vec![("rabbitmq.url".to_owned(), url)]);
+                }
+                // A mounted secret with one node URL a line.
+                return Some(
+                    url.expose()
+                        .lines()
+                        .enumerate()
+                        .filter(|(_, line)| !line.trim().is_empty())
+                        .map(|(i, line)| {
+                            let key = format!("rabbitmq.url_file (line {})", i + 1);
+                            (key, Secret::new(line.trim().to_owned()))
+                        })
+                        .collect(),
+                );
+            }
+        };
+        if list.is_empty() {
+            self.invalid(base, "is an empty list; give at least one node URL");
+            return None;
+        }
+        let mut out = Vec::with_capacity(list.len());
+        for (i, value) in list.into_iter().enumerate() {
+            let key = format!("{base}[{i}]");
+            let Some(value) = self.string_opt(&key, Some(value)) else {
+                continue;
+            };
+            if value.is_empty() {
+                self.invalid(&key, "is empty");
+                continue;
+            }
+            out.push((key, Secret::new(value)));
+        }
+        Some(out)
+    }
+
+    /// Validates each node URL; `true` for amqps://. Every node must use
+    /// the same scheme (the TLS settings are shared) and name another node.
+    fn nodes(&mut self, urls: Vec<(String, Secret)>) -> Option<(Vec<RabbitNode>, bool)> {
+        let mut nodes: Vec<(String, RabbitNode, bool)> = Vec::with_capacity(urls.len());
+        let mut bad = false;
+        for (key, url) in urls {
+            let Some((display, amqps)) = self.check(&key, amqp_display(url.expose())) else {
+                bad = true;
+                continue;
+            };
+            if let Some((first, _, first_amqps)) = nodes.first()
+                && *first_amqps != amqps
+            {
+                let (this, that) = if amqps {
+                    ("amqps://", "amqp://")
+                } else {
+                    ("amqp://", "amqps://")
+                };
+                self.invalid(
+                    &key,
+                    format!("is {this} but {first} is {that}; all nodes use the same scheme (the TLS settings are shared)"),
+                );
+                bad = true;
+            }
+            if let Some((other, _, _)) = nodes.iter().find(|(_, n, _)| n.display == display) {
+                self.invalid(&key, format!("names the same node as {other} ({display})"));
+                bad = true;
+            }
+            nodes.push((key, RabbitNode { url, display }, amqps));
+        }
+        if bad {
+            return None;
+        }
+        let amqps = nodes.first().is_some_and(|(_, _, amqps)| *amqps);
+        Some((nodes.into_iter().map(|(_, n, _)| n).collect(), amqps))
     }
 
     /// The TLS settings of an amqps:// url, built once here so that an

@@ -40,7 +40,8 @@ pub struct RawShutdown {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawRabbit {
-    pub url: Option<String>,
+    pub url: Option<OneOrMany>,
+    pub urls: Option<Vec<String>>,
     pub url_file: Option<String>,
     pub confirm_timeout: Option<String>,
     pub connection_name: Option<String>,
@@ -48,6 +49,39 @@ pub struct RawRabbit {
     pub tls_cert_file: Option<String>,
     pub tls_key_file: Option<String>,
     pub tls_insecure_skip_verify: Option<bool>,
+}
+
+/// `url = "amqp://…"` or `url = ["amqp://…", …]`.
+#[derive(Debug)]
+pub enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl<'de> Deserialize<'de> for OneOrMany {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = OneOrMany;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a URL string or a list of URL strings")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<OneOrMany, E> {
+                Ok(OneOrMany::One(v.to_owned()))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<OneOrMany, A::Error> {
+                let mut all = Vec::new();
+                while let Some(url) = seq.next_element::<String>()? {
+                    all.push(url);
+                }
+                Ok(OneOrMany::Many(all))
+            }
+        }
+        d.deserialize_any(Visit)
+    }
 }
 
 #[derive(Debug, Deserialize)]

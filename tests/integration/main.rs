@@ -5,6 +5,7 @@
 mod support;
 
 mod admin;
+mod broker_nodes;
 mod cli;
 mod config_errors;
 mod crash;

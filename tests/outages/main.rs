@@ -1,7 +1,10 @@
 //! Failures of the real services: RabbitMQ stopped, PostgreSQL restarted,
 //! a broker memory alarm, repeated kill -9, random faults of every kind
 //! against three relays (`chaos.rs`), and (behind OUTBOXD_SOAK=1) a
-//! soak with random connection cuts. These restart or reconfigure the
+//! soak with random connection cuts; and on RabbitMQ nodes of their own
+//! (`private_rabbit.rs`): a cluster losing a node (`failover.rs`) and a
+//! TLS listener (`amqps_node.rs`).
+//! These restart or reconfigure the
 //! shared services, so they run on their own, one at a time, after the
 //! normal suite: `cargo test --test outages -- --test-threads=1`.
 
@@ -9,9 +12,12 @@
 mod support;
 
 mod alarm;
+mod amqps_node;
 mod chaos;
+mod failover;
 mod kill9;
 mod leak;
+mod private_rabbit;
 mod restart;
 mod soak;
 mod tls;

@@ -51,7 +51,7 @@ after_publish = "${MODE}"
     };
     let c = Config::from_toml(text, &env).unwrap();
     assert_eq!(
-        c.rabbitmq.url.expose(),
+        c.rabbitmq.nodes[0].url.expose(),
         "amqp://guest:s3cr\"et@127.0.0.1:5672/%2f"
     );
     assert_eq!(c.sources[0].name, "orders");

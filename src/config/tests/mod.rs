@@ -40,6 +40,7 @@ mod columns;
 mod defaults;
 mod format;
 mod mistakes;
+mod nodes;
 mod properties;
 mod secrets;
 mod tls;

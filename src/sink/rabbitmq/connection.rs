@@ -5,7 +5,9 @@
 //! `watch` channel, and drops it as soon as lapin reports an error, the
 //! connection stops being connected, or a publisher nudges it after a
 //! failure. Sources never claim rows while no connection is published, so a
-//! broker outage costs no database work and no retry attempts.
+//! broker outage costs no database work and no retry attempts. With several
+//! node URLs, a lost connection is replaced by one to the next node that
+//! answers ([`Rotation`]), with the same backoff once every node has failed.
 
 use std::future::poll_fn;
 use std::sync::Arc;
@@ -16,10 +18,11 @@ use lapin::uri::{AMQPScheme, AMQPUri};
 use lapin::{Connection, ConnectionProperties, Event};
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
+use super::nodes::Rotation;
 use crate::backoff::Backoff;
-use crate::config::{AmqpTls, RabbitConfig};
+use crate::config::{AmqpTls, RabbitConfig, RabbitNode};
 use crate::metrics::BrokerMetrics;
 use crate::telemetry::ErrorChain;
 use crate::tls::Trust;
@@ -61,11 +64,15 @@ impl Broker {
         })
     }
 
-    /// Connects once, without retrying (used by `check` and by the supervisor).
-    pub async fn connect(config: &RabbitConfig) -> Result<Connection, lapin::Error> {
+    /// Connects once to `node`, without retrying (used by `check` and by
+    /// the supervisor).
+    pub async fn connect(
+        config: &RabbitConfig,
+        node: &RabbitNode,
+    ) -> Result<Connection, lapin::Error> {
         // The URL was validated when the config loaded; parse errors cannot
         // happen here, but are mapped rather than unwrapped all the same.
-        let mut uri: AMQPUri = config
+        let mut uri: AMQPUri = node
             .url
             .expose()
             .parse()
@@ -158,24 +165,55 @@ impl Broker {
                  and read the credentials; set tls_ca_file instead"
             );
         }
+        let nodes = &self.config.nodes;
+        let mut rotation = Rotation::new(nodes.len());
         let mut failures = 0u32;
         while !stop.is_cancelled() {
+            let i = rotation.node();
+            // `Rotation` keeps its index below the length of a list the
+            // config never leaves empty; stop rather than panic all the same.
+            let Some(node) = nodes.get(i) else {
+                error!(
+                    node = i + 1,
+                    nodes = nodes.len(),
+                    "no such rabbitmq node; the broker connection stops"
+                );
+                break;
+            };
             let attempt = tokio::select! {
                 _ = stop.cancelled() => break,
-                r = Self::connect(&self.config) => r,
+                r = Self::connect(&self.config, node) => r,
             };
             match attempt {
                 Ok(conn) => {
                     failures = 0;
+                    rotation.connected();
                     self.metrics.connects.inc();
-                    info!(broker = %self.config.describe(), "connected to rabbitmq");
-                    self.watch(Arc::new(conn), &stop).await;
+                    info!(
+                        broker = %self.config.describe_node(i),
+                        node = i + 1,
+                        nodes = nodes.len(),
+                        "connected to rabbitmq"
+                    );
+                    self.watch(Arc::new(conn), node, &stop).await;
+                    rotation.lost();
                 }
                 Err(err) => {
+                    let back_off = rotation.failed();
+                    if !back_off {
+                        warn!(
+                            broker = %node.display,
+                            error = %ErrorChain(&err),
+                            node = i + 1,
+                            nodes = nodes.len(),
+                            "cannot connect to this rabbitmq node; trying the next one"
+                        );
+                        continue;
+                    }
                     failures += 1;
                     let delay = RECONNECT.jittered(failures);
                     warn!(
-                        broker = %self.config.display,
+                        broker = %node.display,
                         error = %ErrorChain(&err),
                         attempt = failures,
                         retry_in = ?delay,
@@ -192,7 +230,7 @@ impl Broker {
     }
 
     /// Publishes `conn` and returns when it has failed (or on `stop`, after closing it).
-    async fn watch(&self, conn: Arc<Connection>, stop: &CancellationToken) {
+    async fn watch(&self, conn: Arc<Connection>, node: &RabbitNode, stop: &CancellationToken) {
         let mut events = Box::pin(conn.events_listener());
         self.set_connection(Some(conn.clone()));
         let mut ticker = tokio::time::interval(STATUS_CHECK);
@@ -210,10 +248,10 @@ impl Broker {
                     // publish, a missing exchange) as an error event too;
                     // only a connection that is gone means reconnecting.
                     Some(Event::Error(err)) if conn.status().connected() => {
-                        debug!(broker = %self.config.display, error = %ErrorChain(&err), "rabbitmq closed a channel; the connection stays");
+                        debug!(broker = %node.display, error = %ErrorChain(&err), "rabbitmq closed a channel; the connection stays");
                     }
                     Some(Event::Error(err)) => {
-                        warn!(broker = %self.config.display, error = %ErrorChain(&err), "rabbitmq connection failed; reconnecting");
+                        warn!(broker = %node.display, error = %ErrorChain(&err), "rabbitmq connection failed; reconnecting");
                         break;
                     }
                     Some(Event::ConnectionBlocked(reason)) => {
@@ -229,13 +267,13 @@ impl Broker {
                 },
                 _ = self.nudge.notified() => {
                     if !conn.status().connected() {
-                        warn!(broker = %self.config.display, "rabbitmq connection is gone; reconnecting");
+                        warn!(broker = %node.display, "rabbitmq connection is gone; reconnecting");
                         break;
                     }
                 }
                 _ = ticker.tick() => {
                     if !conn.status().connected() {
-                        warn!(broker = %self.config.display, "rabbitmq connection is gone; reconnecting");
+                        warn!(broker = %node.display, "rabbitmq connection is gone; reconnecting");
                         break;
                     }
                 }

@@ -1,6 +1,7 @@
 //! RabbitMQ over AMQP 0-9-1 with publisher confirms (lapin).
 //!
-//! `connection.rs` keeps one connection up for the whole process,
+//! `connection.rs` keeps one connection up for the whole process (to one
+//! node of a cluster, `nodes.rs` picks which),
 //! `publish.rs` sends a batch on a channel of its own, `confirm.rs` turns
 //! the broker's answers into [`super::Outcome`]s, `tls.rs` does the TLS
 //! handshake of amqps:// itself.
@@ -9,6 +10,7 @@ mod confirm;
 mod connection;
 mod frame;
 mod isolate;
+mod nodes;
 mod publish;
 mod tls;
 

@@ -63,7 +63,51 @@ pub async fn connect(
         let stream = handshake(&connector, &trust, &uri.authority.host, uri.authority.port).await?;
         Ok(AsyncTcpStream::Plain(stream))
     };
-    Connection::connector(uri, runtime, handshake, props).await
+    let has_client_cert = tls.client.is_some();
+    Connection::connector(uri, runtime, handshake, props)
+        .await
+        .map_err(|e| refused_by_broker(e, has_client_cert))
+}
+
+/// With TLS 1.3 the broker judges our certificate after our side of the
+/// handshake is done, so its refusal arrives on lapin's first read or
+/// write: as an alert, or (when its close overtakes the alert) as a reset
+/// connection. Such an error gets what to do about it in front.
+fn refused_by_broker(err: lapin::Error, has_client_cert: bool) -> lapin::Error {
+    let text = crate::telemetry::ErrorChain(&err).to_string();
+    // Our own handshake's failures are explained already (`explain`).
+    let closed_after_handshake = !text.contains("TLS handshake with")
+        && matches!(err.kind(), lapin::ErrorKind::IOError(e) if matches!(
+            e.kind(),
+            io::ErrorKind::ConnectionReset | io::ErrorKind::UnexpectedEof | io::ErrorKind::BrokenPipe
+        ));
+    let hint = if text.contains("CertificateRequired") {
+        "the broker asks for a client certificate; set rabbitmq.tls_cert_file and tls_key_file"
+    } else if [
+        "BadCertificate",
+        "UnknownCA",
+        "CertificateUnknown",
+        "DecryptError",
+    ]
+    .iter()
+    .any(|alert| text.contains(alert))
+    {
+        "the broker refused our client certificate; is it signed by a CA the broker trusts \
+         (its ssl_options.cacertfile)?"
+    } else if closed_after_handshake && !has_client_cert {
+        "the broker closed the connection right after the TLS handshake; if it requires \
+         client certificates (ssl_options.fail_if_no_peer_cert), set rabbitmq.tls_cert_file \
+         and tls_key_file"
+    } else if closed_after_handshake {
+        "the broker closed the connection right after the TLS handshake; does it trust our \
+         client certificate (is it signed by the CA of its ssl_options.cacertfile)?"
+    } else {
+        return err;
+    };
+    lapin::Error::from(io::Error::new(
+        io::ErrorKind::PermissionDenied,
+        format!("TLS: {hint} ({text})"),
+    ))
 }
 
 async fn handshake(
@@ -228,5 +272,66 @@ impl Reactor for TlsOnly {
         std::future::ready(Err(io::Error::other(format!(
             "refusing a plain TCP connection to {addr} for amqps://"
         ))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refusal_after_the_handshake_says_what_to_set() {
+        let io = |kind, text: &str| lapin::Error::from(io::Error::new(kind, text.to_owned()));
+        use io::ErrorKind::{ConnectionReset, Other, UnexpectedEof};
+        // (error, client certificate configured, expected piece, or None: unchanged)
+        let cases = [
+            // the broker's alert when it wants a certificate and got none
+            (
+                io(Other, "received fatal alert: CertificateRequired"),
+                false,
+                Some("set rabbitmq.tls_cert_file"),
+            ),
+            // its alert about a certificate it does not trust
+            (
+                io(Other, "received fatal alert: UnknownCA"),
+                true,
+                Some("refused our client certificate"),
+            ),
+            // its close overtook the alert: without a certificate configured
+            (
+                io(ConnectionReset, "Connection reset by peer (os error 104)"),
+                false,
+                Some("if it requires client certificates"),
+            ),
+            // the same with one configured
+            (
+                io(UnexpectedEof, "unexpected end of file"),
+                true,
+                Some("does it trust our client certificate"),
+            ),
+            // our own handshake's failure is explained already
+            (
+                io(
+                    ConnectionReset,
+                    "TLS handshake with h:5671 failed: the server closed the connection",
+                ),
+                false,
+                None,
+            ),
+            // anything else is left alone
+            (io(Other, "no route to host"), false, None),
+        ];
+        for (err, has_cert, want) in cases {
+            let before = crate::telemetry::ErrorChain(&err).to_string();
+            let after = crate::telemetry::ErrorChain(&refused_by_broker(err, has_cert)).to_string();
+            match want {
+                Some(piece) => {
+                    assert!(after.contains(piece), "{before}: {after}");
+                    // the original reason is kept
+                    assert!(after.contains(&before.replace("IO error: ", "")), "{after}");
+                }
+                None => assert_eq!(after, before),
+            }
+        }
     }
 }

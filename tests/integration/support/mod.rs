@@ -7,6 +7,7 @@
 
 pub mod aggregates;
 pub mod broker;
+pub mod certs;
 pub mod db;
 pub mod http;
 pub mod prometheus;

@@ -1,0 +1,103 @@
+//! `rabbitmq.urls` against the shared broker and a port where nothing
+//! listens: `check` reports each node, and the relay connects to the
+//! node that answers. (A real cluster losing a node is in
+//! tests/outages/failover.rs.)
+
+use std::time::Duration;
+
+use crate::support::broker::TestBroker;
+use crate::support::db::TestDb;
+use crate::support::relay::{Relay, SourceSpec, config, run_to_end};
+use crate::support::{AMQP_URL, eventually};
+
+/// A loopback URL where nothing listens (the port was free a moment ago).
+fn dead_url() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("address").port();
+    format!("amqp://guest:guest@127.0.0.1:{port}/%2f")
+}
+
+/// `config` with `url = …` replaced by `urls = [urls…]`.
+fn with_urls(text: &str, urls: &[&str]) -> String {
+    let list: Vec<String> = urls.iter().map(|u| format!("{u:?}")).collect();
+    let out = text.replace(
+        &format!("url = {AMQP_URL:?}"),
+        &format!("urls = [{}]", list.join(", ")),
+    );
+    assert!(out.contains("urls = ["), "{out}");
+    out
+}
+
+#[tokio::test]
+async fn check_reports_each_node_and_fails_only_when_none_answers() {
+    let db = TestDb::migrated("obx_nodes_check").await;
+    let broker = TestBroker::new("#").await;
+    let base = config(
+        AMQP_URL,
+        &[SourceSpec::new("orders", &db.url, &broker.exchange)],
+    );
+    let dead = dead_url();
+
+    let (code, out, err) = run_to_end(&["check"], &with_urls(&base, &[&dead, AMQP_URL]));
+    assert_eq!(code, Some(0), "stdout: {out}\nstderr: {err}");
+    assert!(
+        out.contains("warn rabbitmq node 1 of 2: cannot connect to 127.0.0.1:"),
+        "{out}"
+    );
+    assert!(
+        out.contains("ok   rabbitmq node 2 of 2: connected to 127.0.0.1:5672// as guest"),
+        "{out}"
+    );
+    // the exchange is checked over the node that answered
+    assert!(out.contains("ok   source orders exchange"), "{out}");
+    assert!(!out.contains("guest:guest"), "{out}");
+
+    let (code, out, _) = run_to_end(&["check"], &with_urls(&base, &[&dead, &dead_url()]));
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("FAIL rabbitmq node 1 of 2"), "{out}");
+    assert!(out.contains("FAIL rabbitmq node 2 of 2"), "{out}");
+}
+
+#[tokio::test]
+async fn the_relay_skips_a_node_that_does_not_answer_and_delivers_through_the_next() {
+    let db = TestDb::migrated("obx_nodes_run").await;
+    let mut broker = TestBroker::new("#").await;
+    let text = with_urls(
+        &config(
+            AMQP_URL,
+            &[SourceSpec::new("orders", &db.url, &broker.exchange)],
+        ),
+        &[&dead_url(), AMQP_URL],
+    );
+    let relay = Relay::start(&text).await;
+    let keys = db.insert_rows(50, 10).await;
+    let got = broker.collect(50, Duration::from_secs(30)).await;
+    assert_eq!(got.len(), 50);
+    let connected = eventually(
+        "the connection's log line",
+        Duration::from_secs(30),
+        || async { relay.log_lines_with("connected to rabbitmq").pop() },
+    )
+    .await;
+    assert_eq!(connected["node"], 2, "{connected}");
+    assert_eq!(
+        connected["broker"], "127.0.0.1:5672// as guest",
+        "{connected}"
+    );
+    // The dead node was tried first and skipped without a backoff.
+    let skipped = relay.log_lines_with("trying the next one");
+    assert_eq!(
+        skipped.first().map(|l| l["node"].clone()),
+        Some(1.into()),
+        "{skipped:?}"
+    );
+    assert_eq!(
+        relay.metric("outboxd_broker_connections_total").await,
+        Some(1.0)
+    );
+    let mut ids: Vec<String> = got.into_iter().filter_map(|m| m.message_id).collect();
+    ids.sort();
+    let mut keys = keys;
+    keys.sort();
+    assert_eq!(ids, keys);
+}
