@@ -79,6 +79,13 @@ pub async fn run(config: Config, drain: CancellationToken) -> Result<(), AppErro
             .saturating_mul(3)
             .saturating_add(Duration::from_secs(10));
         health_list.push((health.clone(), stuck_after));
+        if cfg.mapping.is_some() {
+            helpers.spawn(crate::forward::state::at_start(
+                src.pool.clone(),
+                cfg.clone(),
+                helpers_stop.clone(),
+            ));
+        }
         if let Some(wal) = cfg.capture.wal() {
             // The log wakes the relay and orders its rows: no listener, no
             // partitions. The slot's gauges and the table's backlog instead.

@@ -21,6 +21,7 @@
 //! them against the mapping (shared by `migrate`, which refuses to write a
 //! trigger that would fail producers' inserts, and by `check`).
 
+pub mod state;
 pub mod trigger;
 
 use tokio_postgres::Client;

@@ -8,7 +8,7 @@ use tokio_postgres::Client;
 
 use super::{Level, Report};
 use crate::config::{ColumnMap, SourceConfig};
-use crate::forward::{self, trigger};
+use crate::forward::{self, state, trigger};
 
 pub(super) async fn check<W: Write>(
     r: &mut Report<W>,
@@ -49,41 +49,16 @@ pub(super) async fn check<W: Write>(
         &format!("{}: {}", map.table, mapped.join(", ")),
     );
 
-    let name = trigger::trigger_name(map);
-    let row = client
-        .query_opt(
-            "SELECT t.tgenabled::text, p.prosrc FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid \
-             WHERE t.tgrelid = to_regclass($1::text) AND t.tgname = $2",
-            &[&map.table.quoted(), &name],
-        )
-        .await?;
-    let (level, detail) = match row {
+    let state = state::read(client, &source.table, map, &plan).await?;
+    let (level, detail) = match state.problem(map) {
+        Some(problem) => (Level::Fail, problem),
         None => (
-            Level::Fail,
-            format!(
-                "no trigger {name} on {}: producers' rows are not relayed; run `outboxd migrate`",
-                map.table
-            ),
-        ),
-        Some(row) if row.get::<_, String>(0) == "D" => (
-            Level::Fail,
-            format!(
-                "trigger {name} on {} is disabled: producers' rows are not relayed; ALTER TABLE … ENABLE TRIGGER {name}",
-                map.table
-            ),
-        ),
-        Some(row) if row.get::<_, String>(1) != trigger::body(&source.table, map, &plan) => (
-            Level::Fail,
-            format!(
-                "trigger {name} on {} was made for another column mapping (or another outboxd version); run `outboxd migrate`",
-                map.table
-            ),
-        ),
-        Some(_) => (
             Level::Ok,
             format!(
-                "trigger {name} forwards each insert into {} to {}",
-                map.table, source.table
+                "trigger {} forwards each insert into {} to {}",
+                trigger::trigger_name(map),
+                map.table,
+                source.table
             ),
         ),
     };

@@ -274,3 +274,58 @@ async fn a_mapping_naming_a_missing_column_is_refused_naming_the_key_and_source(
         .await
         .expect("producers are not affected");
 }
+
+/// A mapping changed in the config without running `migrate` again: the
+/// old trigger keeps forwarding under the old mapping, and `run` says so
+/// at start (it said the trigger was in place before the change).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_warns_when_the_trigger_was_made_for_another_mapping() {
+    let db = TestDb::empty("obxdbz_stale").await;
+    db.client
+        .batch_execute(&format!(
+            "{DEBEZIUM_TABLE}; ALTER TABLE outboxevent ADD COLUMN tenant text"
+        ))
+        .await
+        .expect("create Debezium's table with a tenant column");
+    let mut broker = TestBroker::new("#").await;
+    let migrated = config(AMQP_URL, &[spec(&db, &broker.exchange)]);
+    migrate(&migrated).await;
+    let in_place = |relay: &Relay| {
+        !relay
+            .log_lines_with("forwarding trigger in place")
+            .is_empty()
+    };
+    let relay = Relay::start(&migrated).await;
+    eventually("the start-up look at the trigger", WAIT, || async {
+        in_place(&relay).then_some(())
+    })
+    .await;
+    drop(relay);
+
+    // Now tenant should become a header, but migrate is not run again.
+    let changed = config(
+        AMQP_URL,
+        &[spec(&db, &broker.exchange).set("columns", "{ header_columns = [\"tenant\"] }")],
+    );
+    let relay = Relay::start(&changed).await;
+    let warning = eventually("a warning about the stale trigger", WAIT, || async {
+        relay
+            .log_lines_with("was made for another column mapping")
+            .into_iter()
+            .next()
+    })
+    .await;
+    assert_eq!(warning["level"], "WARN", "{warning}");
+    assert!(!in_place(&relay), "no all-clear with a stale trigger");
+    // The old trigger still forwards, under the old mapping: no tenant header.
+    db.client
+        .execute(
+            "INSERT INTO outboxevent (id, aggregatetype, aggregateid, type, payload, tenant) \
+             VALUES (gen_random_uuid(), 'Order', 'o-1', 'OrderPlaced', '{}', 't-1')",
+            &[],
+        )
+        .await
+        .expect("a producer's insert");
+    let m = broker.next(WAIT).await.expect("the row arrives");
+    assert_eq!(m.header_str("tenant"), None);
+}
