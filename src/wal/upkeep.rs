@@ -81,12 +81,7 @@ pub async fn run(
                 let lag: Option<i64> = r.try_get(4).unwrap_or(None);
                 slot.retained.set(retained.unwrap_or(0));
                 slot.lag.set(lag.unwrap_or(0));
-                let problem = match (wal_status.as_deref(), plugin.as_deref()) {
-                    (Some("lost"), _) => Some("lost: the WAL the slot needs was removed (max_slot_wal_keep_size); drop it and run `outboxd migrate` to make a new one".to_owned()),
-                    (Some("unreserved"), _) => Some("unreserved: the slot is about to lose WAL it needs (max_slot_wal_keep_size)".to_owned()),
-                    (_, Some(p)) if p != "pgoutput" => Some(format!("the slot uses plugin {p:?}, not pgoutput")),
-                    _ => None,
-                };
+                let problem = slot_problem(wal_status.as_deref(), plugin.as_deref());
                 slot.active.set(if problem.is_some() {
                     -1
                 } else {
@@ -106,5 +101,54 @@ pub async fn run(
             last_problem = state.problem.clone();
         }
         source.health.set_slot(state);
+    }
+}
+
+/// Why a slot that exists cannot be used, from `pg_replication_slots`'
+/// `wal_status` and `plugin`; `None` when it can.
+fn slot_problem(wal_status: Option<&str>, plugin: Option<&str>) -> Option<String> {
+    match (wal_status, plugin) {
+        (Some("lost"), _) => Some("lost: the WAL the slot needs was removed (max_slot_wal_keep_size); drop it and run `outboxd migrate` to make a new one".to_owned()),
+        (Some("unreserved"), _) => Some("unreserved: the slot is about to lose WAL it needs (max_slot_wal_keep_size)".to_owned()),
+        (_, Some(p)) if p != "pgoutput" => Some(format!("the slot uses plugin {p:?}, not pgoutput")),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::slot_problem;
+
+    #[test]
+    fn a_slot_is_unusable_when_lost_unreserved_or_not_pgoutput() {
+        let cases: [(Option<&str>, Option<&str>, Option<&str>); 7] = [
+            // the normal states: usable
+            (Some("reserved"), Some("pgoutput"), None),
+            (Some("extended"), Some("pgoutput"), None),
+            // no status reported (an older server): judged by the plugin alone
+            (None, Some("pgoutput"), None),
+            // past max_slot_wal_keep_size: WAL it needs is gone
+            (Some("lost"), Some("pgoutput"), Some("lost:")),
+            // about to be lost: /readyz fails before the loss
+            (Some("unreserved"), Some("pgoutput"), Some("unreserved:")),
+            // another plugin's stream is not ours to decode
+            (
+                Some("reserved"),
+                Some("wal2json"),
+                Some("plugin \"wal2json\""),
+            ),
+            // lost wins over a wrong plugin: the slot must be dropped either way
+            (Some("lost"), Some("wal2json"), Some("lost:")),
+        ];
+        for (status, plugin, want) in cases {
+            let got = slot_problem(status, plugin);
+            match want {
+                None => assert_eq!(got, None, "{status:?} {plugin:?}"),
+                Some(w) => assert!(
+                    got.as_deref().is_some_and(|g| g.contains(w)),
+                    "{status:?} {plugin:?}: {got:?}"
+                ),
+            }
+        }
     }
 }
