@@ -4,80 +4,16 @@
 //! another CA is refused with a clear error, `require` works without
 //! checking.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use crate::support::broker::TestBroker;
+use crate::support::certs::Certs;
 use crate::support::db::TestDb;
 use crate::support::relay::{Relay, SourceSpec, config, run_to_end};
-use crate::support::{AMQP_URL, eventually, unique};
+use crate::support::{AMQP_URL, eventually};
 use crate::{LONG, service};
-
-fn openssl(args: &[&str]) {
-    service("openssl", args);
-}
-
-/// A CA, and (optionally) a server certificate it signs for localhost and 127.0.0.1.
-fn make_ca(dir: &Path, name: &str) -> PathBuf {
-    let key = dir.join(format!("{name}.key"));
-    let crt = dir.join(format!("{name}.crt"));
-    openssl(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        "2",
-        "-subj",
-        &format!("/CN=outboxd test {name}"),
-        "-keyout",
-        key.to_str().unwrap(),
-        "-out",
-        crt.to_str().unwrap(),
-    ]);
-    crt
-}
-
-fn make_server_cert(dir: &Path, ca: &Path) -> (PathBuf, PathBuf) {
-    let ca_key = ca.with_extension("key");
-    let key = dir.join("server.key");
-    let csr = dir.join("server.csr");
-    let crt = dir.join("server.crt");
-    let ext = dir.join("san.ext");
-    std::fs::write(&ext, "subjectAltName=DNS:localhost,IP:127.0.0.1\n").unwrap();
-    openssl(&[
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-subj",
-        "/CN=localhost",
-        "-keyout",
-        key.to_str().unwrap(),
-        "-out",
-        csr.to_str().unwrap(),
-    ]);
-    openssl(&[
-        "x509",
-        "-req",
-        "-in",
-        csr.to_str().unwrap(),
-        "-CA",
-        ca.to_str().unwrap(),
-        "-CAkey",
-        ca_key.to_str().unwrap(),
-        "-CAcreateserial",
-        "-days",
-        "2",
-        "-extfile",
-        ext.to_str().unwrap(),
-        "-out",
-        crt.to_str().unwrap(),
-    ]);
-    (crt, key)
-}
 
 /// Puts PostgreSQL's own certificate back, even if the test fails.
 struct ServerCertGuard;
@@ -104,11 +40,9 @@ impl Drop for ServerCertGuard {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verify_full_with_the_servers_ca_works_and_with_another_ca_is_refused() {
-    let dir = std::env::temp_dir().join(unique("outboxd-tls"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let ca = make_ca(&dir, "ca");
-    let other_ca = make_ca(&dir, "other");
-    let (crt, key) = make_server_cert(&dir, &ca);
+    let certs = Certs::new();
+    let (dir, ca, other_ca) = (&certs.dir, &certs.ca, &certs.other_ca);
+    let (crt, key) = (&certs.server_crt, &certs.server_key);
     // PostgreSQL reads them as its own user, and insists the key is private.
     service("chmod", &["755", dir.to_str().unwrap()]);
     service(
@@ -139,7 +73,7 @@ async fn verify_full_with_the_servers_ca_works_and_with_another_ca_is_refused() 
     };
 
     // verify-full against the CA that signed the server's certificate.
-    let good = config(AMQP_URL, &[spec("orders", "verify-full", Some(&ca))]);
+    let good = config(AMQP_URL, &[spec("orders", "verify-full", Some(ca))]);
     // The reload is asynchronous: wait (bounded) until new sessions get the new certificate.
     let out = eventually("the new server certificate to be in use", LONG, || async {
         let (code, out, _) = run_to_end(&["check"], &good);
@@ -170,7 +104,7 @@ async fn verify_full_with_the_servers_ca_works_and_with_another_ca_is_refused() 
     drop(relay);
 
     // verify-full against a CA that did not sign it: refused, clearly.
-    let bad = config(AMQP_URL, &[spec("orders", "verify-full", Some(&other_ca))]);
+    let bad = config(AMQP_URL, &[spec("orders", "verify-full", Some(other_ca))]);
     let (code, out, _) = run_to_end(&["check"], &bad);
     assert_eq!(code, Some(1), "{out}");
     assert!(
@@ -274,5 +208,5 @@ async fn verify_full_with_the_servers_ca_works_and_with_another_ca_is_refused() 
     drop(relay);
 
     drop(guard);
-    let _ = std::fs::remove_dir_all(&dir);
+    drop(certs);
 }
