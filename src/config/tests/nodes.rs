@@ -12,6 +12,15 @@ fn rabbit(lines: &str) -> String {
     MINIMAL.replace("url = \"amqp://guest:guest@127.0.0.1:5672/%2f\"", lines)
 }
 
+/// Each node's display form (no password), in config order.
+fn node_displays(c: &Config) -> Vec<&str> {
+    c.rabbitmq
+        .nodes
+        .iter()
+        .map(|n| n.display.as_str())
+        .collect()
+}
+
 /// The nodes' displays, or pieces of the error.
 type Want = Result<&'static [&'static str], &'static [&'static str]>;
 
@@ -78,13 +87,7 @@ fn node_lists_are_read_from_url_or_urls_and_mistakes_name_their_key() {
         let text = rabbit(&lines);
         match (load(&text), want) {
             (Ok(c), Ok(displays)) => {
-                let got: Vec<&str> = c
-                    .rabbitmq
-                    .nodes
-                    .iter()
-                    .map(|n| n.display.as_str())
-                    .collect();
-                assert_eq!(got, displays, "{lines}");
+                assert_eq!(node_displays(&c), displays, "{lines}");
                 assert_eq!(c.rabbitmq.display, displays.join(", "), "{lines}");
             }
             (Err(e), Err(needles)) => {
@@ -131,14 +134,8 @@ fn a_url_file_may_hold_one_node_url_a_line() {
         ))
     };
     let c = load(&with_file("")).unwrap();
-    let got: Vec<&str> = c
-        .rabbitmq
-        .nodes
-        .iter()
-        .map(|n| n.display.as_str())
-        .collect();
     assert_eq!(
-        got,
+        node_displays(&c),
         ["10.0.0.1:5672// as guest", "10.0.0.2:5672// as guest"]
     );
     // a bad line is named by its line number
