@@ -83,6 +83,10 @@ node_env() {
     export RABBITMQ_MNESIA_DIR="$dir/n$n/mnesia/$RABBITMQ_NODENAME"
     export RABBITMQ_LOG_BASE="$dir/n$n/log"
     export RABBITMQ_PID_FILE="$dir/n$n/pid"
+    # A node or CLI that fails to start writes an Erlang crash dump into
+    # its working directory (the checkout, when a test runs it): keep it
+    # with the node's logs instead.
+    export ERL_CRASH_DUMP="$dir/n$n/log/erl_crash.dump"
     export RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}"
 }
 
