@@ -15,6 +15,7 @@ use tokio_postgres::types::FromSql;
 
 use super::capture::{Claim, ClaimFrom, Claimed};
 use super::{DbError, Source, step};
+use crate::config::Ordering;
 use crate::ident::TableName;
 use crate::message::OutboxRow;
 
@@ -203,9 +204,13 @@ async fn heads(
         walked = step("claim", client.query(&stmt, &[&locked, &limit])).await?;
     }
     let looked_at = walked.len();
-    // Rows that are not the head of their aggregate come back with no
-    // columns; the claim may have marked them held.
-    walked.retain(|r| r.try_get::<_, Option<i64>>(0).ok().flatten().is_some());
+    if source.config.ordering == Ordering::AggregateStrict {
+        // Rows that are not the head of their aggregate come back with no
+        // columns; the claim may have marked them held.
+        walked.retain(|r| r.try_get::<_, Option<i64>>(0).ok().flatten().is_some());
+    } else {
+        walked = hold_blocked(client, &order.hold, walked).await?;
+    }
     let report = Claimed {
         rows: walked.len(),
         max_id: 0,
@@ -218,6 +223,61 @@ async fn heads(
         },
     };
     Ok((walked, report, looked_at > 0))
+}
+
+/// Pipelined claims: holds each walked row that an earlier row of its
+/// aggregate outside the walk holds back, and every later walked row of
+/// that aggregate; returns the others, which go.
+async fn hold_blocked(client: &Object, hold: &str, walked: Vec<Row>) -> Result<Vec<Row>, DbError> {
+    let keys = walked.iter().map(|r| {
+        let text = |i: usize| r.try_get::<_, Option<&str>>(i).ok().flatten().unwrap_or("");
+        // Unreadable cannot happen (the claim computes it as a boolean);
+        // if it did, holding is the safe side: the sweep releases a held
+        // row that nothing holds back.
+        let blocked = r.try_get::<_, bool>(BLOCKED).unwrap_or(true);
+        ((text(1), text(2)), blocked)
+    });
+    let held = blocked_from_first(keys);
+    if !held.iter().any(|h| *h) {
+        return Ok(walked);
+    }
+    let ids: Vec<i64> = walked
+        .iter()
+        .zip(&held)
+        .filter(|(_, h)| **h)
+        .filter_map(|(r, _)| r.try_get::<_, i64>(0).ok())
+        .collect();
+    let stmt = step("prepare hold", client.prepare_cached(hold)).await?;
+    step(
+        "hold rows behind a waiting one",
+        client.execute(&stmt, &[&ids]),
+    )
+    .await?;
+    Ok(walked
+        .into_iter()
+        .zip(held)
+        .filter_map(|(r, h)| (!h).then_some(r))
+        .collect())
+}
+
+/// The pipelined claim's last column: an earlier row of the aggregate
+/// waits outside the walk.
+const BLOCKED: usize = COLUMNS.len();
+
+/// Given each walked row's aggregate and whether it is blocked, in walk
+/// (id) order: which rows to hold. Once a row of an aggregate is held,
+/// so is every later one of it, whatever its own flag says.
+fn blocked_from_first<K: Eq + std::hash::Hash>(rows: impl Iterator<Item = (K, bool)>) -> Vec<bool> {
+    let mut stopped = std::collections::HashSet::new();
+    rows.map(|(key, blocked)| {
+        if blocked || stopped.contains(&key) {
+            stopped.insert(key);
+            true
+        } else {
+            false
+        }
+    })
+    .collect()
 }
 
 async fn open_savepoint(client: &Object) -> Result<(), DbError> {
@@ -366,6 +426,25 @@ pub fn column_name(index: usize) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn holds_an_aggregate_from_its_first_blocked_row_on() {
+        let walk = [
+            ("a", false),
+            ("b", true),
+            ("a", false),
+            ("b", false),
+            ("c", false),
+            ("a", true),
+            ("a", false),
+            ("c", false),
+        ];
+        assert_eq!(
+            blocked_from_first(walk.into_iter()),
+            [false, true, false, true, false, true, true, false]
+        );
+        assert!(blocked_from_first(std::iter::empty::<(&str, bool)>()).is_empty());
+    }
 
     #[test]
     fn names_columns_without_their_casts() {
