@@ -28,6 +28,7 @@
 \set aggregate_index :table _aggregate_idx
 \set held_index :table _held_idx
 \set waiting_index :table _waiting_idx
+\set partition_index :table _partition_idx
 \set dead_aggregate_index :table _dead_aggregate_idx
 \set published_index :table _published_idx
 \set notify_trigger :table _notify
@@ -88,6 +89,16 @@ CREATE INDEX IF NOT EXISTS :"held_index"
 CREATE INDEX IF NOT EXISTS :"waiting_index"
     ON :"schema".:"table" (aggregate_type, aggregate_id, id)
     WHERE published_at IS NULL AND (held OR available_at > created_at);
+
+-- ordering = "aggregate": the due rows of each partition (the relay hashes
+-- an aggregate into one of 64), in id order. A claim looks up the oldest
+-- row of each free partition here, one short probe each, instead of
+-- walking the claim index past every row of the partitions that are busy
+-- (measured: 13 ms per look behind a 50k-row backlog on one aggregate).
+-- The expression must stay exactly the relay's (src/source/order.rs).
+CREATE INDEX IF NOT EXISTS :"partition_index"
+    ON :"schema".:"table" (((hashtextextended(aggregate_type || '/' || aggregate_id, 0) & 63)::int), id)
+    WHERE published_at IS NULL AND NOT held;
 
 -- Retention (mark mode) deletes old published rows through this one.
 CREATE INDEX IF NOT EXISTS :"published_index"

@@ -97,6 +97,7 @@ fn table_vars(source: &SourceConfig) -> Vec<(&'static str, String)> {
         ("aggregate_index", t.derived("_aggregate_idx")),
         ("held_index", t.derived("_held_idx")),
         ("waiting_index", t.derived("_waiting_idx")),
+        ("partition_index", t.derived("_partition_idx")),
         ("dead_aggregate_index", t.derived("_dead_aggregate_idx")),
         ("published_index", t.derived("_published_idx")),
         ("notify_trigger", t.derived("_notify")),
