@@ -24,7 +24,7 @@ use lapin::types::ShortString;
 use tokio::sync::Semaphore;
 use tokio_postgres::Client;
 
-use crate::config::{Config, SourceConfig};
+use crate::config::{Config, Ordering, SourceConfig};
 use crate::ident::{quote_ident, quote_literal};
 use crate::sink::rabbitmq::{Broker, exchange_exists};
 use crate::telemetry::ErrorChain;
@@ -407,6 +407,10 @@ async fn check_table<W: Write>(
         );
     }
 
+    if source.capture.wal().is_none() && source.ordering != Ordering::None {
+        check_partition_index(r, client, source).await?;
+    }
+
     if source.capture.wal().is_some() {
         r.line(
             Level::Ok,
@@ -464,6 +468,44 @@ async fn check_table<W: Write>(
             &format!(
                 "no trigger notifies channel {:?}; rows are found by polling every {:?} only (run `outboxd migrate`)",
                 source.notify_channel, source.poll_interval
+            ),
+        );
+    }
+    Ok(())
+}
+
+/// Ordered claims look up the oldest row of each free partition on the
+/// partition index (`sql/outbox.sql`); a table migrated by an older
+/// outboxd lacks it, and the relay then works but walks the table for
+/// each look behind a backlog.
+async fn check_partition_index<W: Write>(
+    r: &mut Report<W>,
+    client: &Client,
+    source: &SourceConfig,
+) -> Result<(), tokio_postgres::Error> {
+    let t = &source.table;
+    let index = format!(
+        "{}.{}",
+        quote_ident(&t.schema),
+        quote_ident(&t.derived("_partition_idx"))
+    );
+    let present = client
+        .query_one("SELECT to_regclass($1::text) IS NOT NULL", &[&index])
+        .await?
+        .get::<_, bool>(0);
+    let what = format!("source {} partition index", source.name);
+    if present {
+        r.line(
+            Level::Ok,
+            &what,
+            &format!("{index} is there for ordered claims"),
+        );
+    } else {
+        r.line(
+            Level::Warn,
+            &what,
+            &format!(
+                "{index} is missing (the table was migrated by an older outboxd): ordered claims still work but walk the table to find each free partition's oldest row, slowly behind a backlog; run `outboxd migrate` (on a large table, first CREATE INDEX CONCURRENTLY with the definition in sql/outbox.sql)"
             ),
         );
     }

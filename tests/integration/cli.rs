@@ -87,6 +87,27 @@ async fn check_passes_on_a_good_setup_and_names_each_problem_otherwise() {
         out.contains("FAIL source bare table") && out.contains("outboxd migrate"),
         "{out}"
     );
+
+    // A table migrated before the partition index existed: a warning that
+    // names it, and check still passes.
+    let cfg = config(
+        AMQP_URL,
+        &[SourceSpec::new("good", &good.url, &broker.exchange)],
+    );
+    let (_, out, _) = run_to_end(&["check"], &cfg);
+    assert!(out.contains("ok   source good partition index"), "{out}");
+    good.client
+        .batch_execute("DROP INDEX outbox_partition_idx")
+        .await
+        .unwrap();
+    let (code, out, _) = run_to_end(&["check"], &cfg);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("warn source good partition index")
+            && out.contains("outbox_partition_idx")
+            && out.contains("outboxd migrate"),
+        "{out}"
+    );
 }
 
 #[tokio::test]
