@@ -79,6 +79,13 @@ pub async fn run(config: Config, drain: CancellationToken) -> Result<(), AppErro
             .saturating_mul(3)
             .saturating_add(Duration::from_secs(10));
         health_list.push((health.clone(), stuck_after));
+        if cfg.capture.wal().is_none() && cfg.ordering != crate::config::Ordering::None {
+            helpers.spawn(source::order::warn_if_unindexed(
+                src.pool.clone(),
+                cfg.clone(),
+                helpers_stop.clone(),
+            ));
+        }
         if cfg.mapping.is_some() {
             helpers.spawn(crate::forward::state::at_start(
                 src.pool.clone(),

@@ -44,7 +44,10 @@
 
 use std::collections::BTreeSet;
 
+use deadpool_postgres::Pool;
 use tokio_postgres::Client;
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
 
 use crate::config::{OnPark, Ordering, SourceConfig};
 use crate::ident::TableName;
@@ -410,6 +413,35 @@ pub async fn rebalance(
         owned.extend(got);
     }
     Ok((owned, members))
+}
+
+/// `run`, at the start of an ordered polling source: warns when its table
+/// lacks the partition index (made by an older outboxd's `migrate`). The
+/// relay works without it, but each look for a free partition's oldest
+/// row then walks the table. A database error is left to the relay loop,
+/// which reports it anyway.
+pub async fn warn_if_unindexed(pool: Pool, config: SourceConfig, stop: CancellationToken) {
+    let t = &config.table;
+    let index = format!(
+        "{}.{}",
+        crate::ident::quote_ident(&t.schema),
+        crate::ident::quote_ident(&t.derived("_partition_idx"))
+    );
+    let look = async {
+        let client = pool.get().await.ok()?;
+        let row = client
+            .query_one("SELECT to_regclass($1::text) IS NOT NULL", &[&index])
+            .await
+            .ok()?;
+        row.try_get::<_, bool>(0).ok()
+    };
+    let present = tokio::select! {
+        _ = stop.cancelled() => return,
+        present = look => present,
+    };
+    if present == Some(false) {
+        warn!(source = %config.name, %index, "the partition index is missing (the table was migrated by an older outboxd): ordered claims work but walk the table to find each free partition's oldest row, slowly behind a backlog; run `outboxd migrate` (on a large table, first CREATE INDEX CONCURRENTLY with the definition in sql/outbox.sql)");
+    }
 }
 
 #[cfg(test)]

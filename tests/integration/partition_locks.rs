@@ -8,8 +8,13 @@
 use outboxd::config::Config;
 use outboxd::source::order::{LockKeys, Sql};
 
+use std::collections::HashMap;
+use std::time::Duration;
+
+use crate::support::broker::TestBroker;
 use crate::support::db::TestDb;
-use crate::support::relay::simple_config;
+use crate::support::eventually;
+use crate::support::relay::{Relay, simple_config};
 
 #[tokio::test]
 async fn a_claim_locks_only_the_partitions_it_takes() {
@@ -113,4 +118,48 @@ async fn relay_session(db: &TestDb) -> (tokio_postgres::Client, Sql, LockKeys) {
         .await
         .unwrap();
     (client, Sql::new(source), LockKeys::new(&source.table))
+}
+
+/// A table migrated by an older outboxd has no partition index: the relay
+/// says so at start, and ordered delivery still works, every aggregate
+/// complete and in order (the looks and walks fall back to the claim
+/// index).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_partition_index_the_relay_warns_and_keeps_order() {
+    let db = TestDb::migrated("obx_plock_noidx").await;
+    db.client
+        .batch_execute(
+            "DROP INDEX outbox_partition_idx; \
+             INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
+             SELECT 'order', 'a-' || (g % 7), 'Step', jsonb_build_object('agg', 'a-' || (g % 7), 'seq', g) \
+             FROM generate_series(1, 700) g ORDER BY g",
+        )
+        .await
+        .unwrap();
+    let mut broker = TestBroker::new("#").await;
+    let relay = Relay::start(&simple_config(&db.url, &broker.exchange)).await;
+    let got = broker.collect(700, Duration::from_secs(30)).await;
+    assert_eq!(got.len(), 700, "every row arrives");
+    let mut last: HashMap<String, i64> = HashMap::new();
+    for m in &got {
+        let v: serde_json::Value = serde_json::from_slice(&m.body).expect("a JSON body");
+        let (agg, seq) = (
+            v["agg"].as_str().unwrap().to_owned(),
+            v["seq"].as_i64().unwrap(),
+        );
+        let before = last.insert(agg.clone(), seq);
+        assert!(
+            before.is_none_or(|b| b < seq),
+            "{agg}: {seq} after {before:?}"
+        );
+    }
+    let warned = eventually("the start-up warning", Duration::from_secs(30), || async {
+        relay.log_lines_with("partition index is missing").pop()
+    })
+    .await;
+    assert_eq!(
+        warned["index"].as_str(),
+        Some("\"public\".\"outbox_partition_idx\""),
+        "{warned}"
+    );
 }
