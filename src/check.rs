@@ -14,6 +14,7 @@
 //! config order, each source's lines together.
 
 mod mapped;
+mod table;
 mod wal;
 
 use std::io::Write;
@@ -22,10 +23,8 @@ use std::sync::Arc;
 use lapin::Connection;
 use lapin::types::ShortString;
 use tokio::sync::Semaphore;
-use tokio_postgres::Client;
 
-use crate::config::{Config, Ordering, SourceConfig};
-use crate::ident::{quote_ident, quote_literal};
+use crate::config::{Config, SourceConfig};
 use crate::sink::rabbitmq::{Broker, exchange_exists};
 use crate::telemetry::ErrorChain;
 use crate::tls::Trust;
@@ -291,7 +290,7 @@ async fn check_source<W: Write>(r: &mut Report<W>, source: &SourceConfig) {
             return;
         }
     };
-    if let Err(e) = check_table(r, &client, source).await {
+    if let Err(e) = table::check(r, &client, source).await {
         r.line(
             Level::Fail,
             &what("table"),
@@ -316,198 +315,4 @@ async fn check_source<W: Write>(r: &mut Report<W>, source: &SourceConfig) {
             &format!("query failed: {}", ErrorChain(&e)),
         );
     }
-}
-
-async fn check_table<W: Write>(
-    r: &mut Report<W>,
-    client: &Client,
-    source: &SourceConfig,
-) -> Result<(), tokio_postgres::Error> {
-    let what = |part: &str| format!("source {} {part}", source.name);
-    let t = &source.table;
-    let rows = client
-        .query(
-            "SELECT column_name::text, data_type::text FROM information_schema.columns \
-             WHERE table_schema = $1 AND table_name = $2",
-            &[&t.schema, &t.table],
-        )
-        .await?;
-    if rows.is_empty() {
-        r.line(
-            Level::Fail,
-            &what("table"),
-            &format!("{t} does not exist (or is not visible to this role); run `outboxd migrate`"),
-        );
-        return Ok(());
-    }
-    let found: Vec<(String, String)> = rows.iter().map(|row| (row.get(0), row.get(1))).collect();
-    let mut problems = Vec::new();
-    for (name, ty) in COLUMNS {
-        match found.iter().find(|(n, _)| n == name) {
-            None => problems.push(format!("column {name} is missing")),
-            Some((_, actual)) if actual != ty => {
-                problems.push(format!("column {name} is {actual}, expected {ty}"))
-            }
-            Some(_) => {}
-        }
-    }
-    if problems.is_empty() {
-        r.line(
-            Level::Ok,
-            &what("table"),
-            &format!("{t} has all {} columns", COLUMNS.len()),
-        );
-    } else {
-        r.line(
-            Level::Fail,
-            &what("table"),
-            &format!("{t}: {}", problems.join("; ")),
-        );
-    }
-
-    // DELETE even in mark mode: parking moves a row out of the outbox.
-    let dead = format!(
-        "{}.{}",
-        quote_ident(&t.schema),
-        quote_ident(&t.derived("_dead"))
-    );
-    let needed = [
-        (t.quoted(), "SELECT"),
-        (t.quoted(), "UPDATE"),
-        (t.quoted(), "DELETE"),
-        (dead.clone(), "SELECT"),
-        (dead.clone(), "INSERT"),
-    ];
-    let mut missing = Vec::new();
-    for (table, privilege) in &needed {
-        let row = client
-            .query_one(
-                "SELECT to_regclass($1::text) IS NOT NULL AND has_table_privilege($1::text, $2::text)",
-                &[table, privilege],
-            )
-            .await?;
-        if !row.get::<_, bool>(0) {
-            missing.push(format!("{privilege} on {table}"));
-        }
-    }
-    if missing.is_empty() {
-        r.line(
-            Level::Ok,
-            &what("privileges"),
-            &format!("current role may SELECT, UPDATE, DELETE on {t} and SELECT, INSERT on {dead}"),
-        );
-    } else {
-        r.line(
-            Level::Fail,
-            &what("privileges"),
-            &format!(
-                "current role lacks {} (or the table is missing; run `outboxd migrate`); see README \"Least privilege\"",
-                missing.join(", ")
-            ),
-        );
-    }
-
-    if source.capture.wal().is_none() && source.ordering != Ordering::None {
-        check_partition_index(r, client, source).await?;
-    }
-
-    if source.capture.wal().is_some() {
-        r.line(
-            Level::Ok,
-            &what("trigger"),
-            "not needed with capture = \"wal\" (the log wakes the relay; migrate removes it)",
-        );
-        return Ok(());
-    }
-    // The trigger function migrate creates has the channel built in.
-    let bodies = client
-        .query(
-            "SELECT p.prosrc FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid \
-             WHERE t.tgrelid = to_regclass($1::text) AND NOT t.tgisinternal",
-            &[&t.quoted()],
-        )
-        .await?;
-    let channel = quote_literal(&source.notify_channel);
-    let notifies = bodies
-        .iter()
-        .any(|row| row.get::<_, String>(0).contains(&channel));
-    let wakeup = format!(
-        "{}.{}",
-        quote_ident(&t.schema),
-        quote_ident(&t.derived("_wakeup"))
-    );
-    let flag = client
-        .query_one(
-            "SELECT to_regclass($1::text) IS NOT NULL AND has_table_privilege($1::text, 'UPDATE')",
-            &[&wakeup],
-        )
-        .await?
-        .get::<_, bool>(0);
-    if notifies && flag {
-        r.line(
-            Level::Ok,
-            &what("trigger"),
-            &format!(
-                "inserts notify channel {:?} when the relay is idle",
-                source.notify_channel
-            ),
-        );
-    } else if notifies {
-        r.line(
-            Level::Warn,
-            &what("trigger"),
-            &format!(
-                "cannot update the wake-up flag {wakeup} (missing, or no UPDATE privilege); rows are found by polling every {:?} only",
-                source.poll_interval
-            ),
-        );
-    } else {
-        r.line(
-            Level::Warn,
-            &what("trigger"),
-            &format!(
-                "no trigger notifies channel {:?}; rows are found by polling every {:?} only (run `outboxd migrate`)",
-                source.notify_channel, source.poll_interval
-            ),
-        );
-    }
-    Ok(())
-}
-
-/// Ordered claims look up the oldest row of each free partition on the
-/// partition index (`sql/outbox.sql`); a table migrated by an older
-/// outboxd lacks it, and the relay then works but walks the table for
-/// each look behind a backlog.
-async fn check_partition_index<W: Write>(
-    r: &mut Report<W>,
-    client: &Client,
-    source: &SourceConfig,
-) -> Result<(), tokio_postgres::Error> {
-    let t = &source.table;
-    let index = format!(
-        "{}.{}",
-        quote_ident(&t.schema),
-        quote_ident(&t.derived("_partition_idx"))
-    );
-    let present = client
-        .query_one("SELECT to_regclass($1::text) IS NOT NULL", &[&index])
-        .await?
-        .get::<_, bool>(0);
-    let what = format!("source {} partition index", source.name);
-    if present {
-        r.line(
-            Level::Ok,
-            &what,
-            &format!("{index} is there for ordered claims"),
-        );
-    } else {
-        r.line(
-            Level::Warn,
-            &what,
-            &format!(
-                "{index} is missing (the table was migrated by an older outboxd): ordered claims still work but walk the table to find each free partition's oldest row, slowly behind a backlog; run `outboxd migrate` (on a large table, first CREATE INDEX CONCURRENTLY with the definition in sql/outbox.sql)"
-            ),
-        );
-    }
-    Ok(())
 }

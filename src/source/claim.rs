@@ -209,7 +209,7 @@ async fn heads(
         // columns; the claim may have marked them held.
         walked.retain(|r| r.try_get::<_, Option<i64>>(0).ok().flatten().is_some());
     } else {
-        walked = hold_blocked(client, &order.hold, walked).await?;
+        walked = hold_blocked(client, &source.queries.complete.hold, walked).await?;
     }
     let report = Claimed {
         rows: walked.len(),

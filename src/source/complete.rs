@@ -22,8 +22,9 @@ pub struct Sql {
     delivered: String,
     failed: String,
     parked: String,
-    /// Rows that wait behind a failed row of their aggregate.
-    hold: String,
+    /// $1 row ids: rows that wait behind an earlier row of their aggregate
+    /// (a failed one here; one outside the walk for pipelined claims).
+    pub(super) hold: String,
     /// `ordering = "aggregate"`: release the next row of each aggregate.
     release_next: Option<String>,
 }

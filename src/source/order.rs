@@ -105,9 +105,6 @@ pub struct Sql {
     /// The same without looking at the dead-letter table (for when it is
     /// missing: the relay then retries instead of parking).
     pub claim_no_dead: String,
-    /// $1 row ids: hold them (pipelined claims, for the walked rows that
-    /// must wait).
-    pub hold: String,
     /// $1 aggregate types, $2 aggregate ids: release the next row of each.
     pub release_next: String,
     /// Release held rows that nothing holds back any more (or, with
@@ -150,13 +147,10 @@ impl Sql {
              AND {part} + 0 = ANY($1)",
             part_e = partition_of("e."),
         );
+        let due = "o.published_at IS NULL AND NOT o.held AND o.available_at <= clock_timestamp()";
         // The walk every strict claim takes: due, unheld rows of the
         // partitions in $1, in id order, at most $2 of them.
-        let due_in_partitions = format!(
-            "WHERE o.published_at IS NULL AND NOT o.held AND o.available_at <= clock_timestamp() \
-               AND {walk_from} \
-             ORDER BY o.id LIMIT $2"
-        );
+        let due_in_partitions = format!("WHERE {due} AND {walk_from} ORDER BY o.id LIMIT $2");
         // $1 free partitions, $2 rows to look at: the partitions of the
         // oldest due rows. First among the front of the claim index (at
         // most 8 × $2 rows, of any partition), where they nearly always
@@ -171,7 +165,6 @@ impl Sql {
         // locks must be tried in order of age and only until $4 are taken,
         // not on every partition looked at, or the batch holds partitions
         // it never reads and no other batch can claim them until it commits.
-        let due = "o.published_at IS NULL AND NOT o.held AND o.available_at <= clock_timestamp()";
         let lock = format!(
             "WITH near AS MATERIALIZED ( \
                SELECT f.p, min(f.id) AS first FROM ( \
@@ -311,7 +304,6 @@ impl Sql {
             lock,
             claim: claim_sql(true),
             claim_no_dead: claim_sql(false),
-            hold: format!("UPDATE {t} SET held = true WHERE id = ANY($1)"),
             release_next,
             sweep: sweep_sql(true),
             sweep_no_dead: sweep_sql(false),
@@ -415,32 +407,39 @@ pub async fn rebalance(
     Ok((owned, members))
 }
 
+/// What an ordered source's table without the partition index means, for
+/// `run`'s warning and `check`'s line alike.
+pub const UNINDEXED: &str = "is missing (the table was migrated by an older outboxd): ordered claims still work but walk the table to find each free partition's oldest row, slowly behind a backlog; run `outboxd migrate` (on a large table, first CREATE INDEX CONCURRENTLY with the definition in sql/outbox.sql)";
+
+/// The partition index of `table` (`sql/outbox.sql`), quoted, and whether
+/// it exists. Ordered claims look up each free partition's oldest row
+/// there; a table migrated by an older outboxd lacks it.
+pub async fn partition_index(
+    client: &Client,
+    table: &TableName,
+) -> Result<(String, bool), tokio_postgres::Error> {
+    let index = table.sibling("_partition_idx");
+    let present = client
+        .query_one("SELECT to_regclass($1::text) IS NOT NULL", &[&index])
+        .await?
+        .try_get::<_, bool>(0)?;
+    Ok((index, present))
+}
+
 /// `run`, at the start of an ordered polling source: warns when its table
-/// lacks the partition index (made by an older outboxd's `migrate`). The
-/// relay works without it, but each look for a free partition's oldest
-/// row then walks the table. A database error is left to the relay loop,
+/// lacks the partition index. A database error is left to the relay loop,
 /// which reports it anyway.
 pub async fn warn_if_unindexed(pool: Pool, config: SourceConfig, stop: CancellationToken) {
-    let t = &config.table;
-    let index = format!(
-        "{}.{}",
-        crate::ident::quote_ident(&t.schema),
-        crate::ident::quote_ident(&t.derived("_partition_idx"))
-    );
     let look = async {
         let client = pool.get().await.ok()?;
-        let row = client
-            .query_one("SELECT to_regclass($1::text) IS NOT NULL", &[&index])
-            .await
-            .ok()?;
-        row.try_get::<_, bool>(0).ok()
+        partition_index(&client, &config.table).await.ok()
     };
-    let present = tokio::select! {
+    let found = tokio::select! {
         _ = stop.cancelled() => return,
-        present = look => present,
+        found = look => found,
     };
-    if present == Some(false) {
-        warn!(source = %config.name, %index, "the partition index is missing (the table was migrated by an older outboxd): ordered claims work but walk the table to find each free partition's oldest row, slowly behind a backlog; run `outboxd migrate` (on a large table, first CREATE INDEX CONCURRENTLY with the definition in sql/outbox.sql)");
+    if let Some((index, false)) = found {
+        warn!(source = %config.name, %index, "the partition index {UNINDEXED}");
     }
 }
 
