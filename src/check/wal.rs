@@ -9,6 +9,7 @@ use tokio_postgres::Client;
 use super::{Level, Report};
 use crate::config::SourceConfig;
 use crate::ident::quote_ident;
+use crate::wal::upkeep::slot_problem;
 
 /// `capture = "wal"`: the server setting, the role's right to replicate,
 /// the publication, the slot, and the limit on the WAL a slot may keep.
@@ -112,24 +113,16 @@ pub(super) async fn check<W: Write>(
             let same_db: Option<bool> = s.get(3);
             let retained: Option<String> = s.get(4);
             let active: bool = s.get(5);
-            if plugin.as_deref() != Some("pgoutput") || same_db != Some(true) {
+            let problem = if same_db != Some(true) {
+                Some("it belongs to another database; drop it or name another slot".to_owned())
+            } else {
+                slot_problem(status.as_deref(), plugin.as_deref())
+            };
+            if let Some(problem) = problem {
                 r.line(
                     Level::Fail,
                     &what("slot"),
-                    &format!(
-                        "{:?} is not a pgoutput slot of this database (plugin {plugin:?}); drop it or name another slot",
-                        wal.slot
-                    ),
-                );
-            } else if matches!(status.as_deref(), Some("lost" | "unreserved")) {
-                r.line(
-                    Level::Fail,
-                    &what("slot"),
-                    &format!(
-                        "{:?} is {}: the WAL it needs is (about to be) gone; `outboxd slot drop`, then `outboxd migrate`",
-                        wal.slot,
-                        status.unwrap_or_default()
-                    ),
+                    &format!("{:?} is not usable: {problem}", wal.slot),
                 );
             } else {
                 r.line(

@@ -106,11 +106,11 @@ pub async fn run(
 
 /// Why a slot that exists cannot be used, from `pg_replication_slots`'
 /// `wal_status` and `plugin`; `None` when it can.
-fn slot_problem(wal_status: Option<&str>, plugin: Option<&str>) -> Option<String> {
+pub(crate) fn slot_problem(wal_status: Option<&str>, plugin: Option<&str>) -> Option<String> {
     match (wal_status, plugin) {
         (Some("lost"), _) => Some("lost: the WAL the slot needs was removed (max_slot_wal_keep_size); drop it and run `outboxd migrate` to make a new one".to_owned()),
         (Some("unreserved"), _) => Some("unreserved: the slot is about to lose WAL it needs (max_slot_wal_keep_size)".to_owned()),
-        (_, Some(p)) if p != "pgoutput" => Some(format!("the slot uses plugin {p:?}, not pgoutput")),
+        (_, Some(p)) if p != "pgoutput" => Some(format!("the slot uses plugin {p:?}, not pgoutput; drop it or name another slot")),
         _ => None,
     }
 }
