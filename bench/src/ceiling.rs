@@ -15,6 +15,11 @@ use crate::Options;
 use crate::env::{Env, PAYLOAD_BYTES, QueueType};
 use crate::report::{Report, median};
 
+/// The routing key the relay gives the bench's rows (its default
+/// `{aggregate_type}.{event_type}`), so the topic exchange routes the same
+/// words in both.
+const ROUTING_KEY: &str = "order.OrderCreated";
+
 /// (channels, messages per chunk): each channel publishes a chunk, waits for
 /// its confirms, and starts the next; `channels` chunks are in flight.
 const SHAPES: [(usize, usize); 4] = [(1, 1000), (4, 250), (4, 500), (4, 1000)];
@@ -124,7 +129,7 @@ async fn publish(
                     .map(|i| {
                         Box::pin(ch.basic_publish(
                             exchange.as_str().into(),
-                            "bench".into(),
+                            ROUTING_KEY.into(),
                             opts,
                             &body,
                             properties(sent + i),
@@ -202,7 +207,7 @@ pub async fn one_channel_pipelined(
             let c = ch
                 .basic_publish(
                     exchange.into(),
-                    "bench".into(),
+                    ROUTING_KEY.into(),
                     opts,
                     &body,
                     properties(sent + i),
