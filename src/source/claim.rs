@@ -11,7 +11,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use deadpool_postgres::{Object, Pool};
 use tokio_postgres::Row;
-use tokio_postgres::types::FromSql;
+use tokio_postgres::types::{FromSql, ToSql};
 
 use super::capture::{Claim, ClaimFrom, Claimed};
 use super::{DbError, Source, step};
@@ -29,13 +29,13 @@ pub struct PollBatch {
 }
 
 impl PollBatch {
-    async fn begin(pool: &Pool) -> Result<Self, DbError> {
+    /// A pooled connection for a batch. The caller begins the transaction
+    /// in the same round trip as its first query (`begin_with`).
+    async fn connect(pool: &Pool) -> Result<Self, DbError> {
         let client = step("get a connection", pool.get()).await?;
-        let batch = Self {
+        Ok(Self {
             client: Some(client),
-        };
-        step("begin", batch.client().batch_execute("BEGIN")).await?;
-        Ok(batch)
+        })
     }
 
     /// The connection, inside the batch's transaction.
@@ -102,7 +102,7 @@ pub(super) const BATCH_SAVEPOINT: &str = "outboxd_batch";
 /// committed if the walk marked rows held, else rolled back, so the
 /// connection is back in the pool before the loop hears of it.
 pub async fn claim(source: &Source, from: ClaimFrom) -> Result<Claim<PollBatch>, DbError> {
-    let batch = PollBatch::begin(&source.pool).await?;
+    let batch = PollBatch::connect(&source.pool).await?;
     let (rows, report, looked) = match from {
         ClaimFrom::After(after) => after_id(source, &batch, after).await?,
         ClaimFrom::Partitions { free, most } => heads(source, &batch, free, most).await?,
@@ -151,8 +151,12 @@ async fn after_id(
         client.prepare_cached(&source.queries.claim),
     )
     .await?;
-    open_savepoint(client).await?;
-    let rows = step("claim", client.query(&stmt, &[&limit, &after])).await?;
+    let rows = begin_with(
+        client,
+        &format!("BEGIN; SAVEPOINT {BATCH_SAVEPOINT}"),
+        step("claim", client.query(&stmt, &[&limit, &after])),
+    )
+    .await?;
     let report = Claimed {
         rows: rows.len(),
         max_id: rows
@@ -180,11 +184,15 @@ async fn heads(
     // partition wanted are enough; the claim walks the full batch.
     let look = (most * 4).clamp(64, limit.max(64));
     let stmt = step("prepare partition lock", client.prepare_cached(&order.lock)).await?;
-    let locked: Vec<i32> = step(
-        "lock partitions",
-        client.query_one(
-            &stmt,
-            &[&free, &look, &source.queries.lock_keys.batch, &most],
+    let locked: Vec<i32> = begin_with(
+        client,
+        "BEGIN",
+        step(
+            "lock partitions",
+            client.query_one(
+                &stmt,
+                &[&free, &look, &source.queries.lock_keys.batch, &most],
+            ),
         ),
     )
     .await?
@@ -200,8 +208,13 @@ async fn heads(
             &order.claim_no_dead
         };
         let stmt = step("prepare claim", client.prepare_cached(sql)).await?;
-        open_savepoint(client).await?;
-        walked = step("claim", client.query(&stmt, &[&locked, &limit])).await?;
+        // The savepoint and the walk in one round trip, as above; the
+        // partition locks stay outside the savepoint.
+        let savepoint = format!("SAVEPOINT {BATCH_SAVEPOINT}");
+        let open = step("open the batch savepoint", client.batch_execute(&savepoint));
+        let params: [&(dyn ToSql + Sync); 2] = [&locked, &limit];
+        let walk = step("claim", client.query(&stmt, &params));
+        walked = tokio::try_join!(open, walk)?.1;
     }
     let looked_at = walked.len();
     if source.config.ordering == Ordering::AggregateStrict {
@@ -280,12 +293,19 @@ fn blocked_from_first<K: Eq + std::hash::Hash>(rows: impl Iterator<Item = (K, bo
     .collect()
 }
 
-async fn open_savepoint(client: &Object) -> Result<(), DbError> {
-    step(
-        "open the batch savepoint",
-        client.batch_execute(&format!("SAVEPOINT {BATCH_SAVEPOINT}")),
-    )
-    .await
+/// Runs `begin` (the statements that open the batch's transaction) and the
+/// batch's first query in one round trip: tokio-postgres pipelines requests
+/// that are polled together, sending them in the order they are first
+/// polled, and PostgreSQL runs them in that order. The query's result is
+/// returned only if the transaction began too; otherwise it ran outside any
+/// transaction (its row locks already gone) and is thrown away with the error.
+async fn begin_with<T>(
+    client: &Object,
+    begin: &str,
+    first: impl std::future::Future<Output = Result<T, DbError>>,
+) -> Result<T, DbError> {
+    let (_, result) = tokio::try_join!(step("begin", client.batch_execute(begin)), first)?;
+    Ok(result)
 }
 
 /// The columns every claim returns, in this order: the one definition that

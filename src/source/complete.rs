@@ -9,6 +9,7 @@
 //! (`relay::decide`).
 
 use deadpool_postgres::Object;
+use tokio_postgres::Statement;
 use tokio_postgres::types::ToSql;
 
 use crate::config::AfterPublish;
@@ -155,14 +156,12 @@ pub struct Settled {
 pub async fn settle(tx: &Object, sql: &Sql, plan: &Plan) -> Result<Settled, tokio_postgres::Error> {
     let savepoint = super::claim::BATCH_SAVEPOINT;
     match settle_all(tx, sql, plan).await {
-        Ok(()) => {
-            tx.batch_execute(&format!("RELEASE SAVEPOINT {savepoint}"))
-                .await?;
-            Ok(Settled {
-                parked: plan.park.iter().map(|(id, _, _)| *id).collect(),
-                ..Settled::default()
-            })
-        }
+        // The savepoint is left open: the commit that follows commits it
+        // with the transaction.
+        Ok(()) => Ok(Settled {
+            parked: plan.park.iter().map(|(id, _, _)| *id).collect(),
+            ..Settled::default()
+        }),
         Err(err) if err.code().is_none() => Err(err),
         Err(_) => {
             tx.batch_execute(&format!("ROLLBACK TO SAVEPOINT {savepoint}"))
@@ -172,34 +171,67 @@ pub async fn settle(tx: &Object, sql: &Sql, plan: &Plan) -> Result<Settled, toki
     }
 }
 
+/// Every set-wise statement of the plan, pipelined: sent together and run
+/// in this order in one round trip (tokio-postgres pipelines requests that
+/// are polled together, in the order they are first polled). If one fails,
+/// those after it fail too (the transaction is aborted) and the first
+/// error, the one that matters, is returned.
 async fn settle_all(tx: &Object, sql: &Sql, plan: &Plan) -> Result<(), tokio_postgres::Error> {
-    if !plan.delivered.is_empty() {
-        let stmt = tx.prepare_cached(&sql.delivered).await?;
-        tx.execute(&stmt, &[&plan.delivered]).await?;
-    }
-    if !plan.retry.is_empty() {
-        let ids: Vec<i64> = plan.retry.iter().map(|r| r.0).collect();
-        let errors: Vec<&str> = plan.retry.iter().map(|r| r.1.as_str()).collect();
-        let delays: Vec<i64> = plan.retry.iter().map(|r| r.2).collect();
-        let stmt = tx.prepare_cached(&sql.failed).await?;
-        tx.execute(&stmt, &[&ids, &errors, &delays]).await?;
-    }
-    if !plan.park.is_empty() {
-        let ids: Vec<i64> = plan.park.iter().map(|r| r.0).collect();
-        let errors: Vec<&str> = plan.park.iter().map(|r| r.1.as_str()).collect();
-        let reasons: Vec<&str> = plan.park.iter().map(|r| r.2).collect();
-        let stmt = tx.prepare_cached(&sql.parked).await?;
-        tx.execute(&stmt, &[&ids, &errors, &reasons]).await?;
-    }
-    if !plan.hold.is_empty() {
-        let stmt = tx.prepare_cached(&sql.hold).await?;
-        tx.execute(&stmt, &[&plan.hold]).await?;
-    }
-    if let (Some(release), Some((types, ids))) = (&sql.release_next, &plan.release) {
-        let stmt = tx.prepare_cached(release).await?;
-        tx.execute(&stmt, &[types, ids]).await?;
-    }
+    let retry_ids: Vec<i64> = plan.retry.iter().map(|r| r.0).collect();
+    let retry_errors: Vec<&str> = plan.retry.iter().map(|r| r.1.as_str()).collect();
+    let retry_delays: Vec<i64> = plan.retry.iter().map(|r| r.2).collect();
+    let park_ids: Vec<i64> = plan.park.iter().map(|r| r.0).collect();
+    let park_errors: Vec<&str> = plan.park.iter().map(|r| r.1.as_str()).collect();
+    let park_reasons: Vec<&str> = plan.park.iter().map(|r| r.2).collect();
+    let delivered: [&(dyn ToSql + Sync); 1] = [&plan.delivered];
+    let failed: [&(dyn ToSql + Sync); 3] = [&retry_ids, &retry_errors, &retry_delays];
+    let parked: [&(dyn ToSql + Sync); 3] = [&park_ids, &park_errors, &park_reasons];
+    let hold: [&(dyn ToSql + Sync); 1] = [&plan.hold];
+    let (release_sql, release): (Option<&String>, [&(dyn ToSql + Sync); 2]) =
+        match (&sql.release_next, &plan.release) {
+            (Some(release), Some((types, ids))) => (Some(release), [types, ids]),
+            _ => (None, [&NO_ROWS, &NO_ROWS]),
+        };
+    // Prepared one after the other: a round trip each, but only the first
+    // time on a connection (the statements are cached).
+    let delivered_stmt = prepare_if(tx, !plan.delivered.is_empty(), Some(&sql.delivered)).await?;
+    let failed_stmt = prepare_if(tx, !plan.retry.is_empty(), Some(&sql.failed)).await?;
+    let parked_stmt = prepare_if(tx, !plan.park.is_empty(), Some(&sql.parked)).await?;
+    let hold_stmt = prepare_if(tx, !plan.hold.is_empty(), Some(&sql.hold)).await?;
+    let release_stmt = prepare_if(tx, true, release_sql).await?;
+    tokio::try_join!(
+        execute_if(tx, delivered_stmt.as_ref(), &delivered),
+        execute_if(tx, failed_stmt.as_ref(), &failed),
+        execute_if(tx, parked_stmt.as_ref(), &parked),
+        execute_if(tx, hold_stmt.as_ref(), &hold),
+        execute_if(tx, release_stmt.as_ref(), &release),
+    )?;
     Ok(())
+}
+
+/// A placeholder parameter for a statement that is not run.
+static NO_ROWS: Vec<i64> = Vec::new();
+
+async fn prepare_if(
+    tx: &Object,
+    wanted: bool,
+    sql: Option<&String>,
+) -> Result<Option<Statement>, tokio_postgres::Error> {
+    match sql {
+        Some(sql) if wanted => Ok(Some(tx.prepare_cached(sql).await?)),
+        _ => Ok(None),
+    }
+}
+
+async fn execute_if(
+    tx: &Object,
+    stmt: Option<&Statement>,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<u64, tokio_postgres::Error> {
+    match stmt {
+        Some(stmt) => tx.execute(stmt, params).await,
+        None => Ok(0),
+    }
 }
 
 /// The slow path: each row on its own, under a savepoint.
