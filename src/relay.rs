@@ -37,14 +37,15 @@ use crate::source::{Capture, ClaimFrom, Claimed, DbError, FlagSet, SourceHealth}
 use crate::telemetry::ErrorChain;
 pub use batch::BatchEnd;
 pub use decide::{Disposition, decide};
-use state::{Cursor, Held, InFlight, Pause, TaskEnd, WakeFlag};
+use state::{Cursor, Held, InFlight, Load, Pause, TaskEnd, WakeFlag};
 
-/// After a claim comes back empty within this long of one that found rows,
-/// the relay keeps claiming every [`LINGER_STEP`] instead of arming the
-/// wake-up flag: under steady load it never goes idle, so producers never
-/// pay for NOTIFY, and a new row waits at most this step.
-const LINGER_WINDOW: Duration = Duration::from_millis(20);
-const LINGER_STEP: Duration = Duration::from_millis(2);
+/// While the load is busy ([`state::Load`]), after a claim comes back empty
+/// within this long of one that found rows, the relay keeps claiming every
+/// [`LINGER_STEP`] instead of arming the wake-up flag: under heavy load it
+/// never goes idle, so producers do not pay for NOTIFY, and a new row waits
+/// at most this step.
+pub(crate) const LINGER_WINDOW: Duration = Duration::from_millis(20);
+pub(crate) const LINGER_STEP: Duration = Duration::from_millis(2);
 
 /// How often held rows are checked for a predecessor that went away without
 /// the relay (a row deleted by hand, a purged dead letter).
@@ -66,6 +67,7 @@ struct Loop<C, P> {
     tasks: InFlight,
     cursor: Cursor,
     flag: WakeFlag,
+    load: Load,
     pause: Pause,
     /// `ordering = "aggregate"`: the partitions we own (from the listener).
     owned: watch::Receiver<Arc<Vec<i32>>>,
@@ -94,6 +96,7 @@ impl<C: Capture, P: Publisher> Relay<C, P> {
             tasks: InFlight::new(),
             cursor: Cursor::new(),
             flag: WakeFlag::new(),
+            load: Load::new(Instant::now()),
             pause: Pause::default(),
             next_sweep: Instant::now(),
             draining: false,
@@ -300,14 +303,17 @@ impl<C: Capture, P: Publisher> Loop<C, P> {
         let now = Instant::now();
         if report.rows > 0 {
             self.cursor.last_rows_at = Some(now);
+            self.load.add(now, report.rows);
             self.flag_after(report.rows);
-        } else if self
-            .cursor
-            .last_rows_at
-            .is_some_and(|t| now - t < LINGER_WINDOW)
+        } else if !self.flag.armed()
+            && self.load.busy(now)
+            && self
+                .cursor
+                .last_rows_at
+                .is_some_and(|t| now - t < LINGER_WINDOW)
         {
             // Busy a moment ago: look again shortly instead of arming the
-            // flag, so producers under steady load never notify.
+            // flag, so producers under heavy load never notify.
             self.cursor.linger_until = Some(now + LINGER_STEP);
         } else {
             self.flag_after(0);
@@ -315,12 +321,14 @@ impl<C: Capture, P: Publisher> Loop<C, P> {
     }
 
     /// Keeps the wake-up flag in step with the claims: armed once caught up
-    /// (an empty claim), disarmed while busy (a claim that found rows).
+    /// (an empty claim) or while the load is calm, disarmed while it is
+    /// busy (see [`state::Load`]).
     fn flag_after(&mut self, rows: usize) {
         if self.tasks.sweep_running || self.draining {
             return;
         }
-        if let Some(armed) = self.flag.wanted(rows) {
+        let want = rows == 0 || !self.load.busy(Instant::now());
+        if let Some(armed) = self.flag.wanted(want) {
             self.start_flag(armed);
         }
     }
