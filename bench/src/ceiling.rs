@@ -30,6 +30,52 @@ pub async fn run(
     o: &Options,
     report: &mut Report,
 ) -> Result<f64, String> {
+    let ((channels, chunk), samples) = best_shape(env, queue, o).await?;
+    Ok(report.add(
+        format!(
+            "ceiling {} (raw lapin, {channels} ch x {chunk})",
+            queue.name()
+        ),
+        "msg/s",
+        samples,
+        format!("{} msgs, {PAYLOAD_BYTES} B, persistent, confirms", o.rows),
+    ))
+}
+
+/// The ceiling again, while threads of this process keep `cores` of the
+/// machine busy: what the broker takes when the CPU that the relay and
+/// PostgreSQL use in a drain is not its to use. On a machine with few
+/// cores this, not the ceiling alone, is the most a relay beside the
+/// broker can reach with that much CPU of its own and the database's.
+pub async fn beside(
+    env: &Env,
+    queue: QueueType,
+    o: &Options,
+    cores: f64,
+    what: &str,
+    report: &mut Report,
+) -> Result<f64, String> {
+    let busy = crate::env::Neighbour::burn(cores);
+    let best = best_shape(env, queue, o).await;
+    drop(busy);
+    let ((channels, chunk), samples) = best?;
+    Ok(report.add(
+        format!(
+            "ceiling {} beside {cores:.2} busy cores ({what}; {channels} ch x {chunk})",
+            queue.name()
+        ),
+        "msg/s",
+        samples,
+        "the same probe, with threads of the bench spinning that much CPU",
+    ))
+}
+
+/// Tries every shape; returns the best with its samples.
+async fn best_shape(
+    env: &Env,
+    queue: QueueType,
+    o: &Options,
+) -> Result<((usize, usize), Vec<f64>), String> {
     let (ch, name) = env.declare(queue).await?;
     let n = o.rows;
     let mut best: Option<((usize, usize), Vec<f64>)> = None;
@@ -66,16 +112,7 @@ pub async fn run(
         }
     }
     env.undeclare(&ch, &name).await;
-    let ((channels, chunk), samples) = best.ok_or("no ceiling measured")?;
-    Ok(report.add(
-        format!(
-            "ceiling {} (raw lapin, {channels} ch x {chunk})",
-            queue.name()
-        ),
-        "msg/s",
-        samples,
-        format!("{n} msgs, {PAYLOAD_BYTES} B, persistent, confirms"),
-    ))
+    best.ok_or_else(|| "no ceiling measured".to_owned())
 }
 
 fn properties(i: usize) -> BasicProperties {

@@ -68,6 +68,8 @@ pub struct Outcome {
     pub rate: f64,
     /// PostgreSQL CPU per message, µs.
     pub pg_us: f64,
+    /// The relay's CPU per message, µs.
+    pub relay_us: f64,
     /// (order breaks, duplicates), when the drain checks the order.
     pub order: Option<(usize, usize)>,
 }
@@ -204,7 +206,7 @@ async fn measure(
         col(|r| r.rate),
         format!("{:.2} of ceiling ({ceiling:.0} msg/s)", rate / ceiling),
     );
-    report.add(
+    let relay_us = report.add(
         format!("relay CPU per message, drain {what}"),
         "µs",
         col(|r| r.relay_us),
@@ -226,7 +228,12 @@ async fn measure(
         let tallies: Vec<Tally> = runs.iter().map(|r| r.tally).collect();
         crate::order::report(report, &format!("drain {what}"), &tallies)
     });
-    Ok(Outcome { rate, pg_us, order })
+    Ok(Outcome {
+        rate,
+        pg_us,
+        relay_us,
+        order,
+    })
 }
 
 /// One drain.

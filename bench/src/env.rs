@@ -530,3 +530,44 @@ pub fn relay_config_at(amqp: &str, url: &str, exchange: &str, extra: &str) -> St
          [[source]]\nname = \"bench\"\ndatabase_url = \"{url}\"\nexchange = \"{exchange}\"\n{extra}\n"
     )
 }
+
+/// Threads that keep a given share of the machine's CPU busy until dropped:
+/// `cores` = 0.3 spins one thread 3 ms in every 10 ms.
+pub struct Neighbour {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Neighbour {
+    pub fn burn(cores: f64) -> Self {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut threads = Vec::new();
+        let mut left = cores.max(0.0);
+        while left > 0.0 {
+            let duty = left.min(1.0);
+            left -= duty;
+            let stop = stop.clone();
+            threads.push(std::thread::spawn(move || {
+                let period = Duration::from_millis(10);
+                let busy = period.mul_f64(duty);
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let start = Instant::now();
+                    while start.elapsed() < busy {
+                        std::hint::spin_loop();
+                    }
+                    std::thread::sleep(period.saturating_sub(start.elapsed()));
+                }
+            }));
+        }
+        Neighbour { stop, threads }
+    }
+}
+
+impl Drop for Neighbour {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}

@@ -65,7 +65,23 @@ pub async fn run(
     for (load, spec, floor, goal) in drains {
         let d = m.drains.measure(env, spec, o, ceiling, report).await?;
         let ratio = d.rate / ceiling;
-        let mut measured = format!("{ratio:.2} ({:.0} msg/s)", d.rate);
+        // The CPU the relay and PostgreSQL used in this drain, taken from
+        // the broker's machine: the ceiling beside that much busy work.
+        let cores = (d.relay_us + d.pg_us) * d.rate / 1e6;
+        let beside = crate::ceiling::beside(
+            env,
+            QueueType::Classic,
+            o,
+            cores,
+            &format!("the CPU of the drain {load}"),
+            report,
+        )
+        .await?;
+        let mut measured = format!(
+            "{ratio:.2} ({:.0} msg/s; {:.2} of the ceiling beside the {cores:.2} cores the relay and PostgreSQL used, {beside:.0} msg/s)",
+            d.rate,
+            d.rate / beside
+        );
         let mut met = ratio >= floor;
         if let Some((breaks, duplicates)) = d.order {
             measured.push_str(&format!(", {breaks} order breaks, {duplicates} duplicates"));
