@@ -165,20 +165,15 @@ async fn check_partition_index<W: Write>(
     client: &Client,
     source: &SourceConfig,
 ) -> Result<(), tokio_postgres::Error> {
-    let (index, present) = crate::source::order::partition_index(client, &source.table).await?;
+    let (index, state) = crate::source::order::partition_index(client, &source.table).await?;
     let what = format!("source {} partition index", source.name);
-    if present {
-        r.line(
+    match state.problem() {
+        None => r.line(
             Level::Ok,
             &what,
             &format!("{index} is there for ordered claims"),
-        );
-    } else {
-        r.line(
-            Level::Warn,
-            &what,
-            &format!("{index} {}", crate::source::order::UNINDEXED),
-        );
+        ),
+        Some(problem) => r.line(Level::Warn, &what, &format!("{index} {problem}")),
     }
     Ok(())
 }

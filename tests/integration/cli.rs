@@ -96,6 +96,23 @@ async fn check_passes_on_a_good_setup_and_names_each_problem_otherwise() {
     );
     let (_, out, _) = run_to_end(&["check"], &cfg);
     assert!(out.contains("ok   source good partition index"), "{out}");
+    // What a failed CREATE INDEX CONCURRENTLY leaves: an index PostgreSQL
+    // does not use (marked so by hand here; the test role is a superuser).
+    good.client
+        .batch_execute(
+            "UPDATE pg_catalog.pg_index SET indisvalid = false \
+             WHERE indexrelid = 'outbox_partition_idx'::regclass",
+        )
+        .await
+        .unwrap();
+    let (code, out, _) = run_to_end(&["check"], &cfg);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("warn source good partition index")
+            && out.contains("not valid")
+            && out.contains("DROP INDEX CONCURRENTLY"),
+        "{out}"
+    );
     good.client
         .batch_execute("DROP INDEX outbox_partition_idx")
         .await
