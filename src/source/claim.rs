@@ -183,39 +183,52 @@ async fn heads(
     // To find the partitions with the oldest rows, a few rows per
     // partition wanted are enough; the claim walks the full batch.
     let look = (most * 4).clamp(64, limit.max(64));
-    let stmt = step("prepare partition lock", client.prepare_cached(&order.lock)).await?;
-    let locked: Vec<i32> = begin_with(
-        client,
-        "BEGIN",
-        step(
-            "lock partitions",
-            client.query_one(
-                &stmt,
-                &[&free, &look, &source.queries.lock_keys.batch, &most],
-            ),
-        ),
-    )
-    .await?
-    .try_get(0)
-    .unwrap_or_default();
-    let mut walked = Vec::new();
-    if !locked.is_empty() {
-        // A new statement, so its snapshot sees every commit of the
-        // batches that held these partitions before us.
-        let sql = if source.dead.exists(client).await? {
-            &order.claim
+    let lock = step("prepare partition lock", client.prepare_cached(&order.lock)).await?;
+    let lock_params: [&(dyn ToSql + Sync); 4] =
+        [&free, &look, &source.queries.lock_keys.batch, &most];
+    let walk_sql = if source.dead.exists(client).await? {
+        &order.claim
+    } else {
+        &order.claim_no_dead
+    };
+    let walk = step("prepare claim", client.prepare_cached(walk_sql)).await?;
+    let savepoint = format!("SAVEPOINT {BATCH_SAVEPOINT}");
+    // The walk is a statement after the lock, so its snapshot sees every
+    // commit of the batches that held these partitions before us; the
+    // partition locks stay outside the savepoint.
+    let (locked, mut walked): (Vec<i32>, Vec<Row>) =
+        if source.config.ordering == Ordering::AggregateStrict {
+            let locked: Vec<i32> = begin_with(
+                client,
+                "BEGIN",
+                step("lock partitions", client.query_one(&lock, &lock_params)),
+            )
+            .await?
+            .try_get(0)
+            .unwrap_or_default();
+            let mut walked = Vec::new();
+            if !locked.is_empty() {
+                // The savepoint and the walk in one round trip, as above.
+                let open = step("open the batch savepoint", client.batch_execute(&savepoint));
+                let params: [&(dyn ToSql + Sync); 2] = [&locked, &limit];
+                let walk = step("claim", client.query(&walk, &params));
+                walked = tokio::try_join!(open, walk)?.1;
+            }
+            (locked, walked)
         } else {
-            &order.claim_no_dead
+            // All four in one round trip: the pipelined walk reads the
+            // locked partitions from the transaction-local setting the
+            // lock leaves them in (`order.rs`), and finds nothing when the
+            // lock took none. If any step fails, so does the claim.
+            let params: [&(dyn ToSql + Sync); 1] = [&limit];
+            let (_, lock_row, _, walked) = tokio::try_join!(
+                step("begin", client.batch_execute("BEGIN")),
+                step("lock partitions", client.query_one(&lock, &lock_params)),
+                step("open the batch savepoint", client.batch_execute(&savepoint)),
+                step("claim", client.query(&walk, &params)),
+            )?;
+            (lock_row.try_get(0).unwrap_or_default(), walked)
         };
-        let stmt = step("prepare claim", client.prepare_cached(sql)).await?;
-        // The savepoint and the walk in one round trip, as above; the
-        // partition locks stay outside the savepoint.
-        let savepoint = format!("SAVEPOINT {BATCH_SAVEPOINT}");
-        let open = step("open the batch savepoint", client.batch_execute(&savepoint));
-        let params: [&(dyn ToSql + Sync); 2] = [&locked, &limit];
-        let walk = step("claim", client.query(&stmt, &params));
-        walked = tokio::try_join!(open, walk)?.1;
-    }
     let looked_at = walked.len();
     if source.config.ordering == Ordering::AggregateStrict {
         // Rows that are not the head of their aggregate come back with no

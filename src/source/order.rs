@@ -93,14 +93,21 @@ impl LockKeys {
     }
 }
 
+/// The transaction-local setting in which the partition lock leaves the
+/// partitions it locked, for the pipelined walk sent in the same round trip.
+const LOCKED_SETTING: &str = "outboxd.locked_partitions";
+
 pub struct Sql {
     /// $1 free partitions, $2 rows to look at, $3 batch key, $4 most
     /// partitions to take: the partitions with the oldest due rows that no
-    /// other batch holds, locked for this transaction.
+    /// other batch holds, locked for this transaction, and left in the
+    /// transaction's [`LOCKED_SETTING`] too.
     pub lock: String,
-    /// $1 locked partitions, $2 rows to walk: one row per walked row.
-    /// Strict: the row's columns only for heads (the others are marked
-    /// held). Pipelined: every row's columns, and whether it is blocked.
+    /// One row per walked row. Strict: $1 locked partitions, $2 rows to
+    /// walk; the row's columns only for heads (the others are marked held).
+    /// Pipelined: $1 rows to walk, of the partitions in [`LOCKED_SETTING`]
+    /// (so it can go out with the lock, in one round trip); every row's
+    /// columns, and whether it is blocked.
     pub claim: String,
     /// The same without looking at the dead-letter table (for when it is
     /// missing: the relay then retries instead of parking).
@@ -140,13 +147,16 @@ impl Sql {
         // below it). `+ 0` keeps the planner off the partition index for
         // the walk itself: it would read every row of a hot partition and
         // sort them (measured 165 ms for a 50k-row partition).
-        let walk_from = format!(
-            "o.id >= (SELECT min((SELECT min(e.id) FROM {t} e \
-                 WHERE {part_e} = f.p AND e.published_at IS NULL AND NOT e.held)) \
-               FROM unnest($1::int[]) AS f(p)) \
-             AND {part} + 0 = ANY($1)",
-            part_e = partition_of("e."),
-        );
+        let walk_from_in = |locked: &str| {
+            format!(
+                "o.id >= (SELECT min((SELECT min(e.id) FROM {t} e \
+                     WHERE {part_e} = f.p AND e.published_at IS NULL AND NOT e.held)) \
+                   FROM unnest({locked}) AS f(p)) \
+                 AND {part} + 0 = ANY({locked})",
+                part_e = partition_of("e."),
+            )
+        };
+        let walk_from = walk_from_in("$1::int[]");
         let due = "o.published_at IS NULL AND NOT o.held AND o.available_at <= clock_timestamp()";
         // The walk every strict claim takes: due, unheld rows of the
         // partitions in $1, in id order, at most $2 of them.
@@ -178,14 +188,15 @@ impl Sql {
                SELECT f.p, (SELECT o.id FROM {t} o WHERE {part} = f.p AND {due} \
                    ORDER BY o.id LIMIT 1) AS first \
                FROM unnest($1::int[]) AS f(p) WHERE NOT EXISTS (SELECT 1 FROM near)) \
-             SELECT COALESCE(array_agg(l.p), '{{}}') FROM ( \
+             SELECT l.locked, set_config('{LOCKED_SETTING}', l.locked::text, true) FROM ( \
+             SELECT COALESCE(array_agg(l.p), '{{}}') AS locked FROM ( \
                SELECT c.p FROM ( \
                  SELECT u.p, u.first FROM ( \
                    SELECT p, first FROM near \
                    UNION ALL SELECT p, first FROM far WHERE first IS NOT NULL) u \
                  ORDER BY u.first OFFSET 0) c \
                WHERE pg_try_advisory_xact_lock(hashtext($3), c.p) \
-               LIMIT $4) l"
+               LIMIT $4) l) l"
         );
         // Strict (`ordering = "aggregate_strict"`): one row in flight per
         // aggregate. A walked row that is not its aggregate's head waits
@@ -257,9 +268,14 @@ impl Sql {
                  FROM {t} o \
                  WHERE o.published_at IS NULL AND NOT o.held AND o.available_at <= statement_timestamp() \
                    AND {walk_from} \
-                 ORDER BY o.id LIMIT $2 \
+                 ORDER BY o.id LIMIT $1 \
                  FOR UPDATE OF o SKIP LOCKED",
                 columns = super::claim::select_list("o"),
+                // The cast outside the parentheses keeps `ANY(...)` from
+                // reading the scalar subquery as a row source.
+                walk_from = walk_from_in(&format!(
+                    "(SELECT current_setting('{LOCKED_SETTING}')::int[])::int[]"
+                )),
             )
         };
         let claim_sql = |dead_table: bool| match config.ordering {
