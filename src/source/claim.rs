@@ -7,6 +7,7 @@
 //! transaction that has not committed are invisible here, and rows of one
 //! that rolled back never existed.
 
+use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use deadpool_postgres::{Object, Pool};
@@ -26,6 +27,10 @@ use crate::message::OutboxRow;
 /// connection leaves the pool: PostgreSQL rolls back when it closes.
 pub struct PollBatch {
     client: Option<Object>,
+    /// BEGIN was sent: a drop must roll back. Before it there is nothing
+    /// to roll back, and a ROLLBACK would only draw PostgreSQL's "there is
+    /// no transaction in progress" warning into the log.
+    begun: AtomicBool,
 }
 
 impl PollBatch {
@@ -35,7 +40,14 @@ impl PollBatch {
         let client = step("get a connection", pool.get()).await?;
         Ok(Self {
             client: Some(client),
+            begun: AtomicBool::new(false),
         })
+    }
+
+    /// Notes that BEGIN is about to be sent.
+    fn beginning(&self) -> &Object {
+        self.begun.store(true, AtomicOrdering::Relaxed);
+        self.client()
     }
 
     /// The connection, inside the batch's transaction.
@@ -67,6 +79,10 @@ impl Drop for PollBatch {
         let Some(client) = self.client.take() else {
             return;
         };
+        if !self.begun.load(AtomicOrdering::Relaxed) {
+            // Back to the pool as it came.
+            return;
+        }
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => {
                 runtime.spawn(async move {
@@ -152,7 +168,7 @@ async fn after_id(
     )
     .await?;
     let rows = begin_with(
-        client,
+        batch,
         &format!("BEGIN; SAVEPOINT {BATCH_SAVEPOINT}"),
         step("claim", client.query(&stmt, &[&limit, &after])),
     )
@@ -199,7 +215,7 @@ async fn heads(
     let (locked, mut walked): (Vec<i32>, Vec<Row>) =
         if source.config.ordering == Ordering::AggregateStrict {
             let locked: Vec<i32> = begin_with(
-                client,
+                batch,
                 "BEGIN",
                 step("lock partitions", client.query_one(&lock, &lock_params)),
             )
@@ -222,7 +238,7 @@ async fn heads(
             // lock took none. If any step fails, so does the claim.
             let params: [&(dyn ToSql + Sync); 1] = [&limit];
             let (_, lock_row, _, walked) = tokio::try_join!(
-                step("begin", client.batch_execute("BEGIN")),
+                step("begin", batch.beginning().batch_execute("BEGIN")),
                 step("lock partitions", client.query_one(&lock, &lock_params)),
                 step("open the batch savepoint", client.batch_execute(&savepoint)),
                 step("claim", client.query(&walk, &params)),
@@ -313,10 +329,11 @@ fn blocked_from_first<K: Eq + std::hash::Hash>(rows: impl Iterator<Item = (K, bo
 /// returned only if the transaction began too; otherwise it ran outside any
 /// transaction (its row locks already gone) and is thrown away with the error.
 async fn begin_with<T>(
-    client: &Object,
+    batch: &PollBatch,
     begin: &str,
     first: impl std::future::Future<Output = Result<T, DbError>>,
 ) -> Result<T, DbError> {
+    let client = batch.beginning();
     let (_, result) = tokio::try_join!(step("begin", client.batch_execute(begin)), first)?;
     Ok(result)
 }

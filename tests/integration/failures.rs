@@ -352,3 +352,40 @@ async fn without_a_dead_letter_table_failing_rows_are_retried_not_parked() {
             .is_empty()
     );
 }
+
+/// A claim that fails before its transaction begins (here: preparing the
+/// claim, on a table that no longer matches) is reported as a database
+/// failure naming the cause, and retried; nothing tries to roll back a
+/// transaction that never began (PostgreSQL would answer each such
+/// ROLLBACK with a warning the relay logs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_failing_before_its_transaction_is_retried_without_a_stray_rollback() {
+    let db = TestDb::migrated("obx_fail_prebegin").await;
+    db.client
+        .batch_execute(
+            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
+             VALUES ('order', 'o-1', 'Created', '{}'); \
+             ALTER TABLE outbox RENAME COLUMN headers TO headers_gone",
+        )
+        .await
+        .unwrap();
+    let broker = TestBroker::new("#").await;
+    let relay = Relay::start(&simple_config(&db.url, &broker.exchange)).await;
+    let first = eventually("the database failure", WAIT, || async {
+        relay.log_lines_with("source database failed").pop()
+    })
+    .await;
+    assert!(
+        first["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("headers")),
+        "{first}"
+    );
+    // Two retries later, any stray ROLLBACK's warning would be in the log.
+    eventually("two retries", WAIT, || async {
+        (relay.log_lines_with("source database still failing").len() >= 2).then_some(())
+    })
+    .await;
+    let stray = relay.log_lines_with("no transaction in progress");
+    assert!(stray.is_empty(), "{stray:?}");
+}
