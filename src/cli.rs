@@ -42,7 +42,13 @@ pub enum ConfigCommand {
     /// Run the relay until SIGTERM, SIGINT or SIGHUP (each drains, then exits; no reload).
     Run(ConfigArg),
     /// Create the outbox table, indexes and NOTIFY trigger in every source database (idempotent).
-    Migrate(ConfigArg),
+    Migrate {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Build the missing indexes of an existing outbox table with CREATE INDEX CONCURRENTLY first (no write lock on a large live table; slower, one index at a time).
+        #[arg(long)]
+        concurrently: bool,
+    },
     /// Check the config, the broker, each database, table, privileges and exchange; non-zero exit on failure.
     Check(ConfigArg),
     /// Per source, from the database: backlog, oldest pending age, held rows, dead letters, relays and their partitions, paused or not, the slot; exit 1 if a source cannot be read.
@@ -151,14 +157,13 @@ fn parse_log_format(s: &str) -> Result<LogFormat, NotOneOf> {
 impl ConfigCommand {
     pub fn config_path(&self) -> &std::path::Path {
         match self {
-            ConfigCommand::Run(a) | ConfigCommand::Migrate(a) | ConfigCommand::Check(a) => {
-                &a.config
-            }
+            ConfigCommand::Run(a) | ConfigCommand::Check(a) => &a.config,
             ConfigCommand::DeadLetters(
                 DeadLetters::List { config, .. }
                 | DeadLetters::Replay { config, .. }
                 | DeadLetters::Purge { config, .. },
             )
+            | ConfigCommand::Migrate { config, .. }
             | ConfigCommand::Slot(Slot::Drop { config, .. })
             | ConfigCommand::Status { config, .. }
             | ConfigCommand::Pause(SourceArg { config, .. })

@@ -112,7 +112,7 @@ async fn run_with_config(
         ConfigCommand::Run(_) => {
             app::run(config, drain.unwrap_or_else(CancellationToken::new)).await?;
         }
-        ConfigCommand::Migrate(_) => migrate::run(&config).await?,
+        ConfigCommand::Migrate { concurrently, .. } => migrate::run(&config, concurrently).await?,
         ConfigCommand::DeadLetters(action) => dead_letters_command(&config, action).await?,
         ConfigCommand::Slot(Slot::Drop { source, yes, .. }) => {
             println!(

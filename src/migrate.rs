@@ -16,6 +16,7 @@ use crate::config::{Config, SourceConfig, WalCapture};
 use crate::forward;
 use crate::ident::{quote_ident, quote_literal};
 use crate::source::ConnectError;
+use crate::source::order::{IndexState, index_state};
 
 const SQL: &str = include_str!("../sql/outbox.sql");
 const WAL_SQL: &str = include_str!("../sql/wal.sql");
@@ -58,6 +59,17 @@ pub enum MigrateError {
         source_name: String,
         database: String,
         problems: String,
+    },
+    /// `--concurrently`: an index that a concurrent build left (or finds)
+    /// not valid; migrate cannot tell a failed build from a running one.
+    #[error(
+        "migrate failed for source {source_name:?} ({database}): index {index} {problem}; unless a build of it is still running, DROP INDEX CONCURRENTLY {index} and run migrate again"
+    )]
+    InvalidIndex {
+        source_name: String,
+        database: String,
+        index: String,
+        problem: String,
     },
     #[error("migrate failed for source {source_name:?} ({database}): {source}")]
     Sql {
@@ -127,9 +139,12 @@ fn fill(sql: &str, vars: &[(&str, String)]) -> String {
     out
 }
 
-pub async fn run(config: &Config) -> Result<(), MigrateError> {
+/// Migrates every source. `concurrently`: first build the indexes an
+/// existing outbox table lacks with `CREATE INDEX CONCURRENTLY`, so that a
+/// large live table is not locked against inserts while they build.
+pub async fn run(config: &Config, concurrently: bool) -> Result<(), MigrateError> {
     for source in &config.sources {
-        migrate_one(source).await?;
+        migrate_one(source, concurrently).await?;
         info!(
             source = %source.name,
             database = %source.database_display,
@@ -157,7 +172,104 @@ pub async fn run(config: &Config) -> Result<(), MigrateError> {
     Ok(())
 }
 
-async fn migrate_one(source: &SourceConfig) -> Result<(), MigrateError> {
+/// The statements of the migration that `--concurrently` runs on their
+/// own, before its transaction, on an existing table: the added columns
+/// (metadata only, an instant each) and every index on the outbox table
+/// itself, as (qualified index name, statement).
+fn concurrent_steps(source: &SourceConfig) -> (Vec<String>, Vec<(String, String)>) {
+    let table = source.table.quoted();
+    let on_table = format!("ON {table} ");
+    let schema = quote_ident(&source.table.schema);
+    let mut columns = Vec::new();
+    let mut indexes = Vec::new();
+    // Comment lines go first: some have a ';' in their prose.
+    let code: String = render(source)
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("--"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    for statement in code.split(';') {
+        let statement = statement.trim();
+        // Only the outbox table's own: the other tables may not exist yet.
+        if statement.starts_with(&format!("ALTER TABLE {table} "))
+            && statement.contains("ADD COLUMN IF NOT EXISTS")
+        {
+            columns.push(statement.to_owned());
+        } else if let Some(rest) = statement.strip_prefix(CREATE_INDEX)
+            && statement.contains(&on_table)
+            && let Some(name) = rest.split_whitespace().next()
+        {
+            indexes.push((
+                format!("{schema}.{name}"),
+                format!("CREATE INDEX CONCURRENTLY IF NOT EXISTS{rest}"),
+            ));
+        }
+    }
+    (columns, indexes)
+}
+
+const CREATE_INDEX: &str = "CREATE INDEX IF NOT EXISTS";
+
+/// `--concurrently`: builds the indexes an existing outbox table lacks, one
+/// at a time, outside any transaction. A new table needs none of this.
+async fn build_concurrently(
+    client: &tokio_postgres::Client,
+    source: &SourceConfig,
+) -> Result<(), MigrateError> {
+    let sql_error = |e| MigrateError::Sql {
+        source_name: source.name.clone(),
+        database: source.database_display.clone(),
+        source: e,
+    };
+    let invalid = |index: &str, problem: String| MigrateError::InvalidIndex {
+        source_name: source.name.clone(),
+        database: source.database_display.clone(),
+        index: index.to_owned(),
+        problem,
+    };
+    let exists: bool = client
+        .query_one(
+            "SELECT to_regclass($1::text) IS NOT NULL",
+            &[&source.table.quoted()],
+        )
+        .await
+        .map_err(sql_error)?
+        .get(0);
+    if !exists {
+        return Ok(());
+    }
+    let (columns, indexes) = concurrent_steps(source);
+    for statement in columns {
+        client.batch_execute(&statement).await.map_err(sql_error)?;
+    }
+    for (index, statement) in indexes {
+        match index_state(client, &index).await.map_err(sql_error)? {
+            IndexState::Valid => continue,
+            IndexState::Invalid => {
+                return Err(invalid(&index, "exists but is not valid".to_owned()));
+            }
+            IndexState::Missing => {}
+        }
+        info!(source = %source.name, %index, "building index concurrently");
+        let started = std::time::Instant::now();
+        if let Err(e) = client.batch_execute(&statement).await {
+            return match index_state(client, &index).await {
+                Ok(IndexState::Invalid) => Err(invalid(
+                    &index,
+                    format!(
+                        "was left not valid by CREATE INDEX CONCURRENTLY ({})",
+                        crate::telemetry::ErrorChain(&e)
+                    ),
+                )),
+                _ => Err(sql_error(e)),
+            };
+        }
+        info!(source = %source.name, %index, seconds = started.elapsed().as_secs_f64(), "index built");
+    }
+    Ok(())
+}
+
+async fn migrate_one(source: &SourceConfig, concurrently: bool) -> Result<(), MigrateError> {
     let mut client = crate::source::connect(source)
         .await
         .map_err(|e| MigrateError::Connect {
@@ -186,6 +298,9 @@ async fn migrate_one(source: &SourceConfig) -> Result<(), MigrateError> {
             }
         },
     };
+    if concurrently {
+        build_concurrently(&client, source).await?;
+    }
     let result = async {
         let tx = client.transaction().await?;
         // "already exists, skipping" notices are the expected case on a re-run.
@@ -232,6 +347,39 @@ mod tests {
         }
         let config = Config::from_toml(&text, &|_| None).unwrap();
         config.sources.into_iter().next().unwrap()
+    }
+
+    #[test]
+    fn concurrently_builds_each_index_of_the_table_and_adds_columns_first() {
+        let (columns, indexes) = concurrent_steps(&source("app.events", None));
+        // Not the wake-up table's column: that table may not exist yet.
+        assert_eq!(columns.len(), 1, "{columns:?}");
+        assert!(
+            columns[0].starts_with("ALTER TABLE \"app\".\"events\" ADD COLUMN IF NOT EXISTS held"),
+            "{columns:?}"
+        );
+        let names: Vec<&str> = indexes.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "\"app\".\"events_claim_idx\"",
+                "\"app\".\"events_aggregate_idx\"",
+                "\"app\".\"events_held_idx\"",
+                "\"app\".\"events_waiting_idx\"",
+                "\"app\".\"events_partition_idx\"",
+                "\"app\".\"events_published_idx\"",
+            ],
+            "every index on the outbox table, none on the dead-letter table"
+        );
+        for (name, statement) in &indexes {
+            let bare = name.split('.').nth(1).unwrap_or_default();
+            assert!(
+                statement.starts_with(&format!("CREATE INDEX CONCURRENTLY IF NOT EXISTS {bare}"))
+                    && statement.contains("ON \"app\".\"events\" ")
+                    && !statement.contains(';'),
+                "{statement}"
+            );
+        }
     }
 
     #[test]

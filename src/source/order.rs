@@ -425,10 +425,10 @@ pub async fn rebalance(
 
 /// What an ordered source's table without the partition index means, for
 /// `run`'s warning and `check`'s line alike.
-pub const UNINDEXED: &str = "is missing (the table was migrated by an older outboxd): ordered claims still work but walk the table to find each free partition's oldest row, slowly behind a backlog; run `outboxd migrate` (on a large table, first CREATE INDEX CONCURRENTLY with the definition in sql/outbox.sql)";
+pub const UNINDEXED: &str = "is missing (the table was migrated by an older outboxd): ordered claims still work but walk the table to find each free partition's oldest row, slowly behind a backlog; run `outboxd migrate` (`outboxd migrate --concurrently` on a large table: it does not lock out inserts)";
 
 /// What an ordered source's table with an invalid partition index means.
-pub const INVALID: &str = "exists but is not valid (a CREATE INDEX CONCURRENTLY that failed, or one still running): PostgreSQL does not use it and `outboxd migrate` skips it, so ordered claims walk the table as without it; unless a build is running, DROP INDEX CONCURRENTLY it and create it again";
+pub const INVALID: &str = "exists but is not valid (a CREATE INDEX CONCURRENTLY that failed, or one still running): PostgreSQL does not use it and `outboxd migrate` skips it, so ordered claims walk the table as without it; unless a build is running, DROP INDEX CONCURRENTLY it and run `outboxd migrate --concurrently`";
 
 /// The partition index's state on a table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -458,6 +458,16 @@ pub async fn partition_index(
     table: &TableName,
 ) -> Result<(String, IndexState), tokio_postgres::Error> {
     let index = table.sibling("_partition_idx");
+    let state = index_state(client, &index).await?;
+    Ok((index, state))
+}
+
+/// Whether the index `index` (schema-qualified, quoted as in SQL) exists,
+/// and if so whether PostgreSQL uses it.
+pub async fn index_state(
+    client: &Client,
+    index: &str,
+) -> Result<IndexState, tokio_postgres::Error> {
     let valid: Option<bool> = client
         .query_opt(
             "SELECT i.indisvalid FROM pg_catalog.pg_index i WHERE i.indexrelid = to_regclass($1::text)",
@@ -466,12 +476,11 @@ pub async fn partition_index(
         .await?
         .map(|row| row.try_get(0))
         .transpose()?;
-    let state = match valid {
+    Ok(match valid {
         None => IndexState::Missing,
         Some(true) => IndexState::Valid,
         Some(false) => IndexState::Invalid,
-    };
-    Ok((index, state))
+    })
 }
 
 /// `run`, at the start of an ordered polling source: warns when its table

@@ -54,7 +54,9 @@ impl TestDb {
             self.url
         );
         let config = outboxd::config::Config::from_toml(&text, &|_| None).expect("test config");
-        outboxd::migrate::run(&config).await.expect("migrate");
+        outboxd::migrate::run(&config, false)
+            .await
+            .expect("migrate");
     }
 
     /// A second connection (for producer transactions that must not share one).
