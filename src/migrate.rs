@@ -210,17 +210,22 @@ fn concurrent_steps(source: &SourceConfig) -> (Vec<String>, Vec<(String, String)
 
 const CREATE_INDEX: &str = "CREATE INDEX IF NOT EXISTS";
 
+/// A database error of `source`'s migration, named by source and database.
+fn sql_error(source: &SourceConfig) -> impl Fn(tokio_postgres::Error) -> MigrateError + Copy + '_ {
+    |e| MigrateError::Sql {
+        source_name: source.name.clone(),
+        database: source.database_display.clone(),
+        source: e,
+    }
+}
+
 /// `--concurrently`: builds the indexes an existing outbox table lacks, one
 /// at a time, outside any transaction. A new table needs none of this.
 async fn build_concurrently(
     client: &tokio_postgres::Client,
     source: &SourceConfig,
 ) -> Result<(), MigrateError> {
-    let sql_error = |e| MigrateError::Sql {
-        source_name: source.name.clone(),
-        database: source.database_display.clone(),
-        source: e,
-    };
+    let sql_error = sql_error(source);
     let invalid = |index: &str, problem: String| MigrateError::InvalidIndex {
         source_name: source.name.clone(),
         database: source.database_display.clone(),
@@ -278,11 +283,7 @@ async fn migrate_one(source: &SourceConfig, concurrently: bool) -> Result<(), Mi
             source: e,
         })?;
     let wal = source.capture.wal().map(|w| render_wal(source, w));
-    let sql_error = |e| MigrateError::Sql {
-        source_name: source.name.clone(),
-        database: source.database_display.clone(),
-        source: e,
-    };
+    let sql_error = sql_error(source);
     // A mapped table's columns are checked first: a trigger that names a
     // missing column would fail every producer's insert.
     let forward = match &source.mapping {

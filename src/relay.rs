@@ -44,7 +44,7 @@ use state::{Cursor, Held, InFlight, Load, Pause, TaskEnd, WakeFlag};
 /// [`LINGER_STEP`] instead of arming the wake-up flag: under heavy load it
 /// never goes idle, so producers do not pay for NOTIFY, and a new row waits
 /// at most this step.
-pub(crate) const LINGER_WINDOW: Duration = Duration::from_millis(20);
+const LINGER_WINDOW: Duration = Duration::from_millis(20);
 pub(crate) const LINGER_STEP: Duration = Duration::from_millis(2);
 
 /// How often held rows are checked for a predecessor that went away without

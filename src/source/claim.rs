@@ -44,12 +44,6 @@ impl PollBatch {
         })
     }
 
-    /// Notes that BEGIN is about to be sent.
-    fn beginning(&self) -> &Object {
-        self.begun.store(true, AtomicOrdering::Relaxed);
-        self.client()
-    }
-
     /// The connection, inside the batch's transaction.
     pub fn client(&self) -> &Object {
         // Only `finish` takes it, and it consumes the batch.
@@ -237,12 +231,14 @@ async fn heads(
             // lock leaves them in (`order.rs`), and finds nothing when the
             // lock took none. If any step fails, so does the claim.
             let params: [&(dyn ToSql + Sync); 1] = [&limit];
-            let (_, lock_row, _, walked) = tokio::try_join!(
-                step("begin", batch.beginning().batch_execute("BEGIN")),
-                step("lock partitions", client.query_one(&lock, &lock_params)),
-                step("open the batch savepoint", client.batch_execute(&savepoint)),
-                step("claim", client.query(&walk, &params)),
-            )?;
+            let (lock_row, _, walked) = begin_with(batch, "BEGIN", async {
+                tokio::try_join!(
+                    step("lock partitions", client.query_one(&lock, &lock_params)),
+                    step("open the batch savepoint", client.batch_execute(&savepoint)),
+                    step("claim", client.query(&walk, &params)),
+                )
+            })
+            .await?;
             (lock_row.try_get(0).unwrap_or_default(), walked)
         };
     let looked_at = walked.len();
@@ -333,7 +329,8 @@ async fn begin_with<T>(
     begin: &str,
     first: impl std::future::Future<Output = Result<T, DbError>>,
 ) -> Result<T, DbError> {
-    let client = batch.beginning();
+    batch.begun.store(true, AtomicOrdering::Relaxed);
+    let client = batch.client();
     let (_, result) = tokio::try_join!(step("begin", client.batch_execute(begin)), first)?;
     Ok(result)
 }

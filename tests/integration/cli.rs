@@ -98,13 +98,7 @@ async fn check_passes_on_a_good_setup_and_names_each_problem_otherwise() {
     assert!(out.contains("ok   source good partition index"), "{out}");
     // What a failed CREATE INDEX CONCURRENTLY leaves: an index PostgreSQL
     // does not use (marked so by hand here; the test role is a superuser).
-    good.client
-        .batch_execute(
-            "UPDATE pg_catalog.pg_index SET indisvalid = false \
-             WHERE indexrelid = 'outbox_partition_idx'::regclass",
-        )
-        .await
-        .unwrap();
+    mark_invalid(&good.client, "outbox_partition_idx").await;
     let (code, out, _) = run_to_end(&["check"], &cfg);
     assert_eq!(code, Some(0), "{out}");
     assert!(
@@ -432,13 +426,7 @@ async fn migrate_concurrently_builds_missing_indexes_and_names_an_invalid_one() 
         .unwrap()
         .get(0);
     assert_eq!(invalid, 0);
-    let rows: i64 = db
-        .client
-        .query_one("SELECT count(*) FROM outbox", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(rows, 1000);
+    assert_eq!(db.count().await, 1000);
 
     // Idempotent: nothing left to build.
     let (code, _, err) = run_to_end(&["migrate", "--concurrently"], &cfg);
@@ -447,13 +435,7 @@ async fn migrate_concurrently_builds_missing_indexes_and_names_an_invalid_one() 
 
     // What a failed concurrent build leaves (marked by hand; the test
     // role is a superuser): named, with what to do, and exit 1.
-    db.client
-        .batch_execute(
-            "UPDATE pg_catalog.pg_index SET indisvalid = false \
-             WHERE indexrelid = 'outbox_held_idx'::regclass",
-        )
-        .await
-        .unwrap();
+    mark_invalid(&db.client, "outbox_held_idx").await;
     let (code, _, err) = run_to_end(&["migrate", "--concurrently"], &cfg);
     assert_eq!(code, Some(1), "{err}");
     assert!(
@@ -462,4 +444,16 @@ async fn migrate_concurrently_builds_missing_indexes_and_names_an_invalid_one() 
             && err.contains("DROP INDEX CONCURRENTLY"),
         "{err}"
     );
+}
+
+/// Marks `index` not valid, as a failed CREATE INDEX CONCURRENTLY leaves it
+/// (the test role is a superuser).
+async fn mark_invalid(client: &tokio_postgres::Client, index: &str) {
+    client
+        .execute(
+            "UPDATE pg_catalog.pg_index SET indisvalid = false WHERE indexrelid = $1::text::regclass",
+            &[&index],
+        )
+        .await
+        .unwrap();
 }
