@@ -213,7 +213,7 @@ impl<P: Publisher> WalRelay<P> {
                 "INSERT INTO {dead} (id, aggregate_type, aggregate_id, event_type, payload, headers, \
                      dedup_key, exchange, routing_key, created_at, attempts, last_error, reason, parked_at) \
                  SELECT nextval(pg_get_serial_sequence($1, 'id')), $2, $3, $4, \
-                     COALESCE($5::jsonb, 'null'::jsonb), COALESCE($6::jsonb, '{{}}'::jsonb), $7, $8, $9, \
+                     COALESCE($5::text::jsonb, 'null'::jsonb), COALESCE($6::text::jsonb, '{{}}'::jsonb), $7, $8, $9, \
                      clock_timestamp(), $10, $11, $12, clock_timestamp()"
             ),
         };
