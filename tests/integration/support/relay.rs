@@ -228,5 +228,21 @@ impl Drop for Relay {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // A failing test shows what the relay was doing.
+        if std::thread::panicking() {
+            let logs = self.logs.lock().unwrap_or_else(|e| e.into_inner());
+            let from = logs.len().saturating_sub(LOG_TAIL);
+            eprintln!(
+                "--- the relay's last {} of {} log lines ---",
+                logs.len() - from,
+                logs.len()
+            );
+            for line in &logs[from..] {
+                eprintln!("{line}");
+            }
+        }
     }
 }
+
+/// How many of its last log lines a relay prints when its test fails.
+const LOG_TAIL: usize = 80;
