@@ -47,6 +47,16 @@ struct State {
     closed: bool,
 }
 
+/// A batch the fake has answered, waiting to be finished.
+#[derive(Default)]
+pub struct Begun {
+    outcomes: Vec<Outcome>,
+    /// Messages answered on [`MemoryPublisher::release`].
+    blocked: Vec<usize>,
+    /// A message whose confirm never comes: finishing waits out the timeout.
+    timed_out: bool,
+}
+
 pub struct MemoryPublisher {
     confirm_timeout: Duration,
     state: Mutex<State>,
@@ -144,38 +154,46 @@ impl Publisher for MemoryPublisher {
         &self,
         messages: Vec<Result<Outbound, Failure>>,
     ) -> Result<Vec<Outcome>, Unavailable> {
+        let begun = self.begin(messages).await?;
+        Ok(self.finish(begun).await)
+    }
+
+    type Begun = Begun;
+
+    /// Decides every answer and records the messages as sent; the waiting
+    /// (blocked messages, timeouts) is [`Publisher::finish`]'s.
+    async fn begin(&self, messages: Vec<Result<Outbound, Failure>>) -> Result<Begun, Unavailable> {
         if self.state().disconnected {
             return Err(Unavailable("not connected".to_owned()));
         }
-        let mut outcomes = Vec::with_capacity(messages.len());
-        let mut timed_out = Vec::new();
-        let mut blocked = Vec::new();
+        let mut b = Begun::default();
         let mut dropped = false;
         for message in messages {
             let m = match message {
                 Err(failure) => {
-                    outcomes.push(Outcome::Failed(failure));
+                    b.outcomes.push(Outcome::Failed(failure));
                     continue;
                 }
                 Ok(m) => m,
             };
             if dropped {
-                outcomes.push(failed(FailureReason::Connection, "connection lost"));
+                b.outcomes
+                    .push(failed(FailureReason::Connection, "connection lost"));
                 continue;
             }
             let answer = self.next_answer(m.row_id);
             self.state().sent.push(m);
-            outcomes.push(match answer {
+            b.outcomes.push(match answer {
                 Answer::Ack => Outcome::Delivered,
                 Answer::Nack => failed(FailureReason::Nacked, "nacked by the fake"),
                 Answer::Return => failed(FailureReason::Returned, "returned by the fake"),
                 Answer::Refuse => failed(FailureReason::Refused, "refused by the fake"),
                 Answer::Timeout => {
-                    timed_out.push(outcomes.len());
+                    b.timed_out = true;
                     failed(FailureReason::Timeout, "not confirmed")
                 }
                 Answer::Block => {
-                    blocked.push(outcomes.len());
+                    b.blocked.push(b.outcomes.len());
                     failed(FailureReason::Timeout, "not confirmed")
                 }
                 Answer::DropConnection => {
@@ -185,7 +203,11 @@ impl Publisher for MemoryPublisher {
                 }
             });
         }
-        if !blocked.is_empty() {
+        Ok(b)
+    }
+
+    async fn finish(&self, mut b: Begun) -> Vec<Outcome> {
+        if !b.blocked.is_empty() {
             // Blocked messages are acked on release, unless the confirm
             // timeout passes first.
             let released = self.released.notified();
@@ -193,14 +215,14 @@ impl Publisher for MemoryPublisher {
                 .await
                 .is_ok()
             {
-                for i in blocked {
-                    outcomes[i] = Outcome::Delivered;
+                for i in b.blocked {
+                    b.outcomes[i] = Outcome::Delivered;
                 }
             }
-        } else if !timed_out.is_empty() {
+        } else if b.timed_out {
             tokio::time::sleep(self.confirm_timeout).await;
         }
-        Ok(outcomes)
+        b.outcomes
     }
 
     fn report_failure(&self) {

@@ -44,6 +44,28 @@ pub trait Publisher: Send + Sync + 'static {
         messages: Vec<Result<Outbound, Failure>>,
     ) -> impl Future<Output = Result<Vec<Outcome>, Unavailable>> + Send;
 
+    /// A batch begun with [`Publisher::begin`], waiting for its confirms.
+    type Begun: Send + 'static;
+
+    /// Publishes a batch on this publisher's **ordered lane** and returns
+    /// once its messages are written, before their confirms:
+    /// [`Publisher::finish`] gives the outcomes, under the contract of
+    /// [`Publisher::send`]. A batch begun after another reaches the broker
+    /// after it (one channel is kept for the lane), so a caller may publish
+    /// the next batch while the broker confirms this one.
+    ///
+    /// The caller finishes every begun batch, in the order they were begun,
+    /// and begins none while a failure is being handled: after a failed
+    /// batch it finishes the ones in flight before it begins again.
+    /// `Err(Unavailable)`: nothing of this batch was sent.
+    fn begin(
+        &self,
+        messages: Vec<Result<Outbound, Failure>>,
+    ) -> impl Future<Output = Result<Self::Begun, Unavailable>> + Send;
+
+    /// The outcomes of a begun batch, one per entry, in order.
+    fn finish(&self, begun: Self::Begun) -> impl Future<Output = Vec<Outcome>> + Send;
+
     /// A batch found the publisher unavailable: check the connection now
     /// rather than at the next periodic check.
     fn report_failure(&self);

@@ -415,3 +415,133 @@ async fn check_reports_the_wal_setup_and_slot_drop_asks_for_yes() {
         "{out}"
     );
 }
+
+/// Batches overlap on the wal relay's one channel (the next is written
+/// while the broker confirms the one before), and lapin hands a returned
+/// message to whichever confirm of the channel it resolves next, which may
+/// be one of the later batch. However the acks fall, exactly the
+/// unroutable rows and `outbox_emit()` messages are parked, every routable
+/// one arrives, and each aggregate's first deliveries are in commit order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_batches_overlapping_exactly_the_unroutable_messages_are_parked() {
+    const TXNS: i64 = 12;
+    const PER_TXN: i64 = 250;
+    let mut broker = TestBroker::new("order.#").await;
+    let db = TestDb::empty("obxw_lane").await;
+    let cfg = config(
+        AMQP_URL,
+        &[spec(&db, &broker.exchange)
+            .set("max_attempts", "1")
+            .set("batch_size", "40")],
+    );
+    let (code, _, err) = run_to_end(&["migrate"], &cfg);
+    assert_eq!(code, Some(0), "migrate: {err}");
+    let relay = Relay::start(&cfg).await;
+    eventually("the slot streaming", WAIT, || async {
+        let active = relay
+            .metric(&format!("outboxd_slot_active{{source=\"{}\"}}", db.name))
+            .await;
+        (active == Some(1.0)).then_some(())
+    })
+    .await;
+    // Per transaction: table rows, every 37th unroutable (its routing key
+    // column), then emitted messages, every 41st unroutable (aggregate
+    // type `lost`, so routing key `lost.E`). Ten aggregates, seq in order.
+    for t in 0..TXNS {
+        let (from, to) = (t * PER_TXN, (t + 1) * PER_TXN - 1);
+        db.client
+            .batch_execute(&format!(
+                "BEGIN; \
+                 INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload, dedup_key, routing_key) \
+                   SELECT 'order', 'a' || (g % 10), 'E', jsonb_build_object('seq', g), 'r-' || g, \
+                          CASE WHEN g % 37 = 0 THEN 'nowhere.x' END \
+                   FROM generate_series({from}, {to}) g ORDER BY g; \
+                 SELECT count(outbox_emit(CASE WHEN g % 41 = 0 THEN 'lost' ELSE 'order' END, 'a' || (g % 10), 'E', \
+                          jsonb_build_object('seq', g + 1000000), '{{}}', 'm-' || g)) \
+                   FROM (SELECT g FROM generate_series({from}, {to}) g ORDER BY g) s; \
+                 COMMIT"
+            ))
+            .await
+            .expect("a producer transaction");
+    }
+    let all = TXNS * PER_TXN;
+    let bad_rows: Vec<String> = (0..all)
+        .filter(|g| g % 37 == 0)
+        .map(|g| format!("r-{g}"))
+        .collect();
+    let bad_messages: Vec<String> = (0..all)
+        .filter(|g| g % 41 == 0)
+        .map(|g| format!("m-{g}"))
+        .collect();
+    let good = 2 * all as usize - bad_rows.len() - bad_messages.len();
+    eventually("every unroutable message parked", WAIT * 2, || async {
+        let n: i64 = db
+            .client
+            .query_one("SELECT count(*) FROM outbox_dead", &[])
+            .await
+            .expect("count dead letters")
+            .get(0);
+        (n as usize >= bad_rows.len() + bad_messages.len()).then_some(())
+    })
+    .await;
+    eventually("the table to empty", WAIT, || async {
+        (db.count().await == 0).then_some(())
+    })
+    .await;
+    let mut parked: Vec<String> = db
+        .client
+        .query("SELECT dedup_key, reason FROM outbox_dead ORDER BY id", &[])
+        .await
+        .expect("dead letters")
+        .iter()
+        .map(|r| {
+            assert_eq!(r.get::<_, String>(1), "returned");
+            r.get(0)
+        })
+        .collect();
+    parked.sort();
+    let mut expected: Vec<String> = bad_rows.iter().chain(&bad_messages).cloned().collect();
+    expected.sort();
+    assert_eq!(parked, expected, "exactly the unroutable ones are parked");
+    // Every routable message arrived; duplicates (messages after a failed
+    // one go again) are dropped by message_id, and what is left of each
+    // aggregate is in order.
+    let mut seen = std::collections::HashSet::new();
+    let mut last: std::collections::HashMap<String, i64> = Default::default();
+    let mut duplicates = 0;
+    while seen.len() < good {
+        let m = broker
+            .next(WAIT)
+            .await
+            .unwrap_or_else(|| panic!("{} of {good} routable messages came", seen.len()));
+        let id = m.message_id.clone().expect("a message id");
+        assert!(
+            !expected.contains(&id),
+            "an unroutable message arrived: {id}"
+        );
+        if !seen.insert(id.clone()) {
+            duplicates += 1;
+            continue;
+        }
+        let aggregate = m.header_str("x-aggregate-id").expect("an aggregate");
+        // Rows and messages of a transaction: rows first, each in seq order.
+        let seq = m.json()["seq"].as_i64().expect("a seq");
+        let position = if seq >= 1_000_000 {
+            let g = seq - 1_000_000;
+            (g / PER_TXN) * 2 * PER_TXN + PER_TXN + g % PER_TXN
+        } else {
+            (seq / PER_TXN) * 2 * PER_TXN + seq % PER_TXN
+        };
+        let before = last.insert(aggregate.clone(), position);
+        assert!(
+            before.is_none_or(|b| b < position),
+            "aggregate {aggregate}: {id} (position {position}) after position {before:?}"
+        );
+    }
+    println!(
+        "wal lane: {} messages, {} parked, {good} delivered, {duplicates} duplicates",
+        2 * all,
+        expected.len()
+    );
+    drop(relay);
+}

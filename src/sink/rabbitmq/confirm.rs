@@ -38,12 +38,7 @@ pub(super) async fn collect(
     sent: &[(usize, i64)],
 ) -> ChannelEnd {
     let mut returned = Vec::new();
-    // The config bounds the timeout; a year stands in for "never" should
-    // an unbounded one reach here (Instant + Duration panics on overflow).
-    let now = Instant::now();
-    let deadline = now
-        .checked_add(timeout)
-        .unwrap_or_else(|| now + Duration::from_secs(365 * 86_400));
+    let deadline = deadline_after(timeout);
     let mut end = ChannelEnd::Healthy;
     for (index, confirm) in pending {
         outcomes[index] = match tokio::time::timeout_at(deadline, confirm).await {
@@ -52,31 +47,48 @@ pub(super) async fn collect(
                 returned.extend(back);
                 outcome
             }
-            Ok(Err(err)) => {
-                match refusal(&err) {
-                    Some(reason) if end == ChannelEnd::Healthy => end = ChannelEnd::Refused(reason),
-                    Some(_) => {}
-                    None => end = ChannelEnd::Broken,
-                }
-                Outcome::Failed(Failure::new(
-                    FailureReason::Connection,
-                    format!(
-                        "channel failed before the confirm arrived: {}",
-                        ErrorChain(&err)
-                    ),
-                ))
-            }
-            Err(_) => {
-                end = ChannelEnd::Broken;
-                Outcome::Failed(Failure::new(
-                    FailureReason::Timeout,
-                    format!("no confirm from the broker within {timeout:?}"),
-                ))
-            }
+            Ok(Err(err)) => channel_failed(&err, &mut end),
+            Err(_) => unanswered(timeout, &mut end),
         };
     }
     attribute_returns(returned, outcomes, sent);
     end
+}
+
+/// `timeout` from now. The config bounds the timeout; a year stands in for
+/// "never" should an unbounded one reach here (Instant + Duration panics
+/// on overflow).
+pub(super) fn deadline_after(timeout: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(timeout)
+        .unwrap_or_else(|| now + Duration::from_secs(365 * 86_400))
+}
+
+/// The outcome of a message whose confirm ended in `err`; `end` learns
+/// what became of the channel.
+pub(super) fn channel_failed(err: &lapin::Error, end: &mut ChannelEnd) -> Outcome {
+    match refusal(err) {
+        Some(reason) if *end == ChannelEnd::Healthy => *end = ChannelEnd::Refused(reason),
+        Some(_) => {}
+        None => *end = ChannelEnd::Broken,
+    }
+    Outcome::Failed(Failure::new(
+        FailureReason::Connection,
+        format!(
+            "channel failed before the confirm arrived: {}",
+            ErrorChain(err)
+        ),
+    ))
+}
+
+/// The outcome of a message whose confirm did not come within `timeout`;
+/// the channel is not reused (a late confirm would belong to it).
+pub(super) fn unanswered(timeout: Duration, end: &mut ChannelEnd) -> Outcome {
+    *end = ChannelEnd::Broken;
+    Outcome::Failed(Failure::new(
+        FailureReason::Timeout,
+        format!("no confirm from the broker within {timeout:?}"),
+    ))
 }
 
 /// A confirm's outcome apart from any returned message lapin attached to
@@ -84,7 +96,7 @@ pub(super) async fn collect(
 /// channel it resolves next, and an ack for several delivery tags at once
 /// resolves them in no set order: the message may sit on another row's
 /// confirm. [`attribute_returns`] puts it back on its own row.
-fn split(confirmation: Confirmation) -> (Outcome, Option<BasicReturnMessage>) {
+pub(super) fn split(confirmation: Confirmation) -> (Outcome, Option<BasicReturnMessage>) {
     match confirmation {
         Confirmation::Ack(returned) => (Outcome::Delivered, returned),
         Confirmation::Nack(returned) => (classify(Confirmation::Nack(None)), returned),
@@ -146,20 +158,25 @@ pub(super) fn refusal(err: &lapin::Error) -> Option<String> {
     }
 }
 
+/// The outcome of a message the broker returned as unroutable.
+pub(super) fn returned(message: &BasicReturnMessage) -> Outcome {
+    Outcome::Failed(Failure::new(
+        FailureReason::Returned,
+        format!(
+            "returned as unroutable: {} {} (exchange {:?}, routing key {:?}); bind a queue that matches",
+            message.reply_code,
+            message.reply_text,
+            message.delivery.exchange.as_str(),
+            message.delivery.routing_key.as_str()
+        ),
+    ))
+}
+
 /// The single place that decides whether the broker took a message.
 pub(super) fn classify(confirmation: Confirmation) -> Outcome {
     match confirmation {
         Confirmation::Ack(None) => Outcome::Delivered,
-        Confirmation::Ack(Some(returned)) => Outcome::Failed(Failure::new(
-            FailureReason::Returned,
-            format!(
-                "returned as unroutable: {} {} (exchange {:?}, routing key {:?}); bind a queue that matches",
-                returned.reply_code,
-                returned.reply_text,
-                returned.delivery.exchange.as_str(),
-                returned.delivery.routing_key.as_str()
-            ),
-        )),
+        Confirmation::Ack(Some(message)) => returned(&message),
         Confirmation::Nack(returned) => Outcome::Failed(Failure::new(
             FailureReason::Nacked,
             match returned {

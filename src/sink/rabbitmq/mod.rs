@@ -2,7 +2,8 @@
 //!
 //! `connection.rs` keeps one connection up for the whole process (to one
 //! node of a cluster, `nodes.rs` picks which),
-//! `publish.rs` sends a batch on a channel of its own, `confirm.rs` turns
+//! `publish.rs` sends a batch on a channel of its own, `ordered.rs` and
+//! `lane.rs` pipeline batches on one channel kept for them, `confirm.rs` turns
 //! the broker's answers into [`super::Outcome`]s, `tls.rs` does the TLS
 //! handshake of amqps:// itself.
 
@@ -10,7 +11,9 @@ mod confirm;
 mod connection;
 mod frame;
 mod isolate;
+mod lane;
 mod nodes;
+mod ordered;
 mod publish;
 mod tls;
 

@@ -24,6 +24,7 @@ use super::confirm::{self, ChannelEnd};
 use super::connection::Broker;
 use super::frame;
 use super::isolate::{self, Suspects};
+use super::ordered;
 use crate::message::Outbound;
 use crate::sink::{Failure, FailureReason, Outcome, Publisher, Unavailable};
 use crate::telemetry::ErrorChain;
@@ -33,26 +34,40 @@ use tokio_util::sync::CancellationToken;
 const EXCHANGE_TTL: Duration = Duration::from_secs(60);
 
 /// A publish of the batch failed before its confirm could be awaited.
-struct PublishFailed {
+pub(super) struct PublishFailed {
     /// The broker's reason, if it closed the channel over a message.
     refusal: Option<String>,
+}
+
+impl PublishFailed {
+    /// The channel's end, given what the confirms said.
+    pub(super) fn worsen(self, end: ChannelEnd) -> ChannelEnd {
+        match (end, self.refusal) {
+            (ChannelEnd::Healthy, Some(reason)) => ChannelEnd::Refused(reason),
+            (ChannelEnd::Healthy, None) => ChannelEnd::Broken,
+            (end, _) => end,
+        }
+    }
 }
 
 /// A source's publisher on RabbitMQ: its channel pool and its exchange
 /// cache, over the process's one connection ([`Broker`]).
 pub struct RabbitPublisher {
     broker: Arc<Broker>,
+    /// The ordered lane's channel and its batches in flight.
+    pub(super) lane: Mutex<Option<ordered::Lane>>,
     idle: Mutex<Vec<Channel>>,
     exchanges: Mutex<HashMap<ShortString, Instant>>,
-    confirm_timeout: Duration,
+    pub(super) confirm_timeout: Duration,
     /// Rows that were in flight on a channel the broker closed: sent alone.
-    suspects: Suspects,
+    pub(super) suspects: Suspects,
 }
 
 impl RabbitPublisher {
     pub fn new(broker: Arc<Broker>, confirm_timeout: Duration) -> Self {
         Self {
             broker,
+            lane: Mutex::new(None),
             idle: Mutex::new(Vec::new()),
             exchanges: Mutex::new(HashMap::new()),
             confirm_timeout,
@@ -67,8 +82,112 @@ impl RabbitPublisher {
             .clear();
     }
 
+    pub(super) fn connected(&self) -> Result<Arc<Connection>, Unavailable> {
+        self.broker
+            .connection()
+            .ok_or_else(|| Unavailable("not connected".to_owned()))
+    }
+
+    /// Each message's outcome until its confirm arrives, and the messages
+    /// to publish: a message for a missing exchange or over the frame size
+    /// fails here, and the suspects of an earlier refusal are sent one by
+    /// one first (each is the first row of its aggregate in the batch: the
+    /// rows after it were held when it failed, so sending it ahead of the
+    /// rest keeps every aggregate in order).
+    pub(super) async fn prepare(
+        &self,
+        conn: &Connection,
+        messages: Vec<Result<Outbound, Failure>>,
+        missing: &HashSet<ShortString>,
+    ) -> (Vec<Outcome>, Vec<(usize, Outbound)>) {
+        let frame_max = conn.configuration().frame_max();
+        let mut outcomes = Vec::with_capacity(messages.len());
+        let mut to_send = Vec::with_capacity(messages.len());
+        let mut alone = Vec::new();
+        for (index, message) in messages.into_iter().enumerate() {
+            match message {
+                Err(failure) => outcomes.push(Outcome::Failed(failure)),
+                Ok(m) if missing.contains(&m.exchange) => {
+                    outcomes.push(Outcome::Failed(Failure::new(
+                        FailureReason::ExchangeNotFound,
+                        format!("exchange {:?} does not exist", m.exchange.as_str()),
+                    )));
+                }
+                Ok(m) => {
+                    if let Some(why) = frame::too_large(&m.properties, frame_max) {
+                        outcomes.push(Outcome::Failed(Failure::new(FailureReason::BadRow, why)));
+                        continue;
+                    }
+                    // Until its confirm arrives, a message counts as not confirmed.
+                    outcomes.push(Outcome::Failed(Failure::new(
+                        FailureReason::Timeout,
+                        "not confirmed",
+                    )));
+                    if self.suspects.contains(m.row_id) {
+                        alone.push((index, m));
+                    } else {
+                        to_send.push((index, m));
+                    }
+                }
+            }
+        }
+        if !alone.is_empty() {
+            isolate::send_alone(
+                conn,
+                alone,
+                self.confirm_timeout,
+                &mut outcomes,
+                &self.suspects,
+            )
+            .await;
+        }
+        (outcomes, to_send)
+    }
+
+    /// What a batch's channel end means for the publisher; whether the
+    /// channel is fit for the next batch.
+    pub(super) fn after_batch(
+        &self,
+        conn: &Connection,
+        channel: &Channel,
+        end: ChannelEnd,
+        sent: &[(usize, i64)],
+        outcomes: &mut [Outcome],
+    ) -> bool {
+        match end {
+            ChannelEnd::Healthy if channel.status().connected() => true,
+            ChannelEnd::Refused(reason) if conn.status().connected() => {
+                // The broker refused one of these messages and closed the
+                // channel; which one cannot be told apart from the others
+                // that had no answer yet. Each of those goes alone next time,
+                // so the refusal lands on the row that caused it (and counts
+                // toward its max_attempts) and the rest go through. The
+                // connection is fine: nothing reconnects.
+                self.forget_exchanges();
+                for (index, row_id) in sent {
+                    if let Outcome::Failed(f) = &mut outcomes[*index]
+                        && f.reason == FailureReason::Connection
+                    {
+                        self.suspects.insert(*row_id);
+                        f.detail = format!(
+                            "the broker closed the channel ({reason}) while this message was in flight; it is sent on its own next time to find the row that caused it"
+                        );
+                    }
+                }
+                false
+            }
+            _ => {
+                // The channel is dropped (and so closed). Whatever closed it
+                // may have been a deleted exchange: forget what we knew.
+                self.forget_exchanges();
+                self.broker.report_failure();
+                false
+            }
+        }
+    }
+
     /// A confirm-mode channel: a pooled one if it is still open, else a new one.
-    async fn channel(&self, conn: &Connection) -> Result<Channel, Unavailable> {
+    pub(super) async fn channel(&self, conn: &Connection) -> Result<Channel, Unavailable> {
         loop {
             let pooled = self
                 .idle
@@ -96,7 +215,7 @@ impl RabbitPublisher {
     }
 
     /// Exchanges named in `messages` that do not exist on the broker.
-    async fn missing_exchanges(
+    pub(super) async fn missing_exchanges(
         &self,
         conn: &Connection,
         messages: &[Result<Outbound, Failure>],
@@ -155,106 +274,47 @@ impl Publisher for RabbitPublisher {
         &self,
         messages: Vec<Result<Outbound, Failure>>,
     ) -> Result<Vec<Outcome>, Unavailable> {
-        let conn = self
-            .broker
-            .connection()
-            .ok_or_else(|| Unavailable("not connected".to_owned()))?;
+        let conn = self.connected()?;
         let missing = self.missing_exchanges(&conn, &messages).await?;
-        let frame_max = conn.configuration().frame_max();
         let channel = self.channel(&conn).await?;
-
-        let mut outcomes = Vec::with_capacity(messages.len());
-        let mut to_send = Vec::with_capacity(messages.len());
-        let mut alone = Vec::new();
-        for (index, message) in messages.into_iter().enumerate() {
-            match message {
-                Err(failure) => outcomes.push(Outcome::Failed(failure)),
-                Ok(m) if missing.contains(&m.exchange) => {
-                    outcomes.push(Outcome::Failed(Failure::new(
-                        FailureReason::ExchangeNotFound,
-                        format!("exchange {:?} does not exist", m.exchange.as_str()),
-                    )));
-                }
-                Ok(m) => {
-                    if let Some(why) = frame::too_large(&m.properties, frame_max) {
-                        outcomes.push(Outcome::Failed(Failure::new(FailureReason::BadRow, why)));
-                        continue;
-                    }
-                    // Until its confirm arrives, a message counts as not confirmed.
-                    outcomes.push(Outcome::Failed(Failure::new(
-                        FailureReason::Timeout,
-                        "not confirmed",
-                    )));
-                    if self.suspects.contains(m.row_id) {
-                        alone.push((index, m));
-                    } else {
-                        to_send.push((index, m));
-                    }
-                }
-            }
-        }
-        // Suspects go first: each is the first row of its aggregate in the
-        // batch (the rows after it were held when it failed), so sending
-        // it ahead of the rest keeps every aggregate in order.
-        if !alone.is_empty() {
-            isolate::send_alone(
-                &conn,
-                alone,
-                self.confirm_timeout,
-                &mut outcomes,
-                &self.suspects,
-            )
-            .await;
-        }
+        let (mut outcomes, to_send) = self.prepare(&conn, messages, &missing).await;
         let sent: Vec<(usize, i64)> = to_send.iter().map(|(i, m)| (*i, m.row_id)).collect();
         let (pending, broken) = publish_in_order(&channel, to_send, &mut outcomes).await;
-        let mut end = confirm::collect(pending, self.confirm_timeout, &mut outcomes, &sent).await;
-        if let (ChannelEnd::Healthy, Some(failed)) = (&end, broken) {
-            end = match failed.refusal {
-                Some(reason) => ChannelEnd::Refused(reason),
-                None => ChannelEnd::Broken,
-            };
-        }
-        match end {
-            ChannelEnd::Healthy if channel.status().connected() => self
-                .idle
+        let end = confirm::collect(pending, self.confirm_timeout, &mut outcomes, &sent).await;
+        let end = broken.map_or(end.clone(), |failed| failed.worsen(end));
+        if self.after_batch(&conn, &channel, end, &sent, &mut outcomes) {
+            self.idle
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
-                .push(channel),
-            ChannelEnd::Refused(reason) if conn.status().connected() => {
-                // The broker refused one of these messages and closed the
-                // channel; which one cannot be told apart from the others
-                // that had no answer yet. Each of those goes alone next time,
-                // so the refusal lands on the row that caused it (and counts
-                // toward its max_attempts) and the rest go through. The
-                // connection is fine: nothing reconnects.
-                self.forget_exchanges();
-                for (index, row_id) in sent {
-                    if let Outcome::Failed(f) = &mut outcomes[index]
-                        && f.reason == FailureReason::Connection
-                    {
-                        self.suspects.insert(row_id);
-                        f.detail = format!(
-                            "the broker closed the channel ({reason}) while this message was in flight; it is sent on its own next time to find the row that caused it"
-                        );
-                    }
-                }
-            }
-            _ => {
-                // The channel is dropped (and so closed). Whatever closed it
-                // may have been a deleted exchange: forget what we knew.
-                self.forget_exchanges();
-                self.broker.report_failure();
-            }
+                .push(channel);
         }
         Ok(outcomes)
+    }
+
+    type Begun = ordered::Begun;
+
+    async fn begin(
+        &self,
+        messages: Vec<Result<Outbound, Failure>>,
+    ) -> Result<ordered::Begun, Unavailable> {
+        self.begin_ordered(messages).await
+    }
+
+    async fn finish(&self, begun: ordered::Begun) -> Vec<Outcome> {
+        self.finish_ordered(begun).await
     }
 
     /// Closes the idle channels (at shutdown, before the connection closes,
     /// so lapin does not report channels closing on a closed connection).
     async fn close(&self) {
-        let idle: Vec<Channel> =
+        let mut idle: Vec<Channel> =
             std::mem::take(&mut *self.idle.lock().unwrap_or_else(PoisonError::into_inner));
+        let lane = self
+            .lane
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        idle.extend(lane.map(|l| l.channel));
         for ch in idle {
             if ch.status().connected() {
                 let _ = ch.close(200, "outboxd shutting down".into()).await;
@@ -274,7 +334,7 @@ impl Publisher for RabbitPublisher {
 /// pass only the oldest unfinished one needs polling. Returns the pending
 /// confirms and, if a publish failed, why (the messages that failed are
 /// marked in `outcomes`).
-async fn publish_in_order(
+pub(super) async fn publish_in_order(
     channel: &Channel,
     messages: Vec<(usize, Outbound)>,
     outcomes: &mut [Outcome],

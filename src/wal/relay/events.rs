@@ -52,12 +52,7 @@ impl<P: Publisher> WalRelay<P> {
                     return Ok(());
                 }
                 st.ledger.add(txn.seq);
-                st.pending.push_back(Item {
-                    row,
-                    seq: Some(txn.seq),
-                    from_table: true,
-                    retry_at: None,
-                });
+                st.pending.push_back(Item::new(row, Some(txn.seq), true));
             }
             Event::Message {
                 transactional,
@@ -87,12 +82,7 @@ impl<P: Publisher> WalRelay<P> {
                     }
                 };
                 st.ledger.add(seq);
-                st.pending.push_back(Item {
-                    row,
-                    seq: Some(seq),
-                    from_table: false,
-                    retry_at: None,
-                });
+                st.pending.push_back(Item::new(row, Some(seq), false));
             }
             Event::Commit { end_lsn } => {
                 if let Some(txn) = st.txn.take() {

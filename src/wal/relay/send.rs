@@ -1,11 +1,70 @@
 //! Publishing from the front of the queue, and what a failure does:
 //! retry from the failed message, or park it in the dead-letter table.
+//!
+//! While following the stream, batches go out on the publisher's ordered
+//! lane two at a time (`follow` in `relay.rs`): the next batch is written
+//! while the broker confirms the one before, so its one channel does not
+//! wait on the relay. Batches are settled in the order they were sent. A
+//! failure stops the queue at the failed message: the batch after it is
+//! finished first, and all of it goes again after the failed one (a later
+//! message of the failed one's aggregate that the broker took is an order
+//! break, as within a batch).
 
 use super::*;
+use crate::message::Outbound;
+use crate::sink::Unavailable;
 
 impl<P: Publisher> WalRelay<P> {
-    /// Sends the next batch from the front of the queue and settles its
-    /// answers. `Some` if the session ended meanwhile.
+    /// Waits until the front message may go: its retry time, and a
+    /// publisher that can publish. `Some` if the session ended meanwhile.
+    async fn ready_to_send(
+        &self,
+        st: &State,
+        drain: &CancellationToken,
+        abort: &CancellationToken,
+    ) -> Option<End> {
+        if let Some(at) = st.pending.front().and_then(|i| i.retry_at) {
+            tokio::select! {
+                _ = abort.cancelled() => return Some(End::Aborted(0)),
+                _ = drain.cancelled() => return Some(End::Drained),
+                _ = tokio::time::sleep_until(at) => {}
+            }
+        }
+        if !self.publisher.can_publish() {
+            tokio::select! {
+                _ = abort.cancelled() => return Some(End::Aborted(0)),
+                _ = drain.cancelled() => return Some(End::Drained),
+                _ = self.publisher.publishable(drain) => {}
+            }
+            if drain.is_cancelled() {
+                return Some(End::Drained);
+            }
+        }
+        None
+    }
+
+    /// The messages of the next batch: up to `batch_size` queued items
+    /// after the first `skip` (those are in flight already).
+    pub(super) fn next_batch(&self, st: &State, skip: usize) -> Vec<Result<Outbound, Failure>> {
+        let routing = Routing::of(&self.config);
+        let batch: Vec<_> = st
+            .pending
+            .iter()
+            .skip(skip)
+            .take(self.config.batch_size)
+            .map(|i| {
+                i.row
+                    .to_outbound(&routing)
+                    .map_err(|bad| Failure::new(FailureReason::BadRow, bad.to_string()))
+            })
+            .collect();
+        self.metrics.batch_size.observe(batch.len() as f64);
+        batch
+    }
+
+    /// Sends the next batch from the front of the queue, waits for its
+    /// answers and settles them: one batch at a time (the table read
+    /// before streaming). `Some` if the session ended meanwhile.
     pub(super) async fn send_next<S: WalStream>(
         &self,
         st: &mut State,
@@ -13,53 +72,46 @@ impl<P: Publisher> WalRelay<P> {
         drain: &CancellationToken,
         abort: &CancellationToken,
     ) -> Result<Option<End>, SessionError> {
-        let cfg = &self.config;
-        if let Some(at) = st.pending.front().and_then(|i| i.retry_at) {
-            tokio::select! {
-                _ = abort.cancelled() => return Ok(Some(End::Aborted(0))),
-                _ = drain.cancelled() => return Ok(Some(End::Drained)),
-                _ = tokio::time::sleep_until(at) => {}
-            }
+        if let Some(end) = self.ready_to_send(st, drain, abort).await {
+            return Ok(Some(end));
         }
-        if !self.publisher.can_publish() {
-            tokio::select! {
-                _ = abort.cancelled() => return Ok(Some(End::Aborted(0))),
-                _ = drain.cancelled() => return Ok(Some(End::Drained)),
-                _ = self.publisher.publishable(drain) => {}
-            }
-            if drain.is_cancelled() {
-                return Ok(Some(End::Drained));
-            }
-        }
-        let n = st.pending.len().min(cfg.batch_size);
-        let routing = Routing::of(cfg);
-        let messages: Vec<_> = st
-            .pending
-            .iter()
-            .take(n)
-            .map(|i| {
-                i.row
-                    .to_outbound(&routing)
-                    .map_err(|bad| Failure::new(FailureReason::BadRow, bad.to_string()))
-            })
-            .collect();
-        self.metrics.batch_size.observe(n as f64);
+        let messages = self.next_batch(st, 0);
+        let n = messages.len();
         let outcomes = tokio::select! {
             _ = abort.cancelled() => return Ok(Some(End::Aborted(n))),
-            sent = self.publisher.send(messages) => match sent {
+            sent = async {
+                let begun = self.publisher.begin(messages).await?;
+                Ok::<_, Unavailable>(self.publisher.finish(begun).await)
+            } => match sent {
                 Ok(o) => o,
                 Err(unavailable) => {
                     self.publisher.report_failure();
-                    debug!(source = %cfg.name, error = %unavailable, "broker unavailable; waiting");
+                    debug!(source = %self.config.name, error = %unavailable, "broker unavailable; waiting");
                     return Ok(None);
                 }
             },
         };
+        self.settle(st, stream, &outcomes, &[]).await;
+        Ok(None)
+    }
+
+    /// Settles the front batch's `outcomes` (one per queued item from the
+    /// front): the delivered prefix leaves the queue, its transactions are
+    /// done in the ledger and its rows go to the deleter; the first failure
+    /// stops there (`later`: the outcomes of a batch sent after this one,
+    /// whose messages are all sent again).
+    pub(super) async fn settle<S: WalStream>(
+        &self,
+        st: &mut State,
+        stream: &S,
+        outcomes: &[Outcome],
+        later: &[Outcome],
+    ) {
         let confirmed_at = SystemTime::now();
         let first_failed = outcomes
             .iter()
             .position(|o| matches!(o, Outcome::Failed(_)));
-        let delivered = first_failed.unwrap_or(outcomes.len()).min(n);
+        let delivered = first_failed.unwrap_or(outcomes.len());
         let mut ids = Vec::new();
         for _ in 0..delivered {
             let Some(item) = st.pending.pop_front() else {
@@ -77,7 +129,8 @@ impl<P: Publisher> WalRelay<P> {
         if let Some(k) = first_failed
             && let Some(Outcome::Failed(failure)) = outcomes.get(k)
         {
-            self.failed(st, failure, &outcomes[k + 1..]).await;
+            let after: Vec<Outcome> = outcomes[k + 1..].iter().chain(later).cloned().collect();
+            self.failed(st, failure, &after).await;
         }
         self.move_slot(st, stream);
         if !ids.is_empty() {
@@ -85,7 +138,6 @@ impl<P: Publisher> WalRelay<P> {
             // the rows stay and go out again after a restart.
             let _ = st.deletes.send(Job::Delete(ids));
         }
-        Ok(None)
     }
 
     /// The front message failed: park it or set it to wait; count the

@@ -88,12 +88,7 @@ impl<P: Publisher> WalRelay<P> {
                 })?;
                 after = after.max(row.id);
                 st.skip.insert(row.id);
-                st.pending.push_back(Item {
-                    row,
-                    seq: None,
-                    from_table: true,
-                    retry_at: None,
-                });
+                st.pending.push_back(Item::new(row, None, true));
             }
             total += rows.len();
             if short {
