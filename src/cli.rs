@@ -48,6 +48,9 @@ pub enum ConfigCommand {
         /// Build the missing indexes of an existing outbox table with CREATE INDEX CONCURRENTLY first (no write lock on a large live table; slower, one index at a time).
         #[arg(long)]
         concurrently: bool,
+        /// How long each statement may wait for a lock on the outbox table (its DDL waits behind open transactions, and inserts queue behind it while it waits); past it migrate stops with exit 1 and changes nothing. 0 waits as long as it takes.
+        #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = humantime::parse_duration)]
+        lock_timeout: std::time::Duration,
     },
     /// Check the config, the broker, each database, table, privileges and exchange; non-zero exit on failure.
     Check(ConfigArg),

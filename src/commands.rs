@@ -112,7 +112,11 @@ async fn run_with_config(
         ConfigCommand::Run(_) => {
             app::run(config, drain.unwrap_or_else(CancellationToken::new)).await?;
         }
-        ConfigCommand::Migrate { concurrently, .. } => migrate::run(&config, concurrently).await?,
+        ConfigCommand::Migrate {
+            concurrently,
+            lock_timeout,
+            ..
+        } => migrate::run(&config, concurrently, lock_timeout).await?,
         ConfigCommand::DeadLetters(action) => dead_letters_command(&config, action).await?,
         ConfigCommand::Slot(Slot::Drop { source, yes, .. }) => {
             println!(

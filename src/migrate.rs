@@ -10,6 +10,9 @@
 //! placeholders; here we do the same substitution ourselves, with names
 //! from the config that were validated at load and are quoted again here.
 
+use std::time::Duration;
+
+use tokio_postgres::error::SqlState;
 use tracing::info;
 
 use crate::config::{Config, SourceConfig, WalCapture};
@@ -70,6 +73,19 @@ pub enum MigrateError {
         database: String,
         index: String,
         problem: String,
+    },
+    /// A statement waited `lock_timeout` for a lock and gave up: its
+    /// transaction is rolled back, nothing changed.
+    #[error(
+        "migrate failed for source {source_name:?} ({database}): could not lock table {table} within {timeout} \
+         (an open transaction holds a lock on it, and producers' inserts queue behind migrate while it waits); \
+         nothing was changed: run migrate again when the table is quieter, or give --lock-timeout more time"
+    )]
+    LockTimeout {
+        source_name: String,
+        database: String,
+        table: String,
+        timeout: String,
     },
     #[error("migrate failed for source {source_name:?} ({database}): {source}")]
     Sql {
@@ -142,9 +158,15 @@ fn fill(sql: &str, vars: &[(&str, String)]) -> String {
 /// Migrates every source. `concurrently`: first build the indexes an
 /// existing outbox table lacks with `CREATE INDEX CONCURRENTLY`, so that a
 /// large live table is not locked against inserts while they build.
-pub async fn run(config: &Config, concurrently: bool) -> Result<(), MigrateError> {
+/// `lock_timeout`: how long a statement may wait for a lock (zero: no
+/// limit).
+pub async fn run(
+    config: &Config,
+    concurrently: bool,
+    lock_timeout: Duration,
+) -> Result<(), MigrateError> {
     for source in &config.sources {
-        migrate_one(source, concurrently).await?;
+        migrate_one(source, concurrently, lock_timeout).await?;
         info!(
             source = %source.name,
             database = %source.database_display,
@@ -210,13 +232,32 @@ fn concurrent_steps(source: &SourceConfig) -> (Vec<String>, Vec<(String, String)
 
 const CREATE_INDEX: &str = "CREATE INDEX IF NOT EXISTS";
 
-/// A database error of `source`'s migration, named by source and database.
-fn sql_error(source: &SourceConfig) -> impl Fn(tokio_postgres::Error) -> MigrateError + Copy + '_ {
-    |e| MigrateError::Sql {
-        source_name: source.name.clone(),
-        database: source.database_display.clone(),
-        source: e,
+/// A database error of `source`'s migration, named by source and database;
+/// a lock not granted within `lock_timeout` says so.
+fn sql_error(
+    source: &SourceConfig,
+    lock_timeout: Duration,
+) -> impl Fn(tokio_postgres::Error) -> MigrateError + Copy + '_ {
+    move |e| {
+        if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) {
+            return MigrateError::LockTimeout {
+                source_name: source.name.clone(),
+                database: source.database_display.clone(),
+                table: source.table.to_string(),
+                timeout: humantime::format_duration(lock_timeout).to_string(),
+            };
+        }
+        MigrateError::Sql {
+            source_name: source.name.clone(),
+            database: source.database_display.clone(),
+            source: e,
+        }
     }
+}
+
+/// The `lock_timeout` setting (0 turns it off).
+fn lock_timeout_setting(lock_timeout: Duration) -> String {
+    format!("lock_timeout = '{}ms'", lock_timeout.as_millis())
 }
 
 /// `--concurrently`: builds the indexes an existing outbox table lacks, one
@@ -224,8 +265,9 @@ fn sql_error(source: &SourceConfig) -> impl Fn(tokio_postgres::Error) -> Migrate
 async fn build_concurrently(
     client: &tokio_postgres::Client,
     source: &SourceConfig,
+    lock_timeout: Duration,
 ) -> Result<(), MigrateError> {
-    let sql_error = sql_error(source);
+    let sql_error = sql_error(source, lock_timeout);
     let invalid = |index: &str, problem: String| MigrateError::InvalidIndex {
         source_name: source.name.clone(),
         database: source.database_display.clone(),
@@ -244,8 +286,21 @@ async fn build_concurrently(
         return Ok(());
     }
     let (columns, indexes) = concurrent_steps(source);
-    for statement in columns {
-        client.batch_execute(&statement).await.map_err(sql_error)?;
+    // Adding a column takes the table's strongest lock for a moment, like
+    // the plain migration: bounded the same way. The concurrent builds are
+    // not: they block no insert, and one that gave up waiting would leave
+    // an invalid index behind.
+    if !columns.is_empty() {
+        let bounded = format!(
+            "SET {}; {}; RESET lock_timeout",
+            lock_timeout_setting(lock_timeout),
+            columns.join("; ")
+        );
+        let added = client.batch_execute(&bounded).await;
+        if added.is_err() {
+            let _ = client.batch_execute("RESET lock_timeout").await;
+        }
+        added.map_err(sql_error)?;
     }
     for (index, statement) in indexes {
         match index_state(client, &index).await.map_err(sql_error)? {
@@ -274,7 +329,11 @@ async fn build_concurrently(
     Ok(())
 }
 
-async fn migrate_one(source: &SourceConfig, concurrently: bool) -> Result<(), MigrateError> {
+async fn migrate_one(
+    source: &SourceConfig,
+    concurrently: bool,
+    lock_timeout: Duration,
+) -> Result<(), MigrateError> {
     let mut client = crate::source::connect(source)
         .await
         .map_err(|e| MigrateError::Connect {
@@ -283,7 +342,7 @@ async fn migrate_one(source: &SourceConfig, concurrently: bool) -> Result<(), Mi
             source: e,
         })?;
     let wal = source.capture.wal().map(|w| render_wal(source, w));
-    let sql_error = sql_error(source);
+    let sql_error = sql_error(source, lock_timeout);
     // A mapped table's columns are checked first: a trigger that names a
     // missing column would fail every producer's insert.
     let forward = match &source.mapping {
@@ -300,13 +359,19 @@ async fn migrate_one(source: &SourceConfig, concurrently: bool) -> Result<(), Mi
         },
     };
     if concurrently {
-        build_concurrently(&client, source).await?;
+        build_concurrently(&client, source, lock_timeout).await?;
     }
     let result = async {
         let tx = client.transaction().await?;
         // "already exists, skipping" notices are the expected case on a re-run.
-        tx.batch_execute("SET LOCAL client_min_messages = warning")
-            .await?;
+        // Every statement waits at most `lock_timeout` for a lock: DDL on the
+        // table waits behind open transactions, and producers' inserts queue
+        // behind the waiting DDL, so an unbounded wait would stall them all.
+        tx.batch_execute(&format!(
+            "SET LOCAL client_min_messages = warning; SET LOCAL {}",
+            lock_timeout_setting(lock_timeout)
+        ))
+        .await?;
         tx.batch_execute(&render(source)).await?;
         if let Some(forward) = &forward {
             tx.batch_execute(forward).await?;

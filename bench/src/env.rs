@@ -138,7 +138,7 @@ impl Env {
         let config =
             outboxd::config::Config::from_toml(&text, &|_| None).map_err(|e| e.to_string())?;
         // The whole chain: the server's message is in the error's source.
-        outboxd::migrate::run(&config, false)
+        outboxd::migrate::run(&config, false, std::time::Duration::ZERO)
             .await
             .map_err(|e| outboxd::telemetry::ErrorChain(&e).to_string())
     }
@@ -242,7 +242,7 @@ impl Env {
         );
         let parsed =
             outboxd::config::Config::from_toml(&config, &|_| None).map_err(|e| e.to_string())?;
-        outboxd::migrate::run(&parsed, false)
+        outboxd::migrate::run(&parsed, false, std::time::Duration::ZERO)
             .await
             .map_err(|e| outboxd::telemetry::ErrorChain(&e).to_string())?;
         Ok((config, slot))

@@ -446,6 +446,39 @@ async fn migrate_concurrently_builds_missing_indexes_and_names_an_invalid_one() 
     );
 }
 
+/// A producer's transaction left open holds a lock that migrate's DDL
+/// needs: migrate gives up after `--lock-timeout` (exit 1, naming the
+/// table and what to do) instead of waiting while every new insert queues
+/// behind it, and goes through once the transaction has ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_gives_up_on_a_locked_table_after_its_lock_timeout() {
+    let db = TestDb::migrated("obx_migrate_lock").await;
+    let cfg = simple_config(&db.url, "");
+    let open = db.connect().await;
+    open.batch_execute(
+        "BEGIN; INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
+         VALUES ('order', 'o-1', 'Created', '{}')",
+    )
+    .await
+    .unwrap();
+    let started = std::time::Instant::now();
+    let (code, _, err) = run_to_end(&["migrate", "--lock-timeout", "1s"], &cfg);
+    let waited = started.elapsed();
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("could not lock table")
+            && err.contains("public.outbox")
+            && err.contains("within 1s")
+            && err.contains("--lock-timeout"),
+        "{err}"
+    );
+    assert!(waited < Duration::from_secs(15), "gave up after {waited:?}");
+    open.batch_execute("COMMIT").await.unwrap();
+    let (code, _, err) = run_to_end(&["migrate", "--lock-timeout", "1s"], &cfg);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(db.count().await, 1, "the producer's row is kept");
+}
+
 /// Marks `index` not valid, as a failed CREATE INDEX CONCURRENTLY leaves it
 /// (the test role is a superuser).
 async fn mark_invalid(client: &tokio_postgres::Client, index: &str) {

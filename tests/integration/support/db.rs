@@ -54,7 +54,7 @@ impl TestDb {
             self.url
         );
         let config = outboxd::config::Config::from_toml(&text, &|_| None).expect("test config");
-        outboxd::migrate::run(&config, false)
+        outboxd::migrate::run(&config, false, std::time::Duration::ZERO)
             .await
             .expect("migrate");
     }
