@@ -16,6 +16,10 @@
 # /etc/rabbitmq is not read. The Erlang cookie is the installed one, copied
 # to DIR/home.
 #
+# A test run passes OBX_CLUSTER_OWNER (its pid): a cluster whose recorded
+# owner is another live process is refused (start, stop, stop-node exit 1),
+# so two test runs on one machine cannot pull a cluster from under each other.
+#
 # start is idempotent: a cluster that is up (started with the same options,
 # every node running and in the cluster) is left as it is; anything else in DIR or on these node names
 # (a test killed half-way) is stopped and wiped first. stop stops every
@@ -256,14 +260,33 @@ if ! flock -n 9; then
     flock 9
 fi
 
+# A test run names itself (OBX_CLUSTER_OWNER, its pid). Another run on the
+# same machine with the same base port must not reuse, wipe or stop a
+# cluster a live run is using: its messages would vanish under it.
+owner_check() {
+    [ -n "${OBX_CLUSTER_OWNER:-}" ] || return 0
+    holder=$(cat "$dir/owner" 2>/dev/null || true)
+    if [ -n "$holder" ] && [ "$holder" != "$OBX_CLUSTER_OWNER" ] && kill -0 "$holder" 2>/dev/null; then
+        echo "the cluster in $dir (base port $base) is in use by test process $holder: another test run on this machine; not touched" >&2
+        exit 1
+    fi
+}
+
 case $cmd in
-start) start ;;
+start)
+    owner_check
+    start
+    if [ -n "${OBX_CLUSTER_OWNER:-}" ]; then echo "$OBX_CLUSTER_OWNER" >"$dir/owner"; fi
+    ;;
 stop)
+    owner_check
+    rm -f "$dir/owner"
     stop_all
     rm -f "$dir/up"
     echo "no node of $dir is running"
     ;;
 stop-node)
+    owner_check
     if registered "$one" || [ -f "$dir/n$one/pid" ]; then
         stop_node "$one"
     else

@@ -1,9 +1,11 @@
-//! A RabbitMQ cluster loses the node outboxd is connected to while 20k
-//! rows flow into a quorum queue: outboxd moves to another node and every
-//! row arrives. The cluster is the test's own (3 nodes on loopback ports
-//! from `BASE_PORT`), stopped at the end also when the test fails.
+//! A RabbitMQ cluster loses the node outboxd is connected to while rows
+//! flow into a quorum queue: outboxd moves to another node and every row
+//! arrives. The cluster is the test's own (3 nodes on loopback ports from
+//! `BASE_PORT`), stopped at the end also when the test fails.
 
-use std::time::Instant;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use crate::private_rabbit::{PrivateRabbit, declare, drain_ids, process_gone};
 use crate::support::db::TestDb;
@@ -11,7 +13,13 @@ use crate::support::relay::{Relay, SourceSpec, config};
 use crate::support::{eventually, unique};
 use crate::{LONG, all_arrived};
 
-const ROWS: usize = 20_000;
+/// Rows in the table before the relay starts; a producer adds more, in
+/// transactions of `CHUNK`, until the flow has resumed on another node, so
+/// the node stops mid-flow however fast the relay drains (under CPU load a
+/// node's clean stop took 10 s, long enough for the relay to send a whole
+/// pre-filled table to it first, and the test then tested nothing).
+const PREFILL: usize = 5_000;
+const CHUNK: i64 = 100;
 /// Ports 47310-47312 (AMQP) and 47330-47332 (distribution; the CLI uses
 /// 57330 and up): far from the shared broker's 5672, 25672 and 15672.
 const BASE_PORT: u16 = 47310;
@@ -30,7 +38,7 @@ async fn the_connected_cluster_node_stopped_mid_flow_outboxd_moves_on_and_every_
     let name = unique("obx.failover");
     declare(&cluster.url(1), &name, true).await;
     let db = TestDb::migrated("obx_failover").await;
-    let keys = db.insert_rows(ROWS, 100).await;
+    let mut keys = db.insert_rows(PREFILL, 100).await;
 
     let connection_name = unique("outboxd-failover");
     let urls: Vec<String> = (1..=3).map(|i| format!("{:?}", cluster.url(i))).collect();
@@ -47,6 +55,12 @@ async fn the_connected_cluster_node_stopped_mid_flow_outboxd_moves_on_and_every_
     );
     assert!(text.contains("urls = ["), "{text}");
     let relay = Relay::start(&text).await;
+    let published = || async {
+        relay
+            .metric("outboxd_messages_published_total{source=\"orders\"}")
+            .await
+            .unwrap_or(0.0)
+    };
 
     let first = eventually("a connection to a node", LONG, || async {
         connected_node(&relay)
@@ -55,21 +69,45 @@ async fn the_connected_cluster_node_stopped_mid_flow_outboxd_moves_on_and_every_
     // The broker agrees about which node has the relay's connection.
     let on_first = cluster.ctl(first, &["list_connections", "client_properties"]);
     assert!(on_first.contains(&connection_name), "{on_first}");
+    let producing = Arc::new(AtomicBool::new(true));
+    let producer = {
+        let client = db.connect().await;
+        let producing = producing.clone();
+        tokio::spawn(async move {
+            let mut keys = Vec::new();
+            let mut seq = PREFILL as i64;
+            while producing.load(Ordering::Relaxed) {
+                let rows = client
+                    .query(
+                        "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
+                         SELECT 'order', 'o-' || g, 'OrderCreated', jsonb_build_object('seq', g) \
+                         FROM generate_series($1::bigint, $2::bigint) g ORDER BY g RETURNING dedup_key",
+                        &[&seq, &(seq + CHUNK - 1)],
+                    )
+                    .await
+                    .expect("the producer's insert");
+                keys.extend(rows.iter().map(|r| r.get::<_, String>(0)));
+                seq += CHUNK;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            keys
+        })
+    };
     eventually("rows to flow", LONG, || async {
-        (db.count().await < ROWS as i64 - 2_000).then_some(())
+        (published().await >= 2_000.0).then_some(())
     })
     .await;
 
-    let left_at_stop = db.count().await;
+    let at_stop = published().await;
     let stopped = Instant::now();
     let first_pid = cluster.sigterm(first);
     relay
         .wait_metric("outboxd_broker_connections_total", 2.0, LONG)
         .await;
     let reconnected = stopped.elapsed();
-    let left_at_reconnect = db.count().await;
+    let at_reconnect = published().await;
     eventually("the flow to resume", LONG, || async {
-        (db.count().await < left_at_reconnect).then_some(())
+        (published().await > at_reconnect).then_some(())
     })
     .await;
     let resumed = stopped.elapsed();
@@ -91,6 +129,8 @@ async fn the_connected_cluster_node_stopped_mid_flow_outboxd_moves_on_and_every_
     let on_second = cluster.ctl(second, &["list_connections", "client_properties"]);
     assert!(on_second.contains(&connection_name), "{on_second}");
 
+    producing.store(false, Ordering::Relaxed);
+    keys.extend(producer.await.expect("the producer"));
     eventually("an empty table", LONG, || async {
         (db.count().await == 0).then_some(())
     })
@@ -104,9 +144,10 @@ async fn the_connected_cluster_node_stopped_mid_flow_outboxd_moves_on_and_every_
         .expect("the counter is exported");
     assert_eq!(connects, 2.0, "one connection before the stop, one after");
     println!(
-        "cluster failover: {ROWS} rows, node {first} of 3 stopped (SIGTERM) with {left_at_stop} left; \
+        "cluster failover: {} rows, node {first} of 3 stopped (SIGTERM) with {at_stop} published and the producer writing; \
          reconnected to node {second} after {:.2} s, flow resumed after {:.2} s; \
          all arrived, {duplicates} duplicates; test took {:.1} s",
+        keys.len(),
         reconnected.as_secs_f64(),
         resumed.as_secs_f64(),
         began.elapsed().as_secs_f64()

@@ -48,6 +48,9 @@ impl PrivateRabbit {
     fn script(&self, cmd: &str, extra: &[&str]) -> Output {
         Command::new("sh")
             .arg(SCRIPT)
+            // So that another test run on this machine cannot take over,
+            // wipe or stop this run's cluster (the script refuses).
+            .env("OBX_CLUSTER_OWNER", std::process::id().to_string())
             .arg(cmd)
             .arg(&self.dir)
             .arg(self.base.to_string())
