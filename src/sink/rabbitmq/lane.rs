@@ -48,32 +48,79 @@ pub(super) struct Sent {
     pub message_id: Option<ShortString>,
 }
 
-/// The confirms of the batches in flight on one lane channel.
-#[derive(Default)]
-pub(super) struct Window(Mutex<Inner>);
+/// A confirm the window waits on: its outcome apart from any returned
+/// message it carried, and that message. lapin's ([`LapinConfirm`]), or
+/// a scripted one in the unit tests.
+pub(super) type Answer<R> = Result<(Outcome, Option<R>), lapin::Error>;
 
-#[derive(Default)]
-struct Inner {
+/// A returned message: who it names, and what it makes of that message.
+pub(super) trait Returned {
+    fn identity(&self) -> Identity;
+    fn outcome(&self) -> Outcome;
+}
+
+impl Returned for BasicReturnMessage {
+    fn identity(&self) -> Identity {
+        Identity::of(self)
+    }
+
+    fn outcome(&self) -> Outcome {
+        confirm::returned(self)
+    }
+}
+
+/// lapin's confirm, answering as the window wants.
+pub(super) struct LapinConfirm(pub PublisherConfirm);
+
+impl Future for LapinConfirm {
+    type Output = Answer<BasicReturnMessage>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.0)
+            .poll(cx)
+            .map(|r| r.map(confirm::split))
+    }
+}
+
+/// The window of a lane on lapin.
+pub(super) type LapinWindow = Window<LapinConfirm, BasicReturnMessage>;
+
+/// The confirms of the batches in flight on one lane channel.
+pub(super) struct Window<C, R>(Mutex<Inner<C, R>>);
+
+impl<C, R> Default for Window<C, R> {
+    fn default() -> Self {
+        Window(Mutex::new(Inner {
+            retired: false,
+            next: 0,
+            batches: BTreeMap::new(),
+            returns: Vec::new(),
+            unplaced_until: None,
+        }))
+    }
+}
+
+struct Inner<C, R> {
     /// A batch on the channel failed so that it is unfit for more, or was
     /// given up unfinished: the next batch begun once nothing is in flight
     /// gets a new channel.
     retired: bool,
     next: u64,
-    batches: BTreeMap<u64, Vec<Slot>>,
+    batches: BTreeMap<u64, Vec<Slot<C>>>,
     /// Returned messages taken off confirms, not yet given to their batch.
-    returns: Vec<BasicReturnMessage>,
+    returns: Vec<R>,
     /// A returned message named no message in flight: the batches up to
     /// this one fail their acked messages.
     unplaced_until: Option<u64>,
 }
 
-struct Slot {
+struct Slot<C> {
     sent: Sent,
-    state: State,
+    state: State<C>,
 }
 
-enum State {
-    Waiting(PublisherConfirm),
+enum State<C> {
+    Waiting(C),
     /// The confirm's outcome apart from any returned message it carried
     /// (that one went to `returns`), or the error that ended it.
     Answered(Result<Outcome, lapin::Error>),
@@ -89,13 +136,17 @@ pub(super) struct Taken {
     pub unplaced: bool,
 }
 
-impl Window {
-    fn lock(&self) -> MutexGuard<'_, Inner> {
+impl<C, R> Window<C, R>
+where
+    C: Future<Output = Answer<R>> + Unpin,
+    R: Returned,
+{
+    fn lock(&self) -> MutexGuard<'_, Inner<C, R>> {
         self.0.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Adds a batch's published messages; returns the batch's number.
-    pub fn add(&self, published: Vec<(Sent, PublisherConfirm)>) -> u64 {
+    pub fn add(&self, published: Vec<(Sent, C)>) -> u64 {
         let mut inner = self.lock();
         let batch = inner.next;
         inner.next += 1;
@@ -183,7 +234,7 @@ impl Window {
         let mut kept = Vec::new();
         let mut unplaced = false;
         for message in std::mem::take(&mut inner.returns) {
-            let who = Identity::of(&message);
+            let who = message.identity();
             let mine: Vec<usize> = slots
                 .iter()
                 .filter(|s| who.names(&s.sent))
@@ -191,7 +242,7 @@ impl Window {
                 .collect();
             let later = inner.batches.values().flatten().any(|s| who.names(&s.sent));
             if !mine.is_empty() {
-                let outcome = confirm::returned(&message);
+                let outcome = message.outcome();
                 returned.extend(mine.iter().map(|i| (*i, outcome.clone())));
             }
             if later {
@@ -222,14 +273,16 @@ impl Window {
 }
 
 /// Polls a waiting confirm once; whether it has its answer now.
-fn poll_slot(slot: &mut Slot, returns: &mut Vec<BasicReturnMessage>, cx: &mut Context<'_>) -> bool {
+fn poll_slot<C, R>(slot: &mut Slot<C>, returns: &mut Vec<R>, cx: &mut Context<'_>) -> bool
+where
+    C: Future<Output = Answer<R>> + Unpin,
+{
     let State::Waiting(confirm) = &mut slot.state else {
         return true;
     };
     let answer = match Pin::new(confirm).poll(cx) {
         Poll::Pending => return false,
-        Poll::Ready(Ok(confirmation)) => {
-            let (outcome, back) = confirm::split(confirmation);
+        Poll::Ready(Ok((outcome, back))) => {
             returns.extend(back);
             Ok(outcome)
         }
@@ -242,7 +295,7 @@ fn poll_slot(slot: &mut Slot, returns: &mut Vec<BasicReturnMessage>, cx: &mut Co
 /// What a returned message says it is: its `x-outbox-id` header and its
 /// `message_id`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Identity {
+pub(super) struct Identity {
     row_id: Option<i64>,
     message_id: Option<ShortString>,
 }
@@ -279,6 +332,142 @@ impl Identity {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sink::{Failure, FailureReason};
+    use tokio::sync::oneshot;
+
+    /// A returned message that names a row.
+    struct Back(i64);
+
+    impl Returned for Back {
+        fn identity(&self) -> Identity {
+            Identity {
+                row_id: Some(self.0),
+                message_id: None,
+            }
+        }
+
+        fn outcome(&self) -> Outcome {
+            Outcome::Failed(Failure::new(
+                FailureReason::Returned,
+                format!("row {}", self.0),
+            ))
+        }
+    }
+
+    /// A confirm the test answers when it likes.
+    struct Scripted(oneshot::Receiver<Answer<Back>>);
+
+    impl Future for Scripted {
+        type Output = Answer<Back>;
+
+        fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+            Pin::new(&mut self.0).poll(cx).map(|r| {
+                r.unwrap_or_else(|_| Err(std::io::Error::other("the test dropped it").into()))
+            })
+        }
+    }
+
+    type Senders = Vec<oneshot::Sender<Answer<Back>>>;
+
+    /// A batch of the given row ids in the window; its number and the
+    /// senders that answer its confirms.
+    fn begin(w: &Window<Scripted, Back>, rows: &[i64]) -> (u64, Senders) {
+        let (mut slots, mut senders) = (Vec::new(), Vec::new());
+        for (index, row) in rows.iter().enumerate() {
+            let (tx, rx) = oneshot::channel();
+            senders.push(tx);
+            let sent = Sent {
+                index,
+                row_id: *row,
+                message_id: None,
+            };
+            slots.push((sent, Scripted(rx)));
+        }
+        (w.add(slots), senders)
+    }
+
+    fn ack(tx: oneshot::Sender<Answer<Back>>, carrying: Option<i64>) {
+        let _ = tx.send(Ok((Outcome::Delivered, carrying.map(Back))));
+    }
+
+    /// What `finish` does, without the broker round trip.
+    async fn finish(w: &Window<Scripted, Back>, batch: u64) -> Taken {
+        w.answered(batch).await;
+        w.sweep_later(batch);
+        w.take(batch)
+    }
+
+    fn delivered(t: &Taken) -> Vec<usize> {
+        t.answers
+            .iter()
+            .filter(|(_, a)| matches!(a, Some(Ok(Outcome::Delivered))))
+            .map(|(i, _)| *i)
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_return_on_a_confirm_of_the_later_batch_goes_to_its_own_row() {
+        let w = Window::default();
+        let (a, ta) = begin(&w, &[10, 11]);
+        let (b, tb) = begin(&w, &[20]);
+        let mut ta = ta.into_iter();
+        let mut tb = tb.into_iter();
+        // One ack frame covers rows 10, 11 and 20; lapin hands row 11's
+        // returned message to the confirm of row 20, in the later batch.
+        ack(ta.next().unwrap(), None);
+        ack(ta.next().unwrap(), None);
+        ack(tb.next().unwrap(), Some(11));
+        let first = finish(&w, a).await;
+        assert_eq!(first.returned.len(), 1, "row 11 is returned");
+        assert_eq!(first.returned[0].0, 1);
+        assert!(!first.unplaced);
+        let second = finish(&w, b).await;
+        assert_eq!(delivered(&second), [0]);
+        assert!(second.returned.is_empty() && !second.unplaced);
+    }
+
+    #[tokio::test]
+    async fn a_return_on_a_confirm_of_the_earlier_batch_waits_for_its_own() {
+        let w = Window::default();
+        let (a, ta) = begin(&w, &[10]);
+        let (b, tb) = begin(&w, &[20, 21]);
+        let mut tb = tb.into_iter();
+        ack(ta.into_iter().next().unwrap(), Some(21));
+        let first = finish(&w, a).await;
+        assert_eq!(delivered(&first), [0]);
+        assert!(first.returned.is_empty() && !first.unplaced);
+        ack(tb.next().unwrap(), None);
+        ack(tb.next().unwrap(), None);
+        let second = finish(&w, b).await;
+        assert_eq!(second.returned.len(), 1);
+        assert_eq!(second.returned[0].0, 1, "row 21 is returned");
+    }
+
+    #[tokio::test]
+    async fn a_return_naming_nothing_in_flight_fails_the_batches_then_in_flight() {
+        let w = Window::default();
+        let (a, ta) = begin(&w, &[10]);
+        let (b, tb) = begin(&w, &[20]);
+        ack(ta.into_iter().next().unwrap(), Some(99));
+        assert!(finish(&w, a).await.unplaced);
+        let (c, tc) = begin(&w, &[30]);
+        ack(tb.into_iter().next().unwrap(), None);
+        ack(tc.into_iter().next().unwrap(), None);
+        assert!(
+            finish(&w, b).await.unplaced,
+            "in flight when the stray came"
+        );
+        assert!(!finish(&w, c).await.unplaced, "begun after it");
+    }
+
+    #[tokio::test]
+    async fn a_batch_given_up_leaves_the_window_and_retires_the_channel() {
+        let w = Window::default();
+        let (a, _ta) = begin(&w, &[10]);
+        assert!(!w.is_empty() && !w.retired());
+        w.forget(a);
+        assert!(w.is_empty() && w.retired());
+    }
 
     fn sent(row_id: i64, message_id: &str) -> Sent {
         Sent {

@@ -13,7 +13,7 @@ use lapin::{Channel, Connection};
 use tokio::time::Instant;
 
 use super::confirm::{self, ChannelEnd};
-use super::lane::{Sent, Window};
+use super::lane::{LapinConfirm, LapinWindow, Sent};
 use super::publish::{PublishFailed, RabbitPublisher, publish_in_order};
 use crate::message::Outbound;
 use crate::sink::{Failure, FailureReason, Outcome, Unavailable};
@@ -22,7 +22,7 @@ use crate::telemetry::ErrorChain;
 /// The lane's channel and the window of its batches in flight.
 pub struct Lane {
     pub(super) channel: Channel,
-    window: Arc<Window>,
+    window: Arc<LapinWindow>,
 }
 
 /// A batch written on the lane, waiting for its confirms.
@@ -39,7 +39,7 @@ pub struct Begun {
 /// A batch's place in its window; dropped unfinished, it leaves the window.
 struct Place {
     batch: u64,
-    window: Arc<Window>,
+    window: Arc<LapinWindow>,
 }
 
 impl Drop for Place {
@@ -54,7 +54,7 @@ impl RabbitPublisher {
     /// batches are in flight on a channel that is no longer fit, no batch
     /// may begin: on a new channel it could reach the broker before the
     /// failed ones are sent again.
-    async fn lane(&self, conn: &Connection) -> Result<(Channel, Arc<Window>), Unavailable> {
+    async fn lane(&self, conn: &Connection) -> Result<(Channel, Arc<LapinWindow>), Unavailable> {
         {
             let lane = self.lane.lock().unwrap_or_else(PoisonError::into_inner);
             if let Some(l) = lane.as_ref() {
@@ -71,7 +71,7 @@ impl RabbitPublisher {
             }
         }
         let channel = self.channel(conn).await?;
-        let window = Arc::new(Window::default());
+        let window = Arc::new(LapinWindow::default());
         let old = self
             .lane
             .lock()
@@ -119,7 +119,7 @@ impl RabbitPublisher {
         let (pending, broken) = publish_in_order(&channel, to_send, &mut outcomes).await;
         let published = pending
             .into_iter()
-            .filter_map(|(index, c)| who.remove(&index).map(|s| (s, c)))
+            .filter_map(|(index, c)| who.remove(&index).map(|s| (s, LapinConfirm(c))))
             .collect();
         let batch = window.add(published);
         Ok(Begun {
