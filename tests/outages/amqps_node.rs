@@ -14,8 +14,9 @@ use crate::support::{eventually, unique};
 use crate::{LONG, all_arrived};
 
 const ROWS: usize = 200;
-/// AMQP 47350, AMQPS 47360, distribution 47370 (the CLI: 57370 and up).
-const BASE_PORT: u16 = 47350;
+/// AMQP 17350, AMQPS 17360, distribution 17370 (the CLI: 27370 and up):
+/// below Linux's ephemeral port range, see `failover.rs`.
+const BASE_PORT: u16 = 17350;
 
 /// A relay on `db` publishing to `exchange` over amqps:// with `tls_keys`.
 async fn relay(node: &PrivateRabbit, db: &TestDb, exchange: &str, tls_keys: &str) -> Relay {

@@ -20,9 +20,11 @@ use crate::{LONG, all_arrived};
 /// pre-filled table to it first, and the test then tested nothing).
 const PREFILL: usize = 5_000;
 const CHUNK: i64 = 100;
-/// Ports 47310-47312 (AMQP) and 47330-47332 (distribution; the CLI uses
-/// 57330 and up): far from the shared broker's 5672, 25672 and 15672.
-const BASE_PORT: u16 = 47310;
+/// Ports 17310-17312 (AMQP) and 17330-17332 (distribution; the CLI uses
+/// 27330 and up): far from the shared broker's 5672, 25672 and 15672, and
+/// below Linux's ephemeral range (32768-60999), where an outgoing
+/// connection of another test once held 47350 and a node could not listen.
+const BASE_PORT: u16 = 17310;
 
 /// The node (1-based) of the last "connected to rabbitmq" log line.
 fn connected_node(relay: &Relay) -> Option<u16> {

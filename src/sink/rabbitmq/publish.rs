@@ -154,8 +154,18 @@ impl RabbitPublisher {
         sent: &[(usize, i64)],
         outcomes: &mut [Outcome],
     ) -> bool {
+        let nacked = outcomes
+            .iter()
+            .any(|o| matches!(o, Outcome::Failed(f) if f.reason == FailureReason::Nacked));
         match end {
-            ChannelEnd::Healthy if channel.status().connected() => true,
+            // A nack means the broker's end of this channel could not take
+            // a message. In the cluster failover test, after the node with
+            // a quorum queue's leader stopped, every publish on the new
+            // connection's channels was nacked for three minutes while the
+            // queue had a new leader, until the retried rows were parked.
+            // Whether a fresh channel gets through there is not shown yet;
+            // a channel is cheap, so one that nacked is not reused.
+            ChannelEnd::Healthy if channel.status().connected() => !nacked,
             ChannelEnd::Refused(reason) if conn.status().connected() => {
                 // The broker refused one of these messages and closed the
                 // channel; which one cannot be told apart from the others
