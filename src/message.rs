@@ -15,6 +15,7 @@ use serde_json::Value;
 pub mod cloudevents;
 
 use crate::config::{MessageFormat, SourceConfig};
+use crate::outcome::{Failure, FailureReason};
 use crate::template::{Template, Values};
 
 /// One row as the claim query returns it.
@@ -104,6 +105,13 @@ impl OutboxRow {
     /// The (aggregate_type, aggregate_id) pair that orders its rows.
     pub fn aggregate(&self) -> (&str, &str) {
         (&self.aggregate_type, &self.aggregate_id)
+    }
+
+    /// [`Self::to_outbound`] as a publisher's entry: a row that cannot be
+    /// a message is a `bad_row` failure of its own.
+    pub fn to_sendable(&self, r: &Routing<'_>) -> Result<Outbound, Failure> {
+        self.to_outbound(r)
+            .map_err(|bad| Failure::new(FailureReason::BadRow, bad.to_string()))
     }
 
     /// Builds the AMQP message for this row.

@@ -11,7 +11,7 @@ use tracing::{debug, warn};
 use super::{Relay, decide, report};
 use crate::config::OnPark;
 use crate::message::Routing;
-use crate::sink::{Failure, FailureReason, Outcome, Publisher};
+use crate::sink::{Outcome, Publisher};
 use crate::source::{Capture, ClaimFrom, Claimed, DbError};
 use crate::telemetry::ErrorChain;
 
@@ -74,13 +74,7 @@ async fn run<C: Capture, P: Publisher>(
     relay.metrics.batch_size.observe(rows.len() as f64);
 
     let routing = Routing::of(cfg);
-    let mut messages: Vec<_> = rows
-        .iter()
-        .map(|row| {
-            row.to_outbound(&routing)
-                .map_err(|bad| Failure::new(FailureReason::BadRow, bad.to_string()))
-        })
-        .collect();
+    let mut messages: Vec<_> = rows.iter().map(|row| row.to_sendable(&routing)).collect();
     if cfg.ordering.ordered() && cfg.on_park == OnPark::Hold {
         decide::behind_bad_rows(&rows, &mut messages);
     }

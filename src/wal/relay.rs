@@ -69,7 +69,7 @@ use crate::config::{AfterPublish, SourceConfig, WalCapture};
 use crate::message::{OutboxRow, Routing};
 use crate::metrics::{SourceError, SourceMetrics};
 use crate::relay::{Disposition, decide};
-use crate::sink::{Failure, FailureReason, Outcome, Publisher};
+use crate::sink::{Failure, Outcome, Publisher};
 use crate::source::dead::DeadTable;
 use crate::source::{DB_TIMEOUT, DbError, SourceHealth, step};
 use crate::telemetry::ErrorChain;

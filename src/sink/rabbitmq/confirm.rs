@@ -114,16 +114,7 @@ fn attribute_returns(
     sent: &[(usize, i64)],
 ) {
     for message in returned {
-        let row_id = message
-            .delivery
-            .properties
-            .headers()
-            .as_ref()
-            .and_then(|h| h.inner().get("x-outbox-id").cloned())
-            .and_then(|v| match v {
-                AMQPValue::LongLongInt(id) => Some(id),
-                _ => None,
-            });
+        let row_id = returned_row_id(&message);
         let own = row_id.and_then(|id| sent.iter().find(|(_, r)| *r == id).map(|(i, _)| *i));
         let outcome = classify(Confirmation::Ack(Some(message)));
         match own {
@@ -145,6 +136,21 @@ fn attribute_returns(
             }
         }
     }
+}
+
+/// The row a returned message names: its `x-outbox-id` header (an
+/// `outbox_emit()` message has none).
+pub(super) fn returned_row_id(message: &BasicReturnMessage) -> Option<i64> {
+    message
+        .delivery
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get("x-outbox-id").cloned())
+        .and_then(|v| match v {
+            AMQPValue::LongLongInt(id) => Some(id),
+            _ => None,
+        })
 }
 
 /// The broker's reason, if `err` is a channel closed by the broker over a

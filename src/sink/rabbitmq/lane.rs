@@ -34,7 +34,7 @@ use std::task::{Context, Poll, Waker};
 
 use lapin::PublisherConfirm;
 use lapin::message::BasicReturnMessage;
-use lapin::types::{AMQPValue, ShortString};
+use lapin::types::ShortString;
 
 use super::confirm;
 use crate::sink::Outcome;
@@ -302,18 +302,9 @@ pub(super) struct Identity {
 
 impl Identity {
     fn of(message: &BasicReturnMessage) -> Self {
-        let props = &message.delivery.properties;
-        let row_id = props
-            .headers()
-            .as_ref()
-            .and_then(|h| h.inner().get("x-outbox-id").cloned())
-            .and_then(|v| match v {
-                AMQPValue::LongLongInt(id) => Some(id),
-                _ => None,
-            });
         Identity {
-            row_id,
-            message_id: props.message_id().clone(),
+            row_id: confirm::returned_row_id(message),
+            message_id: message.delivery.properties.message_id().clone(),
         }
     }
 

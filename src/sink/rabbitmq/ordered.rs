@@ -197,7 +197,7 @@ impl RabbitPublisher {
                 }
             }
         }
-        let end = broken.map_or(end.clone(), |failed| failed.worsen(end));
+        let end = PublishFailed::worsen(broken, end);
         if !self.after_batch(&conn, &channel, end, &sent, &mut outcomes) {
             window.retire();
         }

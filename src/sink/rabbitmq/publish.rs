@@ -40,11 +40,12 @@ pub(super) struct PublishFailed {
 }
 
 impl PublishFailed {
-    /// The channel's end, given what the confirms said.
-    pub(super) fn worsen(self, end: ChannelEnd) -> ChannelEnd {
-        match (end, self.refusal) {
-            (ChannelEnd::Healthy, Some(reason)) => ChannelEnd::Refused(reason),
-            (ChannelEnd::Healthy, None) => ChannelEnd::Broken,
+    /// The channel's end: what the confirms said (`end`), made worse by a
+    /// publish that failed, if one did.
+    pub(super) fn worsen(failed: Option<Self>, end: ChannelEnd) -> ChannelEnd {
+        match (end, failed.map(|f| f.refusal)) {
+            (ChannelEnd::Healthy, Some(Some(reason))) => ChannelEnd::Refused(reason),
+            (ChannelEnd::Healthy, Some(None)) => ChannelEnd::Broken,
             (end, _) => end,
         }
     }
@@ -291,7 +292,7 @@ impl Publisher for RabbitPublisher {
         let sent: Vec<(usize, i64)> = to_send.iter().map(|(i, m)| (*i, m.row_id)).collect();
         let (pending, broken) = publish_in_order(&channel, to_send, &mut outcomes).await;
         let end = confirm::collect(pending, self.confirm_timeout, &mut outcomes, &sent).await;
-        let end = broken.map_or(end.clone(), |failed| failed.worsen(end));
+        let end = PublishFailed::worsen(broken, end);
         if self.after_batch(&conn, &channel, end, &sent, &mut outcomes) {
             self.idle
                 .lock()

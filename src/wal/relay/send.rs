@@ -52,11 +52,7 @@ impl<P: Publisher> WalRelay<P> {
             .iter()
             .skip(skip)
             .take(self.config.batch_size)
-            .map(|i| {
-                i.row
-                    .to_outbound(&routing)
-                    .map_err(|bad| Failure::new(FailureReason::BadRow, bad.to_string()))
-            })
+            .map(|i| i.row.to_sendable(&routing))
             .collect();
         self.metrics.batch_size.observe(batch.len() as f64);
         batch
