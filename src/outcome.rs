@@ -40,7 +40,10 @@ impl FailureReason {
     /// Whether a failure for this reason can end with the row parked (see
     /// `relay::decide`); the others are retried forever.
     pub fn can_park(self) -> bool {
-        !matches!(self, FailureReason::Timeout | FailureReason::Connection)
+        !matches!(
+            self,
+            FailureReason::Nacked | FailureReason::Timeout | FailureReason::Connection
+        )
     }
 
     pub fn as_str(self) -> &'static str {

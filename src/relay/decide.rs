@@ -23,13 +23,10 @@ pub fn decide(reason: FailureReason, attempt: u32, max_attempts: u32) -> Disposi
     match reason {
         // The row's content is the problem; trying again cannot help.
         FailureReason::BadRow => Disposition::Park,
-        // The broker refuses this row (no route, no exchange, a full queue
-        // that rejects, a refusal that closed the channel): likely to need
-        // an operator after enough tries.
-        FailureReason::Returned
-        | FailureReason::Nacked
-        | FailureReason::ExchangeNotFound
-        | FailureReason::Refused => {
+        // The broker refuses this row (no route, no exchange, a refusal
+        // that closed the channel over it): likely to need an operator
+        // after enough tries.
+        FailureReason::Returned | FailureReason::ExchangeNotFound | FailureReason::Refused => {
             if attempt >= max_attempts {
                 Disposition::Park
             } else {
@@ -37,8 +34,16 @@ pub fn decide(reason: FailureReason, attempt: u32, max_attempts: u32) -> Disposi
             }
         }
         // The broker or the link failed, not the row: never park for it,
-        // however long an outage lasts.
-        FailureReason::Timeout | FailureReason::Connection => Disposition::Retry,
+        // however long an outage lasts. A nack is one of these: RabbitMQ
+        // nacks for a queue's state (full with overflow = reject-publish,
+        // a quorum queue between leaders, an internal error), never for a
+        // message's content, and during a cluster failover it nacked every
+        // publish of a connection for three minutes (session 10's failover
+        // runs): parking then buried thousands of healthy rows in the
+        // dead-letter table for an operator to replay.
+        FailureReason::Nacked | FailureReason::Timeout | FailureReason::Connection => {
+            Disposition::Retry
+        }
     }
 }
 
@@ -157,15 +162,18 @@ mod tests {
             (BadRow, 1, 10, Disposition::Park),
             // refused by the broker: retried until the last attempt...
             (Returned, 1, 10, Disposition::Retry),
-            (Nacked, 9, 10, Disposition::Retry),
+            (ExchangeNotFound, 9, 10, Disposition::Retry),
             (Refused, 9, 10, Disposition::Retry),
             // ...and parked on it
             (ExchangeNotFound, 10, 10, Disposition::Park),
             (Returned, 11, 10, Disposition::Park),
             (Refused, 10, 10, Disposition::Park),
             // max_attempts = 1 parks at the first refusal
-            (Nacked, 1, 1, Disposition::Park),
-            // outages never park, however many attempts
+            (Returned, 1, 1, Disposition::Park),
+            // outages (and nacks, the broker's trouble too) never park,
+            // however many attempts
+            (Nacked, 1000, 10, Disposition::Retry),
+            (Nacked, 1, 1, Disposition::Retry),
             (Timeout, 1000, 10, Disposition::Retry),
             (Connection, 1000, 10, Disposition::Retry),
         ];

@@ -85,7 +85,7 @@ async fn an_unroutable_row_is_retried_until_a_queue_is_bound_while_others_flow()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_nacked_row_stays_and_is_retried() {
+async fn a_nacked_row_is_retried_past_max_attempts_and_never_parked() {
     let db = TestDb::migrated("obx_nack").await;
     // A queue that rejects every publish: the broker nacks.
     let mut args = FieldTable::default();
@@ -95,16 +95,37 @@ async fn a_nacked_row_stays_and_is_retried() {
         AMQPValue::LongString(LongString::from("reject-publish".as_bytes().to_vec())),
     );
     let mut broker = TestBroker::with_queue_args("#", args).await;
-    let relay = Relay::start(&no_parking(&db.url, &broker.exchange)).await;
+    // max_attempts = 2, which a nack does not count toward: RabbitMQ nacks
+    // for a queue's state, never for the message, so the row is retried
+    // past it and never parked.
+    let cfg = config(
+        AMQP_URL,
+        &[SourceSpec::new("orders", &db.url, &broker.exchange).set("max_attempts", "2")],
+    );
+    let relay = Relay::start(&cfg).await;
 
     let id = db.insert_one("OrderCreated", "", "").await;
-    let err = wait_attempts(&db, id, 2, "nacked").await;
+    let err = wait_attempts(&db, id, 4, "nacked").await;
     assert!(err.starts_with("nacked"), "{err}");
     let nacked = relay
         .metric("outboxd_publish_failures_total{reason=\"nacked\",source=\"orders\"}")
         .await
         .unwrap_or(0.0);
-    assert!(nacked >= 2.0, "nacks counted: {nacked}");
+    assert!(nacked >= 4.0, "nacks counted: {nacked}");
+    let dead: i64 = db
+        .client
+        .query_one("SELECT count(*) FROM outbox_dead", &[])
+        .await
+        .expect("count dead letters")
+        .get(0);
+    assert_eq!(dead, 0, "a nacked row is never parked");
+    assert_eq!(
+        relay
+            .metric("outboxd_parked_total{reason=\"nacked\",source=\"orders\"}")
+            .await,
+        None,
+        "nacked is no reason to park"
+    );
 
     // Bind a normal queue next to the full one, then drop the full one (in
     // that order: the exchange is auto-delete). The next retry is delivered.
