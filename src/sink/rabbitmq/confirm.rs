@@ -13,6 +13,7 @@ use lapin::types::AMQPValue;
 use lapin::{Confirmation, ErrorKind, PublisherConfirm};
 use tokio::time::Instant;
 
+use super::isolate::Key;
 use crate::sink::{Failure, FailureReason, Outcome};
 use crate::telemetry::ErrorChain;
 
@@ -35,7 +36,7 @@ pub(super) async fn collect(
     pending: Vec<(usize, PublisherConfirm)>,
     timeout: Duration,
     outcomes: &mut [Outcome],
-    sent: &[(usize, i64)],
+    sent: &[(usize, Key)],
 ) -> ChannelEnd {
     let mut returned = Vec::new();
     let deadline = deadline_after(timeout);
@@ -111,11 +112,15 @@ pub(super) fn split(confirmation: Confirmation) -> (Outcome, Option<BasicReturnM
 fn attribute_returns(
     returned: Vec<BasicReturnMessage>,
     outcomes: &mut [Outcome],
-    sent: &[(usize, i64)],
+    sent: &[(usize, Key)],
 ) {
     for message in returned {
         let row_id = returned_row_id(&message);
-        let own = row_id.and_then(|id| sent.iter().find(|(_, r)| *r == id).map(|(i, _)| *i));
+        let own = row_id.and_then(|id| {
+            sent.iter()
+                .find(|(_, k)| k.row_id() == Some(id))
+                .map(|(i, _)| *i)
+        });
         let outcome = classify(Confirmation::Ack(Some(message)));
         match own {
             Some(index) => outcomes[index] = outcome,

@@ -16,6 +16,7 @@ use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::ShortString;
 use lapin::{Channel, Connection};
 
 use super::confirm;
@@ -27,31 +28,57 @@ use crate::telemetry::ErrorChain;
 /// refused, say); the list starts over rather than grow without bound.
 const MAX_SUSPECTS: usize = 100_000;
 
-/// Row ids to publish alone.
-#[derive(Default)]
-pub struct Suspects(Mutex<HashSet<i64>>);
+/// Which message a suspect is, stable across its retries: its row id
+/// when it has a row; else (an `outbox_emit()` message, whose row id is 0)
+/// its `message_id`, which is the same on every redelivery. Keyed by row id
+/// alone, one suspect message would make every emitted message a suspect,
+/// each then sent alone, a confirm at a time.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Key {
+    Row(i64),
+    Message(ShortString),
+}
 
-impl Suspects {
-    pub fn contains(&self, row_id: i64) -> bool {
-        self.0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .contains(&row_id)
+impl Key {
+    pub fn of(m: &Outbound) -> Self {
+        match m.properties.message_id() {
+            Some(id) if m.row_id == 0 => Key::Message(id.clone()),
+            _ => Key::Row(m.row_id),
+        }
     }
 
-    pub fn insert(&self, row_id: i64) {
+    /// The row id, for a message that has a row.
+    pub fn row_id(&self) -> Option<i64> {
+        match self {
+            Key::Row(id) if *id != 0 => Some(*id),
+            _ => None,
+        }
+    }
+}
+
+/// Messages to publish alone.
+#[derive(Default)]
+pub struct Suspects(Mutex<HashSet<Key>>);
+
+impl Suspects {
+    pub fn contains(&self, m: &Outbound) -> bool {
+        let set = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        !set.is_empty() && set.contains(&Key::of(m))
+    }
+
+    pub fn insert(&self, key: Key) {
         let mut set = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         if set.len() >= MAX_SUSPECTS {
             set.clear();
         }
-        set.insert(row_id);
+        set.insert(key);
     }
 
-    fn remove(&self, row_id: i64) {
+    fn remove(&self, key: &Key) {
         self.0
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .remove(&row_id);
+            .remove(key);
     }
 }
 
@@ -84,7 +111,7 @@ pub(super) async fn send_alone(
                 }
             },
         };
-        let row_id = m.row_id;
+        let key = Key::of(&m);
         let options = BasicPublishOptions {
             mandatory: true,
             immediate: false,
@@ -97,7 +124,7 @@ pub(super) async fn send_alone(
         .await;
         outcomes[index] = match answer {
             Ok(Ok(confirmation)) => {
-                suspects.remove(row_id);
+                suspects.remove(&key);
                 channel = Some(ch);
                 confirm::classify(confirmation)
             }
@@ -134,4 +161,38 @@ async fn open(conn: &Connection) -> Result<Channel, lapin::Error> {
 
 fn failed(reason: FailureReason, detail: String) -> Outcome {
     Outcome::Failed(Failure::new(reason, detail))
+}
+
+#[cfg(test)]
+mod tests {
+    use lapin::BasicProperties;
+
+    use super::*;
+
+    fn message(row_id: i64, message_id: &str) -> Outbound {
+        Outbound {
+            row_id,
+            exchange: "x".into(),
+            routing_key: "k".into(),
+            body: Vec::new(),
+            properties: BasicProperties::default().with_message_id(message_id.into()),
+        }
+    }
+
+    #[test]
+    fn a_row_is_a_suspect_by_its_id_an_emitted_message_by_its_message_id() {
+        let suspects = Suspects::default();
+        suspects.insert(Key::of(&message(7, "d-7")));
+        suspects.insert(Key::of(&message(0, "lsn-1-0")));
+        assert!(suspects.contains(&message(7, "another key after a replay")));
+        assert!(!suspects.contains(&message(8, "d-7")), "rows go by id");
+        assert!(suspects.contains(&message(0, "lsn-1-0")));
+        // Every emitted message has row id 0: only the suspect one goes
+        // alone, not all of them.
+        assert!(!suspects.contains(&message(0, "lsn-1-1")));
+        suspects.remove(&Key::of(&message(0, "lsn-1-0")));
+        assert!(!suspects.contains(&message(0, "lsn-1-0")));
+        assert_eq!(Key::of(&message(0, "m")).row_id(), None);
+        assert_eq!(Key::of(&message(5, "m")).row_id(), Some(5));
+    }
 }

@@ -13,6 +13,7 @@ use lapin::{Channel, Connection};
 use tokio::time::Instant;
 
 use super::confirm::{self, ChannelEnd};
+use super::isolate::Key;
 use super::lane::{LapinConfirm, LapinWindow, Sent};
 use super::publish::{PublishFailed, RabbitPublisher, publish_in_order};
 use crate::message::Outbound;
@@ -31,7 +32,7 @@ pub struct Begun {
     channel: Channel,
     conn: Arc<Connection>,
     outcomes: Vec<Outcome>,
-    sent: Vec<(usize, i64)>,
+    sent: Vec<(usize, Key)>,
     broken: Option<PublishFailed>,
     deadline: Instant,
 }
@@ -94,17 +95,14 @@ impl RabbitPublisher {
         let (channel, window) = self.lane(&conn).await?;
         // A suspect goes alone on a channel of its own: with a batch still
         // in flight on the lane it could reach the queue before it.
-        let suspect = messages
-            .iter()
-            .flatten()
-            .any(|m| self.suspects.contains(m.row_id));
+        let suspect = messages.iter().flatten().any(|m| self.suspects.contains(m));
         if suspect && !window.is_empty() {
             return Err(Unavailable(
                 "a suspect of an earlier refusal waits until nothing is in flight".to_owned(),
             ));
         }
         let (mut outcomes, to_send) = self.prepare(&conn, messages, &missing).await;
-        let sent: Vec<(usize, i64)> = to_send.iter().map(|(i, m)| (*i, m.row_id)).collect();
+        let sent: Vec<(usize, Key)> = to_send.iter().map(|(i, m)| (*i, Key::of(m))).collect();
         let mut who: HashMap<usize, Sent> = to_send
             .iter()
             .map(|(index, m)| {

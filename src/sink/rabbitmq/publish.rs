@@ -23,7 +23,7 @@ use lapin::{Channel, Connection, ErrorKind, ExchangeKind, PublisherConfirm};
 use super::confirm::{self, ChannelEnd};
 use super::connection::Broker;
 use super::frame;
-use super::isolate::{self, Suspects};
+use super::isolate::{self, Key, Suspects};
 use super::ordered;
 use crate::message::Outbound;
 use crate::sink::{Failure, FailureReason, Outcome, Publisher, Unavailable};
@@ -124,7 +124,7 @@ impl RabbitPublisher {
                         FailureReason::Timeout,
                         "not confirmed",
                     )));
-                    if self.suspects.contains(m.row_id) {
+                    if self.suspects.contains(&m) {
                         alone.push((index, m));
                     } else {
                         to_send.push((index, m));
@@ -152,7 +152,7 @@ impl RabbitPublisher {
         conn: &Connection,
         channel: &Channel,
         end: ChannelEnd,
-        sent: &[(usize, i64)],
+        sent: &[(usize, Key)],
         outcomes: &mut [Outcome],
     ) -> bool {
         let nacked = outcomes
@@ -175,11 +175,11 @@ impl RabbitPublisher {
                 // toward its max_attempts) and the rest go through. The
                 // connection is fine: nothing reconnects.
                 self.forget_exchanges();
-                for (index, row_id) in sent {
+                for (index, key) in sent {
                     if let Outcome::Failed(f) = &mut outcomes[*index]
                         && f.reason == FailureReason::Connection
                     {
-                        self.suspects.insert(*row_id);
+                        self.suspects.insert(key.clone());
                         f.detail = format!(
                             "the broker closed the channel ({reason}) while this message was in flight; it is sent on its own next time to find the row that caused it"
                         );
@@ -289,7 +289,7 @@ impl Publisher for RabbitPublisher {
         let missing = self.missing_exchanges(&conn, &messages).await?;
         let channel = self.channel(&conn).await?;
         let (mut outcomes, to_send) = self.prepare(&conn, messages, &missing).await;
-        let sent: Vec<(usize, i64)> = to_send.iter().map(|(i, m)| (*i, m.row_id)).collect();
+        let sent: Vec<(usize, Key)> = to_send.iter().map(|(i, m)| (*i, Key::of(m))).collect();
         let (pending, broken) = publish_in_order(&channel, to_send, &mut outcomes).await;
         let end = confirm::collect(pending, self.confirm_timeout, &mut outcomes, &sent).await;
         let end = PublishFailed::worsen(broken, end);
