@@ -19,14 +19,23 @@ use crate::tls::PgTls;
 
 pub const DEFAULT_TABLE: &str = "outbox";
 pub const DEFAULT_ROUTING_KEY: &str = "{aggregate_type}.{event_type}";
-pub const DEFAULT_BATCH_SIZE: i64 = 500;
+/// With [`DEFAULT_MAX_IN_FLIGHT`], 2,000 messages in flight. Two batches
+/// of 1,000 rather than four of 500: an ordered batch walks the rows of
+/// the partitions it holds in id order, past the rows of the partitions
+/// other batches in flight hold, so it reads about as many rows per row it
+/// claims as there are batches in flight. Measured with `outboxd-bench
+/// --only goals`, two pairs of runs: PostgreSQL CPU per message of the
+/// 1,000-aggregate drain 14.4 and 14.6 µs with 4 × 500, 9.6 and 10.4 µs
+/// with 2 × 1,000, the drain rates no lower.
+pub const DEFAULT_BATCH_SIZE: i64 = 1000;
 pub const MAX_BATCH_SIZE: i64 = 10_000;
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(1);
 pub const MIN_POLL_INTERVAL: Duration = Duration::from_millis(10);
 /// Allowed `poll_interval` (a healthy loop turns once per interval, and
 /// `/healthz` allows three of them).
 pub const POLL_INTERVAL_RANGE: DurationRange = DurationRange::new(MIN_POLL_INTERVAL, HOUR);
-pub const DEFAULT_MAX_IN_FLIGHT: i64 = 4;
+/// See [`DEFAULT_BATCH_SIZE`].
+pub const DEFAULT_MAX_IN_FLIGHT: i64 = 2;
 pub const DEFAULT_RETRY_INITIAL: Duration = Duration::from_secs(1);
 pub const DEFAULT_RETRY_MAX: Duration = Duration::from_secs(300);
 /// Allowed `retry_initial` and `retry_max`: a row's next try is

@@ -13,13 +13,13 @@ fn minimal_config_gets_the_documented_defaults() {
     assert_eq!(s.table.to_string(), "public.outbox");
     assert_eq!(s.exchange, "");
     assert_eq!(s.routing_key.to_string(), source::DEFAULT_ROUTING_KEY);
-    assert_eq!(s.batch_size, 500);
+    assert_eq!(s.batch_size, 1000);
     assert_eq!(s.poll_interval, Duration::from_secs(1));
     assert_eq!(s.after_publish, AfterPublish::Delete);
-    assert_eq!(s.max_in_flight, 4);
+    assert_eq!(s.max_in_flight, 2);
     assert_eq!(s.ordering, Ordering::Aggregate);
     assert_eq!(s.on_park, OnPark::Hold);
-    assert_eq!(s.pool_size, 5);
+    assert_eq!(s.pool_size, 3);
     assert_eq!(s.notify_channel, "outboxd.public.outbox");
     assert_eq!(s.database_display, "127.0.0.1:5432/orders as root");
 }
