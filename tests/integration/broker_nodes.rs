@@ -101,3 +101,28 @@ async fn the_relay_skips_a_node_that_does_not_answer_and_delivers_through_the_ne
     keys.sort();
     assert_eq!(ids, keys);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_url_with_heartbeat_0_is_warned_about_and_still_relays() {
+    let db = TestDb::migrated("obx_heartbeat0").await;
+    let mut broker = TestBroker::new("#").await;
+    let url = format!("{AMQP_URL}?heartbeat=0");
+    let relay = Relay::start(&config(
+        &url,
+        &[SourceSpec::new("orders", &db.url, &broker.exchange)],
+    ))
+    .await;
+    db.insert_one("OrderCreated", "", "").await;
+    broker
+        .next(Duration::from_secs(20))
+        .await
+        .expect("the row arrives");
+    let warned = relay.log_lines_with("heartbeat=0");
+    assert_eq!(warned.len(), 1, "one warning per connection: {warned:?}");
+    assert_eq!(warned[0]["level"], "WARN", "{}", warned[0]);
+    assert!(
+        !warned[0].to_string().contains("guest:guest"),
+        "no credentials in the log: {}",
+        warned[0]
+    );
+}

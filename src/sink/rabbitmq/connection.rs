@@ -77,8 +77,17 @@ impl Broker {
             .expose()
             .parse()
             .map_err(|_| lapin::Error::from(std::io::Error::other("invalid AMQP URL")))?;
-        if uri.query.heartbeat.is_none() {
-            uri.query.heartbeat = Some(DEFAULT_HEARTBEAT_SECS);
+        match uri.query.heartbeat {
+            None => uri.query.heartbeat = Some(DEFAULT_HEARTBEAT_SECS),
+            // The heartbeat is what ends a broker connection that died
+            // silently (a network partition, a frozen node): without it a
+            // batch can wait on a broker RPC for as long as the TCP
+            // connection is not reset, and nothing flows meanwhile.
+            Some(0) => warn!(
+                node = %node.display,
+                "the rabbitmq URL sets heartbeat=0: a broker connection that dies silently is then never detected, and publishing can stall until the process restarts; leave heartbeat out (10 s) or set it above 0"
+            ),
+            Some(_) => {}
         }
         let props = ConnectionProperties::default()
             .with_connection_name(config.connection_name.clone().into());
