@@ -164,8 +164,10 @@ impl Sql {
         let due_in_partitions = format!("WHERE {due} AND {walk_from} ORDER BY o.id LIMIT $2");
         // $1 free partitions, $2 rows to look at: the partitions of the
         // oldest due rows. First among the front of the claim index (at
-        // most 8 × $2 rows, of any partition), where they nearly always
-        // are; only if none is there, one probe per free partition on the
+        // most 2 × $2 rows, of any partition: with two batches in flight
+        // about half of them are in free partitions, and every row looked
+        // at is hashed, on every claim), where they nearly always are;
+        // only if none is there, one probe per free partition on the
         // partition index. Either way a look costs the same behind any
         // backlog of the busy partitions (it walked past all of it before:
         // 13 ms per look behind 50k rows on one aggregate), and a hot
@@ -182,7 +184,7 @@ impl Sql {
                  SELECT n.p, n.id FROM ( \
                    SELECT {part} AS p, o.id FROM ( \
                      SELECT o.id, o.aggregate_type, o.aggregate_id FROM {t} o \
-                     WHERE {due} ORDER BY o.id LIMIT $2::bigint * 8) o) n \
+                     WHERE {due} ORDER BY o.id LIMIT $2::bigint * 2) o) n \
                  WHERE n.p = ANY($1) ORDER BY n.id LIMIT $2) f \
                GROUP BY f.p), \
              far AS ( \
