@@ -102,11 +102,6 @@ async fn parked_rows_can_be_listed_replayed_and_purged() {
     );
     assert_eq!(code, Some(0), "{err}");
     assert!(out.contains("purged 1"), "{out}");
-    let left: i64 = db
-        .client
-        .query_one("SELECT count(*) FROM outbox_dead", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let left = db.dead_count().await;
     assert_eq!(left, 0);
 }

@@ -112,12 +112,7 @@ async fn a_nacked_row_is_retried_past_max_attempts_and_never_parked() {
         .await
         .unwrap_or(0.0);
     assert!(nacked >= 4.0, "nacks counted: {nacked}");
-    let dead: i64 = db
-        .client
-        .query_one("SELECT count(*) FROM outbox_dead", &[])
-        .await
-        .expect("count dead letters")
-        .get(0);
+    let dead = db.dead_count().await;
     assert_eq!(dead, 0, "a nacked row is never parked");
     assert_eq!(
         relay

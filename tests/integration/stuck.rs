@@ -88,12 +88,7 @@ async fn parked_aggregates_never_hold_back_unrelated_aggregates() {
         .await
         .unwrap();
     eventually("200 parked rows", WAIT, || async {
-        let n: i64 = db
-            .client
-            .query_one("SELECT count(*) FROM outbox_dead", &[])
-            .await
-            .unwrap()
-            .get(0);
+        let n = db.dead_count().await;
         (n == 200).then_some(())
     })
     .await;
@@ -385,12 +380,7 @@ async fn every_kind_of_bad_row_is_parked_once_and_every_good_row_arrives() {
         let (got, error, _) = parked(&db, *id).await;
         assert_eq!(got, *reason, "{what}: {error}");
     }
-    let dead: i64 = db
-        .client
-        .query_one("SELECT count(*) FROM outbox_dead", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let dead = db.dead_count().await;
     assert_eq!(dead, bad.len() as i64, "each bad row parked once");
     // The README's bound: at most max_in_flight × batch_size per failure;
     // here nothing failed but the refused channel, whose neighbours may be

@@ -475,12 +475,7 @@ async fn with_batches_overlapping_exactly_the_unroutable_messages_are_parked() {
         .collect();
     let good = 2 * all as usize - bad_rows.len() - bad_messages.len();
     eventually("every unroutable message parked", WAIT * 2, || async {
-        let n: i64 = db
-            .client
-            .query_one("SELECT count(*) FROM outbox_dead", &[])
-            .await
-            .expect("count dead letters")
-            .get(0);
+        let n = db.dead_count().await;
         (n as usize >= bad_rows.len() + bad_messages.len()).then_some(())
     })
     .await;

@@ -107,6 +107,15 @@ impl TestDb {
             .get(0)
     }
 
+    /// Rows in the dead-letter table (`outbox_dead`).
+    pub async fn dead_count(&self) -> i64 {
+        self.client
+            .query_one("SELECT count(*) FROM outbox_dead", &[])
+            .await
+            .expect("count dead letters")
+            .get(0)
+    }
+
     /// (attempts, last_error, published_at IS NOT NULL) of row `id`, or None if gone.
     pub async fn row_state(&self, id: i64) -> Option<(i32, Option<String>, bool)> {
         self.client
