@@ -41,9 +41,14 @@ pub enum Key {
 
 impl Key {
     pub fn of(m: &Outbound) -> Self {
-        match m.properties.message_id() {
-            Some(id) if m.row_id == 0 => Key::Message(id.clone()),
-            _ => Key::Row(m.row_id),
+        Key::new(m.row_id, m.properties.message_id().as_ref())
+    }
+
+    /// From a row id (0 for a message without a row) and a `message_id`.
+    pub fn new(row_id: i64, message_id: Option<&ShortString>) -> Self {
+        match message_id {
+            Some(id) if row_id == 0 => Key::Message(id.clone()),
+            _ => Key::Row(row_id),
         }
     }
 

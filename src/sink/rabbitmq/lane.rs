@@ -37,15 +37,15 @@ use lapin::message::BasicReturnMessage;
 use lapin::types::ShortString;
 
 use super::confirm;
+use super::isolate::Key;
 use crate::sink::Outcome;
 
-/// Who a published message is: its place in its batch's outcomes, its
-/// row id (0 for a message without a row) and its `message_id`.
+/// Who a published message is: its place in its batch's outcomes, and
+/// which message it is (the key its suspects are kept by, too).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct Sent {
     pub index: usize,
-    pub row_id: i64,
-    pub message_id: Option<ShortString>,
+    pub key: Key,
 }
 
 /// A confirm the window waits on: its outcome apart from any returned
@@ -311,11 +311,9 @@ impl Identity {
     /// Whether this is the message `sent`: by row id when it has one (a
     /// table row), else by `message_id` (an `outbox_emit()` message).
     fn names(&self, sent: &Sent) -> bool {
-        match self.row_id {
-            Some(id) => id == sent.row_id,
-            None => {
-                sent.row_id == 0 && self.message_id.is_some() && self.message_id == sent.message_id
-            }
+        match &sent.key {
+            Key::Row(id) => self.row_id == Some(*id),
+            Key::Message(id) => self.row_id.is_none() && self.message_id.as_ref() == Some(id),
         }
     }
 }

@@ -103,13 +103,12 @@ impl RabbitPublisher {
         }
         let (mut outcomes, to_send) = self.prepare(&conn, messages, &missing).await;
         let sent: Vec<(usize, Key)> = to_send.iter().map(|(i, m)| (*i, Key::of(m))).collect();
-        let mut who: HashMap<usize, Sent> = to_send
+        let mut who: HashMap<usize, Sent> = sent
             .iter()
-            .map(|(index, m)| {
+            .map(|(index, key)| {
                 let sent = Sent {
                     index: *index,
-                    row_id: m.row_id,
-                    message_id: m.properties.message_id().clone(),
+                    key: key.clone(),
                 };
                 (*index, sent)
             })

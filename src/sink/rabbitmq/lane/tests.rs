@@ -45,8 +45,7 @@ fn begin(w: &Window<Scripted, Back>, rows: &[i64]) -> (u64, Senders) {
         senders.push(tx);
         let sent = Sent {
             index,
-            row_id: *row,
-            message_id: None,
+            key: Key::Row(*row),
         };
         slots.push((sent, Scripted(rx)));
     }
@@ -139,8 +138,7 @@ async fn a_batch_given_up_leaves_the_window_and_retires_the_channel() {
 fn sent(row_id: i64, message_id: &str) -> Sent {
     Sent {
         index: 0,
-        row_id,
-        message_id: Some(message_id.into()),
+        key: Key::new(row_id, Some(&message_id.into())),
     }
 }
 
@@ -168,7 +166,6 @@ fn a_returned_row_is_named_by_its_row_id_and_a_message_by_its_message_id() {
     };
     assert!(!nameless.names(&Sent {
         index: 0,
-        row_id: 0,
-        message_id: None
+        key: Key::new(0, None),
     }));
 }
