@@ -254,15 +254,20 @@ async fn a_bad_row_is_parked_at_once_with_a_reason_naming_it_and_others_flow() {
         (db.count().await == 0).then_some(())
     })
     .await;
-    let logged: Vec<i64> = relay
-        .log_lines_with("row parked")
-        .iter()
-        .filter_map(|l| l["row_id"].as_i64())
-        .collect();
-    assert!(
-        logged.contains(&long_key) && logged.contains(&nested),
-        "log lines name the rows: {logged:?}"
-    );
+    // The lines are written after the batch commits, so they can come a
+    // moment after the table is empty.
+    let named = || {
+        relay
+            .log_lines_with("row parked")
+            .iter()
+            .filter_map(|l| l["row_id"].as_i64())
+            .collect::<Vec<i64>>()
+    };
+    eventually("log lines name both parked rows", WAIT, || async {
+        let logged = named();
+        (logged.contains(&long_key) && logged.contains(&nested)).then_some(())
+    })
+    .await;
     relay
         .wait_metric(
             "outboxd_parked_total{reason=\"bad_row\",source=\"orders\"}",
