@@ -178,28 +178,37 @@ impl Sql {
         // locks must be tried in order of age and only until $4 are taken,
         // not on every partition looked at, or the batch holds partitions
         // it never reads and no other batch can claim them until it commits.
+        // When $4 covers every free partition (the second batch in flight,
+        // and every claim while draining) there is nothing to choose: all
+        // of them are tried, without the look. The look found nothing there
+        // anyway (the front of the table is the rows of the batch in flight)
+        // and fell back to the probes, which read the dead entries of the
+        // rows deleted since the last vacuum (measured with auto_explain
+        // in a 1-relay drain: 1,000 to 1,900 buffers a claim).
         let lock = format!(
             "WITH near AS MATERIALIZED ( \
                SELECT f.p, min(f.id) AS first FROM ( \
                  SELECT n.p, n.id FROM ( \
                    SELECT {part} AS p, o.id FROM ( \
                      SELECT o.id, o.aggregate_type, o.aggregate_id FROM {t} o \
-                     WHERE {due} ORDER BY o.id LIMIT $2::bigint * 2) o) n \
+                     WHERE {choosing} AND {due} ORDER BY o.id LIMIT $2::bigint * 2) o) n \
                  WHERE n.p = ANY($1) ORDER BY n.id LIMIT $2) f \
                GROUP BY f.p), \
              far AS ( \
                SELECT f.p, (SELECT o.id FROM {t} o WHERE {part} = f.p AND {due} \
                    ORDER BY o.id LIMIT 1) AS first \
-               FROM unnest($1::int[]) AS f(p) WHERE NOT EXISTS (SELECT 1 FROM near)) \
+               FROM unnest($1::int[]) AS f(p) WHERE {choosing} AND NOT EXISTS (SELECT 1 FROM near)) \
              SELECT l.locked, set_config('{LOCKED_SETTING}', l.locked::text, true) FROM ( \
              SELECT COALESCE(array_agg(l.p), '{{}}') AS locked FROM ( \
                SELECT c.p FROM ( \
                  SELECT u.p, u.first FROM ( \
                    SELECT p, first FROM near \
-                   UNION ALL SELECT p, first FROM far WHERE first IS NOT NULL) u \
+                   UNION ALL SELECT p, first FROM far WHERE first IS NOT NULL \
+                   UNION ALL SELECT f.p, 0 FROM unnest($1::int[]) AS f(p) WHERE NOT {choosing}) u \
                  ORDER BY u.first OFFSET 0) c \
                WHERE pg_try_advisory_xact_lock(hashtext($3), c.p) \
-               LIMIT $4) l) l"
+               LIMIT $4) l) l",
+            choosing = "cardinality($1::int[]) > $4::bigint",
         );
         // Strict (`ordering = "aggregate_strict"`): one row in flight per
         // aggregate. A walked row that is not its aggregate's head waits
@@ -289,7 +298,14 @@ impl Sql {
         // Pipelined: every held row of each settled aggregate (the next
         // batch sends them in order), and nothing at all, without a probe
         // per aggregate, while no row of the table is held (the common
-        // case: the uncorrelated EXISTS is checked once, on the held index).
+        // case: the uncorrelated probe is checked once, on the held index).
+        // Not `EXISTS (... WHERE h.held)`: on a table not analyzed yet (a new
+        // one, or a big backlog just inserted) the planner takes half the
+        // rows for held and answers that with a sequential scan, which
+        // reads the whole table when none is held: measured with
+        // auto_explain in a 100k-row drain, 8,334 buffers and 15 to 25 ms
+        // on every settle. Ordered by id, only the held index answers it
+        // cheaply, with or without statistics.
         let release_next = match config.ordering {
             Ordering::AggregateStrict => format!(
                 "UPDATE {t} o SET held = false \
@@ -300,7 +316,7 @@ impl Sql {
             Ordering::Aggregate | Ordering::None => format!(
                 "UPDATE {t} o SET held = false \
                  FROM (SELECT DISTINCT k.t, k.a FROM unnest($1::text[], $2::text[]) AS k(t, a)) k \
-                 WHERE EXISTS (SELECT 1 FROM {t} h WHERE h.held) \
+                 WHERE (SELECT h.id FROM {t} h WHERE h.held ORDER BY h.id LIMIT 1) IS NOT NULL \
                    AND o.held AND o.published_at IS NULL \
                    AND o.aggregate_type = k.t AND o.aggregate_id = k.a"
             ),
