@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use crate::support::broker::TestBroker;
 use crate::support::db::TestDb;
+use crate::support::proxy::Proxy;
 use crate::support::relay::{Relay, SourceSpec, config, run_to_end};
-use crate::support::{AMQP_URL, eventually};
+use crate::support::{AMQP_HOST, AMQP_URL, eventually};
 
 /// A loopback URL where nothing listens (the port was free a moment ago).
 fn dead_url() -> String {
@@ -125,4 +126,60 @@ async fn a_url_with_heartbeat_0_is_warned_about_and_still_relays() {
         "no credentials in the log: {}",
         warned[0]
     );
+}
+
+const WAIT_LOG: Duration = Duration::from_secs(5);
+
+/// With `heartbeat=0` nothing tells lapin that a connection died silently
+/// (a network partition: no byte, no close). A batch then waits on the
+/// broker only as long as the confirm timeout, after which the relay gives
+/// the connection up and reconnects, here to the second node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_connection_without_heartbeats_is_given_up_and_the_next_node_takes_over() {
+    let db = TestDb::migrated("obx_silent_node").await;
+    let mut broker = TestBroker::new("#").await;
+    let first = Proxy::start(AMQP_HOST).await;
+    let second = Proxy::start(AMQP_HOST).await;
+    let url = |p: &Proxy| format!("amqp://guest:guest@{}/%2f?heartbeat=0", p.addr);
+    let base = config(
+        AMQP_URL,
+        &[SourceSpec::new("orders", &db.url, &broker.exchange)],
+    )
+    .replace("confirm_timeout = \"5s\"", "confirm_timeout = \"1s\"");
+    let relay = Relay::start(&with_urls(&base, &[&url(&first), &url(&second)])).await;
+    db.insert_one("OrderCreated", "", "").await;
+    broker
+        .next(Duration::from_secs(20))
+        .await
+        .expect("the first row arrives over the first node");
+    assert_eq!(second.accepted(), 0, "the relay started on the first node");
+
+    first.blackhole();
+    let id = db.insert_one("OrderCreated", "", "").await;
+    // 1 s for the confirm, 1 s for a channel on the silent connection, up
+    // to 10 s for a connect to the silent node, then the second node.
+    let m = broker
+        .next(Duration::from_secs(60))
+        .await
+        .expect("the row committed during the partition arrives over the second node");
+    assert_eq!(
+        m.headers.get("x-outbox-id"),
+        Some(&lapin::types::AMQPValue::LongLongInt(id))
+    );
+    assert!(second.accepted() >= 1, "delivered over the second node");
+    eventually(
+        "the relay to say it gave the connection up",
+        WAIT_LOG,
+        || async {
+            (!relay
+                .log_lines_with("did not answer on this connection")
+                .is_empty())
+            .then_some(())
+        },
+    )
+    .await;
+    eventually("the outbox to empty", Duration::from_secs(20), || async {
+        (db.count().await == 0).then_some(())
+    })
+    .await;
 }

@@ -10,7 +10,7 @@
 //! answers ([`Rotation`]), with the same backoff once every node has failed.
 
 use std::future::poll_fn;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
 use futures_core::Stream;
@@ -49,6 +49,8 @@ pub struct Broker {
     config: RabbitConfig,
     current: watch::Sender<State>,
     nudge: Notify,
+    /// A connection a publisher gave up on ([`Broker::abandon`]).
+    abandoned: Mutex<Weak<Connection>>,
     metrics: BrokerMetrics,
 }
 
@@ -60,8 +62,35 @@ impl Broker {
             config,
             current: watch::Sender::new(State::default()),
             nudge: Notify::new(),
+            abandoned: Mutex::new(Weak::new()),
             metrics,
         })
+    }
+
+    /// Drops `conn` if it is still the connection in use: rabbitmq did not
+    /// answer on it within the confirm timeout. With heartbeats on, lapin
+    /// finds a connection that died silently within two of them; with
+    /// `heartbeat=0` nothing else would ever end the wait. The watcher
+    /// reconnects (trying the next node first, if there are several).
+    pub fn abandon(&self, conn: &Arc<Connection>) {
+        *self
+            .abandoned
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Arc::downgrade(conn);
+        self.nudge.notify_one();
+    }
+
+    /// Whether a publisher gave up on `conn` (and forgets that it did).
+    fn take_abandoned(&self, conn: &Arc<Connection>) -> bool {
+        let mut abandoned = self
+            .abandoned
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let this = std::ptr::eq(abandoned.as_ptr(), Arc::as_ptr(conn));
+        if this {
+            *abandoned = Weak::new();
+        }
+        this
     }
 
     /// Connects once to `node`, without retrying (used by `check` and by
@@ -275,6 +304,17 @@ impl Broker {
                     None => break,
                 },
                 _ = self.nudge.notified() => {
+                    if self.take_abandoned(&conn) {
+                        warn!(broker = %node.display, "rabbitmq did not answer on this connection within the confirm timeout; dropping it and reconnecting");
+                        self.set_connection(None);
+                        // Closing waits for the broker's answer, which may
+                        // never come; bounded, in the background.
+                        tokio::spawn(async move {
+                            let closing = conn.close(320, "outboxd: no answer in time".into());
+                            let _ = tokio::time::timeout(CONNECT_TIMEOUT, closing).await;
+                        });
+                        return;
+                    }
                     if !conn.status().connected() {
                         warn!(broker = %node.display, "rabbitmq connection is gone; reconnecting");
                         break;

@@ -91,8 +91,11 @@ impl RabbitPublisher {
         messages: Vec<Result<Outbound, Failure>>,
     ) -> Result<Begun, Unavailable> {
         let conn = self.connected()?;
-        let missing = self.missing_exchanges(&conn, &messages).await?;
-        let (channel, window) = self.lane(&conn).await?;
+        let setup = async {
+            let missing = self.missing_exchanges(&conn, &messages).await?;
+            Ok((missing, self.lane(&conn).await?))
+        };
+        let (missing, (channel, window)) = self.answered(&conn, "opening a channel", setup).await?;
         // A suspect goes alone on a channel of its own: with a batch still
         // in flight on the lane it could reach the queue before it.
         let suspect = messages.iter().flatten().any(|m| self.suspects.contains(m));

@@ -83,6 +83,27 @@ impl RabbitPublisher {
             .clear();
     }
 
+    /// Runs a step that waits for rabbitmq (opening a channel, checking an
+    /// exchange) within the confirm timeout; without an answer by then the
+    /// connection is given up on ([`Broker::abandon`]) and nothing is sent.
+    pub(super) async fn answered<T>(
+        &self,
+        conn: &Arc<Connection>,
+        what: &str,
+        step: impl Future<Output = Result<T, Unavailable>>,
+    ) -> Result<T, Unavailable> {
+        match tokio::time::timeout(self.confirm_timeout, step).await {
+            Ok(result) => result,
+            Err(_) => {
+                self.broker.abandon(conn);
+                Err(Unavailable(format!(
+                    "rabbitmq did not answer within {:?} while {what}; the connection is dropped and made again",
+                    self.confirm_timeout
+                )))
+            }
+        }
+    }
+
     pub(super) fn connected(&self) -> Result<Arc<Connection>, Unavailable> {
         self.broker
             .connection()
@@ -286,11 +307,23 @@ impl Publisher for RabbitPublisher {
         messages: Vec<Result<Outbound, Failure>>,
     ) -> Result<Vec<Outcome>, Unavailable> {
         let conn = self.connected()?;
-        let missing = self.missing_exchanges(&conn, &messages).await?;
-        let channel = self.channel(&conn).await?;
+        let setup = async {
+            let missing = self.missing_exchanges(&conn, &messages).await?;
+            Ok((missing, self.channel(&conn).await?))
+        };
+        let (missing, channel) = self.answered(&conn, "opening a channel", setup).await?;
         let (mut outcomes, to_send) = self.prepare(&conn, messages, &missing).await;
         let sent: Vec<(usize, Key)> = to_send.iter().map(|(i, m)| (*i, Key::of(m))).collect();
-        let (pending, broken) = publish_in_order(&channel, to_send, &mut outcomes).await;
+        let publishing = publish_in_order(&channel, to_send, &mut outcomes);
+        let Ok((pending, broken)) = tokio::time::timeout(self.confirm_timeout, publishing).await
+        else {
+            // The writes stalled (the socket's buffers are full): what was
+            // written may still reach the broker, so every message stays
+            // "not confirmed", a timeout, and is sent again; the channel is
+            // dropped and the connection given up on.
+            self.broker.abandon(&conn);
+            return Ok(outcomes);
+        };
         let end = confirm::collect(pending, self.confirm_timeout, &mut outcomes, &sent).await;
         let end = PublishFailed::worsen(broken, end);
         if self.after_batch(&conn, &channel, end, &sent, &mut outcomes) {
