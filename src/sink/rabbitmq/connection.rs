@@ -306,14 +306,13 @@ impl Broker {
                 _ = self.nudge.notified() => {
                     if self.take_abandoned(&conn) {
                         warn!(broker = %node.display, "rabbitmq did not answer on this connection within the confirm timeout; dropping it and reconnecting");
-                        self.set_connection(None);
                         // Closing waits for the broker's answer, which may
                         // never come; bounded, in the background.
                         tokio::spawn(async move {
                             let closing = conn.close(320, "outboxd: no answer in time".into());
                             let _ = tokio::time::timeout(CONNECT_TIMEOUT, closing).await;
                         });
-                        return;
+                        break;
                     }
                     if !conn.status().connected() {
                         warn!(broker = %node.display, "rabbitmq connection is gone; reconnecting");
