@@ -183,3 +183,87 @@ async fn a_silent_connection_without_heartbeats_is_given_up_and_the_next_node_ta
     })
     .await;
 }
+
+/// Rows of about 5 MB: one alone is more than the socket buffers between
+/// the relay and a blackholed proxy hold (loopback: at most 4 MB to send,
+/// 128 kB to receive, 64 kB in the proxy), so its writes stall rather than
+/// vanish into the kernel, however few rows the relay puts in a batch (a
+/// wal relay starts on the first rows it decodes).
+const STALL_ROWS: usize = 4;
+
+/// With a silent connection a big batch cannot even be written: the
+/// writes are bounded by the confirm timeout too, and the connection is
+/// given up on. `capture` is "poll" or "wal" (the ordered lane).
+async fn stalled_writes_are_given_up(capture: &str) {
+    let db = TestDb::migrated(&format!("obx_stall_{capture}")).await;
+    let mut broker = TestBroker::new("#").await;
+    let first = Proxy::start(AMQP_HOST).await;
+    let second = Proxy::start(AMQP_HOST).await;
+    let url = |p: &Proxy| format!("amqp://guest:guest@{}/%2f?heartbeat=0", p.addr);
+    // The wal source is named after its database, so its slot is its own.
+    let spec = SourceSpec::new(&db.name, &db.url, &broker.exchange)
+        .set("capture", &format!("{capture:?}"));
+    let base =
+        config(AMQP_URL, &[spec]).replace("confirm_timeout = \"5s\"", "confirm_timeout = \"1s\"");
+    let (code, _, err) = run_to_end(&["migrate"], &base);
+    assert_eq!(code, Some(0), "migrate: {err}");
+    let relay = Relay::start(&with_urls(&base, &[&url(&first), &url(&second)])).await;
+    db.insert_one("OrderCreated", "", "").await;
+    broker
+        .next(Duration::from_secs(20))
+        .await
+        .expect("the first row arrives over the first node");
+    assert_eq!(second.accepted(), 0, "the relay started on the first node");
+
+    first.blackhole();
+    let ids: Vec<i64> = db
+        .client
+        .query(
+            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
+             SELECT 'order', 'big', 'Big', jsonb_build_object('n', n, 'pad', repeat('x', 5000000)) \
+             FROM generate_series(1, $1::int) AS n RETURNING id",
+            &[&(STALL_ROWS as i32)],
+        )
+        .await
+        .expect("insert the big batch")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mut missing: std::collections::BTreeSet<i64> = ids.into_iter().collect();
+    let mut order = Vec::new();
+    while !missing.is_empty() {
+        let m = broker
+            .next(Duration::from_secs(60))
+            .await
+            .unwrap_or_else(|| panic!("{} rows never arrived (capture {capture})", missing.len()));
+        if let Some(lapin::types::AMQPValue::LongLongInt(id)) = m.headers.get("x-outbox-id") {
+            missing.remove(id);
+            order.push(*id);
+        }
+    }
+    assert!(second.accepted() >= 1, "delivered over the second node");
+    // Nothing went over the first node after the blackhole, so nothing
+    // arrives twice, and the one aggregate arrives in order.
+    assert!(order.is_sorted(), "out of order: {order:?}");
+    eventually(
+        "the relay to say it gave the connection up",
+        WAIT_LOG,
+        || async {
+            (!relay
+                .log_lines_with("did not answer on this connection")
+                .is_empty())
+            .then_some(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_stalled_on_a_silent_connection_are_given_up_when_polling() {
+    stalled_writes_are_given_up("poll").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_stalled_on_a_silent_connection_are_given_up_on_the_wal_lane() {
+    stalled_writes_are_given_up("wal").await;
+}

@@ -116,7 +116,21 @@ impl RabbitPublisher {
                 (*index, sent)
             })
             .collect();
-        let (pending, broken) = publish_in_order(&channel, to_send, &mut outcomes).await;
+        let publishing = publish_in_order(&channel, to_send, &mut outcomes);
+        let (pending, broken) = match tokio::time::timeout(self.confirm_timeout, publishing).await {
+            Ok(written) => written,
+            Err(_) => {
+                // The writes stalled (the socket's buffers are full), as on
+                // the poll path: what was written may still reach the broker,
+                // so every message of the batch stays "not confirmed" and is
+                // sent again. No later batch may follow on this channel, the
+                // batches before it fail with the connection, which is given
+                // up on.
+                window.retire();
+                self.broker.abandon(&conn);
+                (Vec::new(), Some(PublishFailed::without_reason()))
+            }
+        };
         let published = pending
             .into_iter()
             .filter_map(|(index, c)| who.remove(&index).map(|s| (s, LapinConfirm(c))))

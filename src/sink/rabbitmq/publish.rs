@@ -40,6 +40,11 @@ pub(super) struct PublishFailed {
 }
 
 impl PublishFailed {
+    /// A failure the broker gave no reason for (a lost or stalled connection).
+    pub(super) fn without_reason() -> Self {
+        Self { refusal: None }
+    }
+
     /// The channel's end: what the confirms said (`end`), made worse by a
     /// publish that failed, if one did.
     pub(super) fn worsen(failed: Option<Self>, end: ChannelEnd) -> ChannelEnd {
@@ -54,7 +59,7 @@ impl PublishFailed {
 /// A source's publisher on RabbitMQ: its channel pool and its exchange
 /// cache, over the process's one connection ([`Broker`]).
 pub struct RabbitPublisher {
-    broker: Arc<Broker>,
+    pub(super) broker: Arc<Broker>,
     /// The ordered lane's channel and its batches in flight.
     pub(super) lane: Mutex<Option<ordered::Lane>>,
     idle: Mutex<Vec<Channel>>,
