@@ -6,6 +6,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/services.sh
 # Both packages of the workspace: the bench (bench/) runs the outboxd next
-# to it in target/release.
+# to it in target/release (or $CARGO_TARGET_DIR/release).
 cargo build --release --locked -p outboxd -p outboxd-bench
-exec target/release/outboxd-bench "$@"
+exec "${CARGO_TARGET_DIR:-target}/release/outboxd-bench" "$@"

@@ -82,15 +82,11 @@ async fn best_shape(
     for shape in SHAPES {
         let mut samples = Vec::new();
         for _ in 0..o.repeats {
-            let broker0 = crate::env::cpu_of("beam.smp");
-            let started = std::time::Instant::now();
+            let mark = crate::env::CpuMark::now(None);
             let rate = publish(env, &name, n, shape).await?;
-            println!(
-                "{{\"probe\":\"ceiling {} {}ch x {} CPU\",\"broker_cores\":{:.2}}}",
-                queue.name(),
-                shape.0,
-                shape.1,
-                (crate::env::cpu_of("beam.smp") - broker0) / started.elapsed().as_secs_f64()
+            mark.report(
+                &format!("ceiling {} {}ch x {} CPU", queue.name(), shape.0, shape.1),
+                None,
             );
             ch.queue_purge(name.as_str().into(), QueuePurgeOptions::default())
                 .await

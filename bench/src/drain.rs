@@ -264,9 +264,9 @@ async fn once(env: &Env, spec: Spec, o: &Options) -> Result<Run, String> {
         ),
     );
     let relay = env.spawn_relay(&config).await?;
-    let mark = CpuMark::now();
+    let mark = CpuMark::now(Some(&relay));
     relay.wait_published(rows, "the drain").await?;
-    let used = mark.report(&format!("drain {} CPU", spec.name()), &relay);
+    let used = mark.report(&format!("drain {} CPU", spec.name()), Some(&relay));
     let (elapsed, pg_cpu) = (used.seconds, used.postgres * used.seconds);
     let left: i64 = client
         .query_one(count_sql, &[])

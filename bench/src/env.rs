@@ -413,14 +413,21 @@ impl Relay {
     }
 }
 
-/// The CPU the broker and PostgreSQL have used since it was taken.
+/// Where the CPU went since it was taken: the whole machine's busy cores
+/// and each side's. A machine near all its cores busy shares them: what
+/// the relay, PostgreSQL and the bench take, the broker (or the
+/// producers) lose; with cores idle, the CPU is not what limits a run.
 pub struct CpuMark {
     started: Instant,
+    machine: (f64, f64),
     broker: f64,
     postgres: f64,
+    relay: f64,
+    bench: f64,
+    recvlogical: f64,
 }
 
-/// Cores used over a run.
+/// Cores used over a run (CPU seconds over wall seconds).
 pub struct CpuUse {
     pub seconds: f64,
     pub broker: f64,
@@ -429,27 +436,42 @@ pub struct CpuUse {
 }
 
 impl CpuMark {
-    pub fn now() -> Self {
+    /// A mark; `relay`'s CPU is counted from here on, if there is one.
+    pub fn now(relay: Option<&Relay>) -> Self {
         Self {
             started: Instant::now(),
+            machine: machine_ticks(),
             broker: cpu_of("beam.smp"),
             postgres: cpu_of("postgres"),
+            relay: relay.map_or(0.0, Relay::cpu_seconds),
+            bench: own_cpu_seconds(),
+            recvlogical: cpu_of("pg_recvlogical"),
         }
     }
 
-    /// Cores used since the mark (CPU seconds over wall seconds), and
-    /// PostgreSQL's CPU seconds; prints them as the JSON line of `probe`.
-    pub fn report(&self, probe: &str, relay: &Relay) -> CpuUse {
+    /// Cores used since the mark, printed as the JSON line of `probe`:
+    /// the machine's, the broker's, PostgreSQL's, the relay's (if any),
+    /// the bench's own (its producers, consumers or publishers) and
+    /// pg_recvlogical's.
+    pub fn report(&self, probe: &str, relay: Option<&Relay>) -> CpuUse {
         let seconds = self.started.elapsed().as_secs_f64();
+        let (busy, total) = machine_ticks();
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        let machine = (busy - self.machine.0) / (total - self.machine.1).max(1.0) * cores;
+        let per = |now: f64, then: f64| (now - then) / seconds;
         let used = CpuUse {
             seconds,
-            broker: (cpu_of("beam.smp") - self.broker) / seconds,
-            postgres: (cpu_of("postgres") - self.postgres) / seconds,
-            relay: relay.cpu_seconds() / seconds,
+            broker: per(cpu_of("beam.smp"), self.broker),
+            postgres: per(cpu_of("postgres"), self.postgres),
+            relay: relay.map_or(0.0, |r| per(r.cpu_seconds(), self.relay)),
         };
         println!(
-            "{{\"probe\":\"{probe}\",\"seconds\":{seconds:.2},\"broker_cores\":{:.2},\"postgres_cores\":{:.2},\"relay_cores\":{:.2}}}",
-            used.broker, used.postgres, used.relay
+            "{{\"probe\":\"{probe}\",\"seconds\":{seconds:.2},\"machine_cores\":{machine:.2},\"broker_cores\":{:.2},\"postgres_cores\":{:.2},\"relay_cores\":{:.2},\"bench_cores\":{:.2},\"pg_recvlogical_cores\":{:.2}}}",
+            used.broker,
+            used.postgres,
+            used.relay,
+            per(own_cpu_seconds(), self.bench),
+            per(cpu_of("pg_recvlogical"), self.recvlogical),
         );
         used
     }

@@ -95,6 +95,11 @@ pub async fn run(
         });
     }
 
+    // `--only goal-drains`: the four drains alone, for paired runs of two
+    // configs (a goals run takes 5 minutes, its drains 2).
+    if !o.wants("goals") {
+        return Ok(goals);
+    }
     let ratio = m
         .scaleout
         .ratio(env, "aggregate", o, ceiling, report)

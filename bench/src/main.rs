@@ -1,6 +1,6 @@
 //! outboxd-bench: measures outboxd against the broker's own ceiling, in one run.
 //!
-//!   scripts/bench.sh [--quick] [--only ceiling,drain,scaleout,latency,overhead,footprint,recovery,goals,wal]
+//!   scripts/bench.sh [--quick] [--only ceiling,drain,scaleout,latency,overhead,footprint,recovery,goals,goal-drains,wal]
 //!
 //! `--only wal` runs the `capture = "wal"` flows (table rows and
 //! `outbox_emit()` messages, over 1 and 1,000 aggregates) against the
@@ -8,7 +8,9 @@
 //!
 //! `--only goals` runs what the goals table of issue 10 needs (the classic
 //! ceiling, four drains, scale-out with 1 and 3 relays, two latencies, the
-//! recovery from a broker stop) and prints that table after the figures.
+//! recovery from a broker stop) and prints that table after the figures;
+//! `--only goal-drains` runs only its four drains (for paired runs of two
+//! configs).
 //!
 //! It creates its own databases, exchanges and queues on the local
 //! PostgreSQL and RabbitMQ, runs the release `outboxd` next to its own
@@ -72,7 +74,7 @@ impl Options {
                 }
                 "-h" | "--help" => {
                     println!(
-                        "usage: outboxd-bench [--quick] [--repeats N] [--rows N] [--only ceiling,drain,scaleout,latency,overhead,footprint,recovery,goals,wal] [--set source_key=toml_value ...]"
+                        "usage: outboxd-bench [--quick] [--repeats N] [--rows N] [--only ceiling,drain,scaleout,latency,overhead,footprint,recovery,goals,goal-drains,wal] [--set source_key=toml_value ...]"
                     );
                     std::process::exit(0);
                 }
@@ -119,7 +121,7 @@ async fn run(o: &Options) -> Result<(), String> {
         if o.wants("ceiling")
             || o.wants("drain")
             || o.wants("scaleout")
-            || (classic && (o.wants("goals") || o.wants("wal")))
+            || (classic && (o.wants("goals") || o.wants("goal-drains") || o.wants("wal")))
         {
             let c = ceiling::run(&env, queue, o, &mut report).await?;
             ceilings.insert(queue, c);
@@ -169,7 +171,7 @@ async fn run(o: &Options) -> Result<(), String> {
         measured.recovery = Some(recovery::run(&env, o, &mut report).await?);
     }
     let goals = match ceilings.get(&env::QueueType::Classic) {
-        Some(c) if o.wants("goals") => {
+        Some(c) if o.wants("goals") || o.wants("goal-drains") => {
             Some(goals::run(&env, o, *c, &mut measured, &mut report).await?)
         }
         _ => None,

@@ -12,7 +12,7 @@
 use std::time::{Duration, Instant};
 
 use crate::Options;
-use crate::env::{CpuMark, Env, PAYLOAD_BYTES, QueueType, cpu_of, pg};
+use crate::env::{CpuMark, Env, PAYLOAD_BYTES, QueueType, pg};
 use crate::report::{Report, median};
 
 const PER_TRANSACTION: i64 = 1000;
@@ -29,50 +29,6 @@ impl Kind {
             Kind::Rows => "table rows",
             Kind::Messages => "outbox_emit messages",
         }
-    }
-}
-
-/// Where the CPU went during one producer phase: the whole machine's busy
-/// cores, and each side's, printed as a JSON line. A machine near 2 busy
-/// cores in every phase shares its cores: what the relay and the broker
-/// take, the producers lose.
-struct Phase {
-    started: Instant,
-    machine: (f64, f64),
-    broker: f64,
-    postgres: f64,
-    relay: f64,
-    bench: f64,
-    recvlogical: f64,
-}
-
-impl Phase {
-    fn start(relay: &crate::env::Relay) -> Self {
-        Self {
-            started: Instant::now(),
-            machine: crate::env::machine_ticks(),
-            broker: cpu_of("beam.smp"),
-            postgres: cpu_of("postgres"),
-            relay: relay.cpu_seconds(),
-            bench: crate::env::own_cpu_seconds(),
-            recvlogical: cpu_of("pg_recvlogical"),
-        }
-    }
-
-    fn report(&self, phase: &str, relay: &crate::env::Relay) {
-        let seconds = self.started.elapsed().as_secs_f64();
-        let (busy, total) = crate::env::machine_ticks();
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
-        let machine = (busy - self.machine.0) / (total - self.machine.1).max(1.0) * cores;
-        let per = |now: f64, then: f64| (now - then) / seconds;
-        println!(
-            "{{\"probe\":\"{phase} CPU\",\"seconds\":{seconds:.2},\"machine_cores\":{machine:.2},\"broker_cores\":{:.2},\"postgres_cores\":{:.2},\"relay_cores\":{:.2},\"producers_cores\":{:.2},\"pg_recvlogical_cores\":{:.2}}}",
-            per(cpu_of("beam.smp"), self.broker),
-            per(cpu_of("postgres"), self.postgres),
-            per(relay.cpu_seconds(), self.relay),
-            per(crate::env::own_cpu_seconds(), self.bench),
-            per(cpu_of("pg_recvlogical"), self.recvlogical),
-        );
     }
 }
 
@@ -133,15 +89,15 @@ pub async fn overhead(env: &Env, o: &Options, report: &mut Report) -> Result<(),
                 .await
                 .map_err(|e| e.to_string())?;
         }
-        let cpu = Phase::start(&relay);
+        let cpu = CpuMark::now(Some(&relay));
         none.push(crate::overhead::insert_rate(&plain_url).await?);
-        cpu.report("producers, no relay, no slot", &relay);
-        let cpu = Phase::start(&relay);
+        cpu.report("producers, no relay, no slot CPU", Some(&relay));
+        let cpu = CpuMark::now(Some(&relay));
         decoding.push(crate::overhead::insert_rate(&recv_url).await?);
-        cpu.report("producers, slot read by pg_recvlogical", &relay);
-        let cpu = Phase::start(&relay);
+        cpu.report("producers, slot read by pg_recvlogical CPU", Some(&relay));
+        let cpu = CpuMark::now(Some(&relay));
         with.push(crate::overhead::insert_rate(&url).await?);
-        cpu.report("producers, wal relay streaming", &relay);
+        cpu.report("producers, wal relay streaming CPU", Some(&relay));
         // Let the relay catch up before the next pair.
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
@@ -274,7 +230,7 @@ async fn once(
     let producer = pg(&url).await?;
     let pad = PAYLOAD_BYTES as i32 - 25;
     let (aggs, total) = (aggregates as i64, rows as i64);
-    let mark = CpuMark::now();
+    let mark = CpuMark::now(Some(&relay));
     let produce = tokio::spawn(async move {
         let mut first = 1i64;
         while first <= total {
@@ -302,7 +258,7 @@ async fn once(
     relay.wait_published(rows, "the wal flow").await?;
     let used = mark.report(
         &format!("wal flow {} {aggregates} aggregate(s) CPU", kind.name()),
-        &relay,
+        Some(&relay),
     );
     let (elapsed, pg_cpu) = (used.seconds, used.postgres * used.seconds);
     produce.await.map_err(|e| e.to_string())??;
