@@ -63,18 +63,31 @@ pub struct Measured {
     pub p99: f64,
 }
 
+/// The broker alone at one rate, no database: publish→consumer medians
+/// over the repeats, in ms (the floor under commit→consumer).
+#[derive(Clone, Copy, Debug)]
+pub struct Floor {
+    pub rate: u32,
+    pub p50: f64,
+    pub p99: f64,
+}
+
 type Receipts = Arc<Mutex<HashMap<i64, Instant>>>;
 
-/// Runs `loads` in turn against one relay; with `floor`, first the broker
-/// alone at the first three loads' rates.
+/// The broker-alone messages carry seqs from here up, so the consumer
+/// tells them from the relay's rows (whose seqs start at 0).
+const FLOOR_SEQS: i64 = 1 << 40;
+
+/// Runs `loads` in turn against one relay, after the broker alone at each
+/// of the `floors` rates.
 pub async fn run(
     env: &Env,
     o: &Options,
     report: &mut Report,
     loads: &[Load],
-    floor: bool,
-) -> Result<Vec<Measured>, String> {
-    run_with(env, o, report, loads, floor, false).await
+    floors: &[u32],
+) -> Result<(Vec<Measured>, Vec<Floor>), String> {
+    run_with(env, o, report, loads, floors, false).await
 }
 
 /// The same with `capture = "wal"` (its own slot), figures named "wal …".
@@ -84,7 +97,7 @@ pub async fn run_wal(
     report: &mut Report,
     loads: &[Load],
 ) -> Result<Vec<Measured>, String> {
-    run_with(env, o, report, loads, false, true).await
+    Ok(run_with(env, o, report, loads, &[], true).await?.0)
 }
 
 async fn run_with(
@@ -92,9 +105,9 @@ async fn run_with(
     o: &Options,
     report: &mut Report,
     loads: &[Load],
-    floor: bool,
+    floors: &[u32],
     wal: bool,
-) -> Result<Vec<Measured>, String> {
+) -> Result<(Vec<Measured>, Vec<Floor>), String> {
     let (db, url) = env.create_db("bench_latency").await?;
     let (ch, exchange) = env.declare(QueueType::Classic).await?;
     let (config, slot) = if wal {
@@ -134,14 +147,18 @@ async fn run_with(
         }
     });
 
-    let floors = if floor { &LOADS[..3] } else { &[] };
-    for &Load { rate, secs, .. } in floors {
-        let mut p50 = Vec::new();
-        let mut p99 = Vec::new();
+    let mut floor_seq = FLOOR_SEQS;
+    let mut measured_floors = Vec::new();
+    for &rate in floors {
+        let secs = LOADS.iter().find(|l| l.rate == rate).map_or(6, |l| l.secs);
+        let (mut p50, mut p99, mut c50, mut c99) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for _ in 0..o.repeats {
-            let lat = broker_alone(env, &exchange, rate, secs).await?;
-            p50.push(quantile(&lat, 0.5));
-            p99.push(quantile(&lat, 0.99));
+            let (confirm, consumer) =
+                broker_alone(env, &exchange, rate, secs, &receipts, &mut floor_seq).await?;
+            p50.push(quantile(&confirm, 0.5));
+            p99.push(quantile(&confirm, 0.99));
+            c50.push(quantile(&consumer, 0.5));
+            c99.push(quantile(&consumer, 0.99));
         }
         report.add(
             format!("broker alone {rate} msgs/s: publish→confirm p50"),
@@ -153,6 +170,23 @@ async fn run_with(
             format!("broker alone {rate} msgs/s: publish→confirm p99"),
             "ms",
             p99,
+            "",
+        );
+        measured_floors.push(Floor {
+            rate,
+            p50: median(&c50),
+            p99: median(&c99),
+        });
+        report.add(
+            format!("broker alone {rate} msgs/s: publish→consumer p50"),
+            "ms",
+            c50,
+            "the same messages, to the bench's consumer: the floor under commit→consumer",
+        );
+        report.add(
+            format!("broker alone {rate} msgs/s: publish→consumer p99"),
+            "ms",
+            c99,
             "",
         );
     }
@@ -266,7 +300,7 @@ async fn run_with(
     } else {
         env.drop_db(&db).await;
     }
-    Ok(measured)
+    Ok((measured, measured_floors))
 }
 
 /// The figures' names of the spread loads are those of earlier runs.
@@ -283,8 +317,17 @@ fn label(load: Load) -> String {
 }
 
 /// Publishes single persistent messages at `rate` per second, each with
-/// its own confirm awaited; returns publish→confirm latencies in ms.
-async fn broker_alone(env: &Env, exchange: &str, rate: u32, secs: u64) -> Result<Vec<f64>, String> {
+/// its own confirm awaited; returns publish→confirm and publish→consumer
+/// latencies in ms (the bench's consumer finds each by its seq, taken
+/// from `next_seq` on).
+async fn broker_alone(
+    env: &Env,
+    exchange: &str,
+    rate: u32,
+    secs: u64,
+    receipts: &Receipts,
+    next_seq: &mut i64,
+) -> Result<(Vec<f64>, Vec<f64>), String> {
     use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
     let ch = env.amqp.create_channel().await.map_err(|e| e.to_string())?;
     ch.confirm_select(ConfirmSelectOptions::default())
@@ -294,17 +337,27 @@ async fn broker_alone(env: &Env, exchange: &str, rate: u32, secs: u64) -> Result
     let interval = Duration::from_secs_f64(1.0 / f64::from(rate));
     let start = Instant::now();
     let mut waits = tokio::task::JoinSet::new();
+    let mut sent_at = HashMap::new();
     for i in 0..total {
         tokio::time::sleep_until((start + interval * i as u32).into()).await;
+        let seq = *next_seq;
+        *next_seq += 1;
+        let body = format!("{{\"seq\":{seq}}}");
         let sent = Instant::now();
+        sent_at.insert(seq, sent);
         let opts = BasicPublishOptions {
             mandatory: true,
             immediate: false,
         };
         let props = lapin::BasicProperties::default().with_delivery_mode(2);
-        // No "seq" in the body: the latency consumer ignores these.
         let confirm = ch
-            .basic_publish(exchange.into(), "baseline".into(), opts, b"{}", props)
+            .basic_publish(
+                exchange.into(),
+                "baseline".into(),
+                opts,
+                body.as_bytes(),
+                props,
+            )
             .await
             .map_err(|e| e.to_string())?;
         waits.spawn(async move {
@@ -315,13 +368,37 @@ async fn broker_alone(env: &Env, exchange: &str, rate: u32, secs: u64) -> Result
             Ok(sent.elapsed().as_secs_f64() * 1e3)
         });
     }
-    let mut lat = Vec::new();
+    let mut confirmed = Vec::new();
     while let Some(r) = waits.join_next().await {
-        lat.push(r.map_err(|e| e.to_string())??);
+        confirmed.push(r.map_err(|e| e.to_string())??);
     }
-    lat.sort_by(f64::total_cmp);
+    confirmed.sort_by(f64::total_cmp);
     let _ = ch.close(200, "OK".into()).await;
-    Ok(lat)
+    // Every one was confirmed, so each reaches the consumer; wait (bounded).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let consumed = loop {
+        let got = receipts.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if sent_at.keys().all(|s| got.contains_key(s)) || Instant::now() > deadline {
+            let mut lat: Vec<f64> = sent_at
+                .iter()
+                .filter_map(|(s, t)| {
+                    got.get(s)
+                        .map(|r| r.saturating_duration_since(*t).as_secs_f64() * 1e3)
+                })
+                .collect();
+            if lat.len() < sent_at.len() {
+                return Err(format!(
+                    "{} of {} broker-alone messages did not reach the consumer within 30 s",
+                    sent_at.len() - lat.len(),
+                    sent_at.len()
+                ));
+            }
+            lat.sort_by(f64::total_cmp);
+            break lat;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    Ok((confirmed, consumed))
 }
 
 /// Commits `rate` single-row transactions per second for `secs` seconds over

@@ -159,7 +159,9 @@ async fn run(o: &Options) -> Result<(), String> {
     }
     if o.wants("latency") {
         let loads = [latency::LOADS.as_slice(), &latency::GOAL_LOADS].concat();
-        measured.latency = latency::run(&env, o, &mut report, &loads, true).await?;
+        let floors: Vec<u32> = latency::LOADS[..3].iter().map(|l| l.rate).collect();
+        (measured.latency, measured.floors) =
+            latency::run(&env, o, &mut report, &loads, &floors).await?;
     }
     if o.wants("overhead") {
         overhead::run(&env, o, &mut report).await?;
