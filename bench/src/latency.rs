@@ -216,6 +216,7 @@ async fn run_with(
             let lat = loop {
                 let got = receipts.lock().unwrap_or_else(|e| e.into_inner()).clone();
                 if commits.keys().all(|s| got.contains_key(s)) || Instant::now() > deadline {
+                    print_stalls(&format!("{prefix}{}", label(load)), &commits, &got);
                     let mut lat: Vec<f64> = commits
                         .iter()
                         .filter_map(|(s, c)| {
@@ -301,6 +302,49 @@ async fn run_with(
         env.drop_db(&db).await;
     }
     Ok((measured, measured_floors))
+}
+
+/// Above this, a row's commit→consumer counts as slow for [`print_stalls`].
+const SLOW_MS: f64 = 5.0;
+
+/// The slow rows of a run, grouped into stalls (slow rows committed
+/// within 50 ms of the one before), printed as a JSON line: a few long
+/// stalls point at a pause somewhere (a lock, a flush, a scheduler),
+/// many short ones at queueing in the relay.
+fn print_stalls(what: &str, commits: &HashMap<i64, Instant>, got: &HashMap<i64, Instant>) {
+    let Some(first) = commits.values().min().copied() else {
+        return;
+    };
+    let mut slow: Vec<(f64, f64)> = commits
+        .iter()
+        .filter_map(|(s, c)| {
+            let ms = got.get(s)?.saturating_duration_since(*c).as_secs_f64() * 1e3;
+            (ms > SLOW_MS).then(|| (c.saturating_duration_since(first).as_secs_f64() * 1e3, ms))
+        })
+        .collect();
+    slow.sort_by(|a, b| a.0.total_cmp(&b.0));
+    // (start ms into the run, rows, worst ms)
+    let mut stalls: Vec<(f64, usize, f64)> = Vec::new();
+    let mut last_at = f64::NEG_INFINITY;
+    for (at, ms) in slow {
+        match stalls.last_mut() {
+            Some(s) if at - last_at <= 50.0 => {
+                s.1 += 1;
+                s.2 = s.2.max(ms);
+            }
+            _ => stalls.push((at, 1, ms)),
+        }
+        last_at = at;
+    }
+    let list: Vec<String> = stalls
+        .iter()
+        .map(|(at, n, worst)| format!("[{at:.0},{n},{worst:.1}]"))
+        .collect();
+    println!(
+        "{{\"probe\":\"latency {what}: rows over {SLOW_MS} ms, as stalls [start ms, rows, worst ms]\",\"rows\":{},\"stalls\":[{}]}}",
+        commits.len(),
+        list.join(",")
+    );
 }
 
 /// The figures' names of the spread loads are those of earlier runs.
