@@ -130,6 +130,21 @@ async fn a_url_with_heartbeat_0_is_warned_about_and_still_relays() {
 
 const WAIT_LOG: Duration = Duration::from_secs(5);
 
+/// Waits for the relay's WARN that it gave a silent connection up.
+async fn said_it_gave_the_connection_up(relay: &Relay) {
+    eventually(
+        "the relay to say it gave the connection up",
+        WAIT_LOG,
+        || async {
+            (!relay
+                .log_lines_with("did not answer on this connection")
+                .is_empty())
+            .then_some(())
+        },
+    )
+    .await;
+}
+
 /// With `heartbeat=0` nothing tells lapin that a connection died silently
 /// (a network partition: no byte, no close). A batch then waits on the
 /// broker only as long as the confirm timeout, after which the relay gives
@@ -167,17 +182,7 @@ async fn a_silent_connection_without_heartbeats_is_given_up_and_the_next_node_ta
         Some(&lapin::types::AMQPValue::LongLongInt(id))
     );
     assert!(second.accepted() >= 1, "delivered over the second node");
-    eventually(
-        "the relay to say it gave the connection up",
-        WAIT_LOG,
-        || async {
-            (!relay
-                .log_lines_with("did not answer on this connection")
-                .is_empty())
-            .then_some(())
-        },
-    )
-    .await;
+    said_it_gave_the_connection_up(&relay).await;
     eventually("the outbox to empty", Duration::from_secs(20), || async {
         (db.count().await == 0).then_some(())
     })
@@ -245,17 +250,7 @@ async fn stalled_writes_are_given_up(capture: &str) {
     // Nothing went over the first node after the blackhole, so nothing
     // arrives twice, and the one aggregate arrives in order.
     assert!(order.is_sorted(), "out of order: {order:?}");
-    eventually(
-        "the relay to say it gave the connection up",
-        WAIT_LOG,
-        || async {
-            (!relay
-                .log_lines_with("did not answer on this connection")
-                .is_empty())
-            .then_some(())
-        },
-    )
-    .await;
+    said_it_gave_the_connection_up(&relay).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

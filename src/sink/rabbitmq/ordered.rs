@@ -15,7 +15,7 @@ use tokio::time::Instant;
 use super::confirm::{self, ChannelEnd};
 use super::isolate::Key;
 use super::lane::{LapinConfirm, LapinWindow, Sent};
-use super::publish::{PublishFailed, RabbitPublisher, publish_in_order};
+use super::publish::{PublishFailed, RabbitPublisher};
 use crate::message::Outbound;
 use crate::sink::{Failure, FailureReason, Outcome, Unavailable};
 use crate::telemetry::ErrorChain;
@@ -116,18 +116,14 @@ impl RabbitPublisher {
                 (*index, sent)
             })
             .collect();
-        let publishing = publish_in_order(&channel, to_send, &mut outcomes);
-        let (pending, broken) = match tokio::time::timeout(self.confirm_timeout, publishing).await {
-            Ok(written) => written,
-            Err(_) => {
-                // The writes stalled (the socket's buffers are full), as on
-                // the poll path: what was written may still reach the broker,
-                // so every message of the batch stays "not confirmed" and is
-                // sent again. No later batch may follow on this channel, the
-                // batches before it fail with the connection, which is given
-                // up on.
+        let (pending, broken) = match self.written(&conn, &channel, to_send, &mut outcomes).await {
+            Some(written) => written,
+            None => {
+                // The writes stalled: every message of the batch stays "not
+                // confirmed" and is sent again. No later batch may follow on
+                // this channel; the batches before it fail with the
+                // connection, which was given up on.
                 window.retire();
-                self.broker.abandon(&conn);
                 (Vec::new(), Some(PublishFailed::without_reason()))
             }
         };

@@ -59,7 +59,7 @@ impl PublishFailed {
 /// A source's publisher on RabbitMQ: its channel pool and its exchange
 /// cache, over the process's one connection ([`Broker`]).
 pub struct RabbitPublisher {
-    pub(super) broker: Arc<Broker>,
+    broker: Arc<Broker>,
     /// The ordered lane's channel and its batches in flight.
     pub(super) lane: Mutex<Option<ordered::Lane>>,
     idle: Mutex<Vec<Channel>>,
@@ -107,6 +107,26 @@ impl RabbitPublisher {
                 )))
             }
         }
+    }
+
+    /// [`publish_in_order`] within the confirm timeout. `None` when the
+    /// writes stalled (the socket's buffers are full): the connection is
+    /// given up on ([`Broker::abandon`]), and since what was written may
+    /// still reach the broker, the caller leaves every message "not
+    /// confirmed", to be sent again.
+    pub(super) async fn written(
+        &self,
+        conn: &Arc<Connection>,
+        channel: &Channel,
+        messages: Vec<(usize, Outbound)>,
+        outcomes: &mut [Outcome],
+    ) -> Option<(Vec<(usize, PublisherConfirm)>, Option<PublishFailed>)> {
+        let publishing = publish_in_order(channel, messages, outcomes);
+        let written = tokio::time::timeout(self.confirm_timeout, publishing).await;
+        if written.is_err() {
+            self.broker.abandon(conn);
+        }
+        written.ok()
     }
 
     pub(super) fn connected(&self) -> Result<Arc<Connection>, Unavailable> {
@@ -319,14 +339,10 @@ impl Publisher for RabbitPublisher {
         let (missing, channel) = self.answered(&conn, "opening a channel", setup).await?;
         let (mut outcomes, to_send) = self.prepare(&conn, messages, &missing).await;
         let sent: Vec<(usize, Key)> = to_send.iter().map(|(i, m)| (*i, Key::of(m))).collect();
-        let publishing = publish_in_order(&channel, to_send, &mut outcomes);
-        let Ok((pending, broken)) = tokio::time::timeout(self.confirm_timeout, publishing).await
+        let Some((pending, broken)) = self.written(&conn, &channel, to_send, &mut outcomes).await
         else {
-            // The writes stalled (the socket's buffers are full): what was
-            // written may still reach the broker, so every message stays
-            // "not confirmed", a timeout, and is sent again; the channel is
-            // dropped and the connection given up on.
-            self.broker.abandon(&conn);
+            // The writes stalled: every message stays "not confirmed", a
+            // timeout, and is sent again; the channel is dropped.
             return Ok(outcomes);
         };
         let end = confirm::collect(pending, self.confirm_timeout, &mut outcomes, &sent).await;
@@ -383,7 +399,7 @@ impl Publisher for RabbitPublisher {
 /// pass only the oldest unfinished one needs polling. Returns the pending
 /// confirms and, if a publish failed, why (the messages that failed are
 /// marked in `outcomes`).
-pub(super) async fn publish_in_order(
+async fn publish_in_order(
     channel: &Channel,
     messages: Vec<(usize, Outbound)>,
     outcomes: &mut [Outcome],
