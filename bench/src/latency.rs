@@ -211,31 +211,15 @@ async fn run_with(
         for _ in 0..o.repeats {
             let before = histogram(&relay.metrics().await);
             let (commits, real_rate) = produce(&url, load, &mut next_seq).await?;
-            // Wait (bounded) for every row to reach the consumer.
-            let deadline = Instant::now() + Duration::from_secs(30);
-            let lat = loop {
-                let got = receipts.lock().unwrap_or_else(|e| e.into_inner()).clone();
-                if commits.keys().all(|s| got.contains_key(s)) || Instant::now() > deadline {
-                    print_stalls(&format!("{prefix}{}", label(load)), &commits, &got);
-                    let mut lat: Vec<f64> = commits
-                        .iter()
-                        .filter_map(|(s, c)| {
-                            got.get(s)
-                                .map(|r| r.saturating_duration_since(*c).as_secs_f64() * 1e3)
-                        })
-                        .collect();
-                    lat.sort_by(f64::total_cmp);
-                    if lat.len() < commits.len() {
-                        return Err(format!(
-                            "{} of {} rows did not arrive within 30 s",
-                            commits.len() - lat.len(),
-                            commits.len()
-                        ));
-                    }
-                    break lat;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            };
+            let (lat, got) = arrivals(&receipts, &commits).await;
+            print_stalls(&format!("{prefix}{}", label(load)), &commits, &got);
+            if lat.len() < commits.len() {
+                return Err(format!(
+                    "{} of {} rows did not arrive within 30 s",
+                    commits.len() - lat.len(),
+                    commits.len()
+                ));
+            }
             let after = histogram(&relay.metrics().await);
             let delta: Vec<(f64, f64)> = after
                 .iter()
@@ -302,6 +286,32 @@ async fn run_with(
         env.drop_db(&db).await;
     }
     Ok((measured, measured_floors))
+}
+
+/// Waits (at most 30 s) until the consumer has received every seq of
+/// `sent` (seq → when it was committed or published). Returns the
+/// latencies in ms of those received, sorted (fewer than `sent` if some
+/// never came), and the receipts as they were then.
+async fn arrivals(
+    receipts: &Receipts,
+    sent: &HashMap<i64, Instant>,
+) -> (Vec<f64>, HashMap<i64, Instant>) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let got = receipts.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if sent.keys().all(|s| got.contains_key(s)) || Instant::now() > deadline {
+            let mut lat: Vec<f64> = sent
+                .iter()
+                .filter_map(|(s, t)| {
+                    got.get(s)
+                        .map(|r| r.saturating_duration_since(*t).as_secs_f64() * 1e3)
+                })
+                .collect();
+            lat.sort_by(f64::total_cmp);
+            return (lat, got);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Above this, a row's commit→consumer counts as slow for [`print_stalls`].
@@ -418,30 +428,15 @@ async fn broker_alone(
     }
     confirmed.sort_by(f64::total_cmp);
     let _ = ch.close(200, "OK".into()).await;
-    // Every one was confirmed, so each reaches the consumer; wait (bounded).
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let consumed = loop {
-        let got = receipts.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        if sent_at.keys().all(|s| got.contains_key(s)) || Instant::now() > deadline {
-            let mut lat: Vec<f64> = sent_at
-                .iter()
-                .filter_map(|(s, t)| {
-                    got.get(s)
-                        .map(|r| r.saturating_duration_since(*t).as_secs_f64() * 1e3)
-                })
-                .collect();
-            if lat.len() < sent_at.len() {
-                return Err(format!(
-                    "{} of {} broker-alone messages did not reach the consumer within 30 s",
-                    sent_at.len() - lat.len(),
-                    sent_at.len()
-                ));
-            }
-            lat.sort_by(f64::total_cmp);
-            break lat;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    // Every one was confirmed, so each reaches the consumer.
+    let (consumed, _) = arrivals(receipts, &sent_at).await;
+    if consumed.len() < sent_at.len() {
+        return Err(format!(
+            "{} of {} broker-alone messages did not reach the consumer within 30 s",
+            sent_at.len() - consumed.len(),
+            sent_at.len()
+        ));
+    }
     Ok((confirmed, consumed))
 }
 
