@@ -32,7 +32,9 @@ pub use format::MessageFormat;
 pub use invalid::{Invalid, NotOneOf};
 pub use rabbitmq::{AmqpTls, RabbitConfig, RabbitNode};
 pub use secret::Secret;
-pub use source::{AfterPublish, OnPark, Ordering, SourceConfig};
+pub use source::{
+    AfterPublish, DEFAULT_BATCH_SIZE, DEFAULT_MAX_IN_FLIGHT, OnPark, Ordering, SourceConfig,
+};
 
 use interpolate::interpolate;
 use raw::RawConfig;

@@ -1,8 +1,8 @@
 //! Repeated kill -9 during a 50k-row flow: every row arrives at least once.
 
 use crate::support::db::TestDb;
-use crate::support::eventually;
 use crate::support::relay::{Relay, simple_config};
+use crate::support::{IN_FLIGHT, eventually};
 use crate::{DurableQueue, LONG, all_arrived};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -37,5 +37,5 @@ async fn repeated_kill_9_during_a_flow_loses_nothing() {
     let duplicates = all_arrived(&keys, &seen);
     println!("{KILLS} kill -9 during {ROWS} rows: all arrived, {duplicates} duplicates");
     // Each kill can duplicate at most what was in flight: max_in_flight x batch_size.
-    assert!(duplicates <= KILLS * 2 * 1000, "{duplicates} duplicates");
+    assert!(duplicates <= KILLS * IN_FLIGHT, "{duplicates} duplicates");
 }

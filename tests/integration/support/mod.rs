@@ -22,6 +22,11 @@ pub const PG_URL: &str = "postgres://root@127.0.0.1:5432";
 pub const PG_HOST: &str = "127.0.0.1:5432";
 pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 pub const AMQP_HOST: &str = "127.0.0.1:5672";
+/// The most messages a relay with the default config has in flight
+/// (`max_in_flight` × `batch_size`): the bound on what one failure can
+/// send twice.
+pub const IN_FLIGHT: usize =
+    outboxd::config::DEFAULT_MAX_IN_FLIGHT as usize * outboxd::config::DEFAULT_BATCH_SIZE as usize;
 
 /// A name no other test (or test run) uses: lowercase, a valid identifier.
 pub fn unique(prefix: &str) -> String {
