@@ -1,6 +1,6 @@
 //! The local services and the relay binary, with create/cleanup helpers.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -272,19 +272,40 @@ impl Env {
     pub async fn spawn_relay(&self, config: &str) -> Result<Relay, String> {
         let path = std::env::temp_dir().join(format!("{}.toml", unique("outboxd-bench")));
         std::fs::write(&path, config).map_err(|e| e.to_string())?;
-        let mut child = Command::new(&self.relay_bin)
+        // BENCH_RELAY_LOG=FILTER:PATH (say `outboxd=debug:/tmp/relay.log`):
+        // the relays log with that filter, and every line goes to PATH too.
+        // For looking into a run; the figures of such a run are not kept.
+        let trace = std::env::var("BENCH_RELAY_LOG").ok().and_then(|v| {
+            let (filter, file) = v.split_once(':')?;
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(file)
+                .ok()?;
+            Some((filter.to_owned(), file))
+        });
+        let mut command = Command::new(&self.relay_bin);
+        command
             .args(["run", "--log-format", "json", "-c"])
             .arg(&path)
             .env_remove("RUST_LOG")
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
+            .stderr(Stdio::piped());
+        if let Some((filter, _)) = &trace {
+            command.env("RUST_LOG", filter);
+        }
+        let mut child = command
             .spawn()
             .map_err(|e| format!("cannot start {}: {e}", self.relay_bin.display()))?;
+        let mut trace = trace.map(|(_, file)| file);
         let admin: Arc<Mutex<Option<SocketAddr>>> = Arc::default();
         let found = admin.clone();
         let stderr = child.stderr.take().ok_or("no stderr")?;
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(file) = trace.as_mut() {
+                    let _ = writeln!(file, "{line}");
+                }
                 if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
                     if v["message"] == "outboxd running" {
                         *found.lock().unwrap_or_else(|e| e.into_inner()) =

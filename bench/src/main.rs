@@ -1,6 +1,6 @@
 //! outboxd-bench: measures outboxd against the broker's own ceiling, in one run.
 //!
-//!   scripts/bench.sh [--quick] [--only ceiling,drain,scaleout,latency,overhead,footprint,recovery,goals,goal-drains,wal]
+//!   scripts/bench.sh [--quick] [--only ceiling,drain,scaleout,latency,overhead,footprint,recovery,goals,goal-drains,goal-latency,wal]
 //!
 //! `--only wal` runs the `capture = "wal"` flows (table rows and
 //! `outbox_emit()` messages, over 1 and 1,000 aggregates) against the
@@ -9,8 +9,9 @@
 //! `--only goals` runs what the goals table of issue 10 needs (the classic
 //! ceiling, four drains, scale-out with 1 and 3 relays, two latencies, the
 //! recovery from a broker stop) and prints that table after the figures;
-//! `--only goal-drains` runs only its four drains (for paired runs of two
-//! configs).
+//! `--only goal-drains` runs only its four drains, and `--only
+//! goal-latency` only its two latency loads (for paired runs of two
+//! configs, and for looking into them).
 //!
 //! It creates its own databases, exchanges and queues on the local
 //! PostgreSQL and RabbitMQ, runs the release `outboxd` next to its own
@@ -74,7 +75,7 @@ impl Options {
                 }
                 "-h" | "--help" => {
                     println!(
-                        "usage: outboxd-bench [--quick] [--repeats N] [--rows N] [--only ceiling,drain,scaleout,latency,overhead,footprint,recovery,goals,goal-drains,wal] [--set source_key=toml_value ...]"
+                        "usage: outboxd-bench [--quick] [--repeats N] [--rows N] [--only ceiling,drain,scaleout,latency,overhead,footprint,recovery,goals,goal-drains,goal-latency,wal] [--set source_key=toml_value ...]"
                     );
                     std::process::exit(0);
                 }
@@ -162,6 +163,10 @@ async fn run(o: &Options) -> Result<(), String> {
         let floors: Vec<u32> = latency::LOADS[..3].iter().map(|l| l.rate).collect();
         (measured.latency, measured.floors) =
             latency::run(&env, o, &mut report, &loads, &floors).await?;
+    }
+    if o.wants("goal-latency") && !o.wants("latency") {
+        let rates: Vec<u32> = latency::GOAL_LOADS.iter().map(|l| l.rate).collect();
+        latency::run(&env, o, &mut report, &latency::GOAL_LOADS, &rates).await?;
     }
     if o.wants("overhead") {
         overhead::run(&env, o, &mut report).await?;
