@@ -35,12 +35,16 @@ if [ "$cpus" -lt 2 ]; then
   exit 2
 fi
 all="0-$((cpus - 1))"
-rest="1-$((cpus - 1))"
+# As taskset prints a list: "1" on 2 CPUs, "1-3" on 4.
+if [ "$cpus" -eq 2 ]; then rest=1; else rest="1-$((cpus - 1))"; fi
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 # Every thread of each process; a process gone meanwhile is no error.
 set_affinity() { # set_affinity CPUS PID...
   local cpus=$1 pid; shift
-  for pid in "$@"; do taskset -apc "$cpus" "$pid" >/dev/null 2>&1 || true; done
+  for pid in "$@"; do as_root taskset -apc "$cpus" "$pid" >/dev/null 2>&1 || true; done
 }
+# The CPUs a process may run on, as taskset prints them ("0", "1-3").
+affinity() { taskset -pc "$1" 2>/dev/null | sed 's/.*: //'; }
 broker_pids() { pgrep -f 'beam.smp' || true; }
 # PostgreSQL's postmaster and every backend: new backends inherit the
 # postmaster's affinity.
@@ -55,5 +59,13 @@ trap unpin EXIT
 set_affinity 0 $(broker_pids)
 # shellcheck disable=SC2046
 set_affinity "$rest" $(postgres_pids)
+# A run that only claims to be pinned would mislead: check both took.
+broker=$(broker_pids | head -n 1)
+postmaster=$(pgrep -o -x postgres || true)
+if [ -z "$broker" ] || [ -z "$postmaster" ] || [ "$(affinity "$broker")" != 0 ] ||
+  [ "$(affinity "$postmaster")" != "$rest" ]; then
+  echo "bench: --pin could not pin RabbitMQ (pid ${broker:-none}) and PostgreSQL (pid ${postmaster:-none}); are they local, and may this user change their CPU affinity?" >&2
+  exit 2
+fi
 echo "bench: pinned RabbitMQ to CPU 0, PostgreSQL and the bench to CPUs $rest" >&2
 taskset -c "$rest" "$bench" "${args[@]}"
