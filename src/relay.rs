@@ -465,6 +465,16 @@ impl<C: Capture, P: Publisher> Loop<C, P> {
         } else {
             owned.len().div_ceil(cfg.max_in_flight) as i64
         };
-        Some(ClaimFrom::Partitions { free, most })
+        // The claims that may still start while this batch is in flight,
+        // this one included: they share the partitions that have rows.
+        // While draining, one claim takes them all.
+        let share = if self.draining {
+            1
+        } else {
+            cfg.max_in_flight
+                .saturating_sub(self.tasks.batches.len())
+                .max(1) as i64
+        };
+        Some(ClaimFrom::Partitions { free, most, share })
     }
 }

@@ -20,8 +20,14 @@ pub enum ClaimFrom {
     After(i64),
     /// Ordered: the sendable rows of the aggregates in at most
     /// `most` of these partitions (those with the oldest rows that no other
-    /// batch holds).
-    Partitions { free: Vec<i32>, most: i64 },
+    /// batch holds), and at most a `share`th of those that have due rows
+    /// (`share`: how many claims may still run while this batch is in
+    /// flight, this one included).
+    Partitions {
+        free: Vec<i32>,
+        most: i64,
+        share: i64,
+    },
 }
 
 /// What a claim found, reported to the loop as soon as the claim is done

@@ -118,7 +118,9 @@ pub async fn claim(source: &Source, from: ClaimFrom) -> Result<Claim<PollBatch>,
     let batch = PollBatch::connect(&source.pool).await?;
     let (rows, report, looked) = match from {
         ClaimFrom::After(after) => after_id(source, &batch, after).await?,
-        ClaimFrom::Partitions { free, most } => heads(source, &batch, free, most).await?,
+        ClaimFrom::Partitions { free, most, share } => {
+            heads(source, &batch, free, most, share).await?
+        }
     };
     // Only a row without an id fails the claim; any other column that
     // cannot be read makes a bad row of its own (parked, named by its id).
@@ -189,6 +191,7 @@ async fn heads(
     batch: &PollBatch,
     free: Vec<i32>,
     most: i64,
+    share: i64,
 ) -> Result<(Vec<Row>, Claimed, bool), DbError> {
     let client = batch.client();
     let order = &source.queries.order;
@@ -197,8 +200,8 @@ async fn heads(
     // partition wanted are enough; the claim walks the full batch.
     let look = (most * 4).clamp(64, limit.max(64));
     let lock = step("prepare partition lock", client.prepare_cached(&order.lock)).await?;
-    let lock_params: [&(dyn ToSql + Sync); 4] =
-        [&free, &look, &source.queries.lock_keys.batch, &most];
+    let lock_params: [&(dyn ToSql + Sync); 5] =
+        [&free, &look, &source.queries.lock_keys.batch, &most, &share];
     let walk_sql = if source.dead.exists(client).await? {
         &order.claim
     } else {

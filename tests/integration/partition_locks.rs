@@ -31,7 +31,7 @@ async fn a_claim_locks_only_the_partitions_it_takes() {
     let tx = client.transaction().await.unwrap();
     let every: Vec<i32> = (0..64).collect();
     let taken: Vec<i32> = tx
-        .query_one(&sql.lock, &[&every, &256i64, &keys.batch, &4i64])
+        .query_one(&sql.lock, &[&every, &256i64, &keys.batch, &4i64, &1i64])
         .await
         .expect("the lock query runs")
         .get(0);
@@ -87,6 +87,63 @@ async fn a_hot_partition_at_the_front_is_taken_alone() {
     );
 }
 
+/// Two batches in flight share the partitions that have rows. The first
+/// claim of two takes half of them, not up to half of all 64 (its cap):
+/// with few partitions holding rows, it took them all, the second claim
+/// found nothing, and one batch was in flight at a time (measured over 100
+/// aggregates, about 50 partitions with rows: half of a 100k drain ran so).
+#[tokio::test]
+async fn two_claims_share_the_partitions_that_have_rows() {
+    let db = TestDb::migrated("obx_plock_share").await;
+    // 100 rows on each of 6 aggregates, each in a partition of its own.
+    db.client
+        .batch_execute(
+            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
+             SELECT 'order', k.a, 'Step', '{}' FROM ( \
+               SELECT DISTINCT ON (c.p) c.a FROM ( \
+                 SELECT 'a-' || g AS a, (hashtextextended('order/a-' || g, 0) & 63)::int AS p \
+                 FROM generate_series(1, 100) g) c \
+               ORDER BY c.p, c.a LIMIT 6) k, generate_series(1, 100)",
+        )
+        .await
+        .unwrap();
+    let (mut first_session, sql, keys) = relay_session(&db).await;
+    let (second_session, _, _) = relay_session(&db).await;
+    let every: Vec<i32> = (0..64).collect();
+    // max_in_flight 2 and nothing in flight: up to 32 partitions, and a
+    // share of 2 (this claim and one more).
+    let first_tx = first_session.transaction().await.unwrap();
+    let first: Vec<i32> = first_tx
+        .query_one(&sql.lock, &[&every, &256i64, &keys.batch, &32i64, &2i64])
+        .await
+        .expect("the lock query runs")
+        .get(0);
+    assert_eq!(
+        first.len(),
+        3,
+        "the first claim takes half of the 6 partitions with rows: {first:?}"
+    );
+    // Beside it, the last claim that may start: every other partition
+    // with rows.
+    let free: Vec<i32> = every
+        .iter()
+        .copied()
+        .filter(|p| !first.contains(p))
+        .collect();
+    let second: Vec<i32> = second_session
+        .query_one(&sql.lock, &[&free, &256i64, &keys.batch, &32i64, &1i64])
+        .await
+        .expect("the lock query runs")
+        .get(0);
+    assert_eq!(
+        second.len(),
+        3,
+        "the second claim takes the other 3: {second:?} beside {first:?}"
+    );
+    assert!(second.iter().all(|p| !first.contains(p)));
+    first_tx.rollback().await.unwrap();
+}
+
 /// Runs the lock query over every partition, taking at most 16 among the
 /// first `look` due rows, and rolls back.
 async fn take(
@@ -98,7 +155,7 @@ async fn take(
     let every: Vec<i32> = (0..64).collect();
     let tx = client.transaction().await.unwrap();
     let taken: Vec<i32> = tx
-        .query_one(&sql.lock, &[&every, &look, &keys.batch, &16i64])
+        .query_one(&sql.lock, &[&every, &look, &keys.batch, &16i64, &1i64])
         .await
         .expect("the lock query runs")
         .get(0);
