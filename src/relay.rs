@@ -465,10 +465,13 @@ impl<C: Capture, P: Publisher> Loop<C, P> {
         } else {
             owned.len().div_ceil(cfg.max_in_flight) as i64
         };
-        // The claims that may still start while this batch is in flight,
-        // this one included: they share the partitions that have rows.
-        // While draining, one claim takes them all.
-        let share = if self.draining {
+        // Under a backlog (the last claim that found rows came back full),
+        // the claims that may still start while this batch is in flight,
+        // this one included, share the partitions that have rows, so each
+        // finds rows. Short claims take them all: split, their few rows
+        // would cost two claims and two settles instead of one. While
+        // draining, one claim takes them all.
+        let share = if self.draining || !self.cursor.last_full {
             1
         } else {
             cfg.max_in_flight

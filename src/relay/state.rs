@@ -49,6 +49,10 @@ pub struct Cursor {
     pub last_rows_at: Option<Instant>,
     /// Claim again at this instant (lingering after a recent busy spell).
     pub linger_until: Option<Instant>,
+    /// The last claim that found rows came back full: the batches in
+    /// flight share the partitions that have rows (`ordering =
+    /// "aggregate"`). Unlike `backlog`, an empty claim leaves it as it is.
+    pub last_full: bool,
 }
 
 impl Cursor {
@@ -60,6 +64,7 @@ impl Cursor {
             full_scan: true,
             last_rows_at: None,
             linger_until: None,
+            last_full: false,
         }
     }
 
@@ -77,6 +82,7 @@ impl Cursor {
             0
         };
         if report.rows > 0 {
+            self.last_full = report.full;
             // More may have committed since: claim again (while this batch
             // publishes) until a claim comes back empty. While draining
             // too: a short claim of some partitions says nothing of others.
@@ -309,6 +315,30 @@ mod tests {
     use super::*;
 
     const MS: Duration = Duration::from_millis(1);
+
+    fn report(rows: usize, full: bool) -> Claimed {
+        Claimed {
+            rows,
+            full,
+            ..Claimed::default()
+        }
+    }
+
+    #[test]
+    fn only_a_claim_with_rows_says_whether_the_claims_come_back_full() {
+        let mut cursor = Cursor::new();
+        assert!(!cursor.last_full, "no claim yet");
+        cursor.claimed(&report(1000, true));
+        assert!(cursor.last_full && cursor.backlog);
+        // An empty claim beside a full batch ends the backlog, but the
+        // batches still share the partitions with rows: the next claim
+        // after the full one settles takes its share, not all of them.
+        cursor.claimed(&report(0, false));
+        assert!(!cursor.backlog);
+        assert!(cursor.last_full, "an empty claim leaves it");
+        cursor.claimed(&report(3, false));
+        assert!(!cursor.last_full, "a short claim with rows ends it");
+    }
 
     #[test]
     fn the_load_turns_busy_within_a_window_and_calm_after_a_calm_window() {
