@@ -30,11 +30,7 @@ async fn a_claim_locks_only_the_partitions_it_takes() {
     let (mut client, sql, keys) = relay_session(&db).await;
     let tx = client.transaction().await.unwrap();
     let every: Vec<i32> = (0..64).collect();
-    let taken: Vec<i32> = tx
-        .query_one(&sql.lock, &[&every, &256i64, &keys.batch, &4i64, &1i64])
-        .await
-        .expect("the lock query runs")
-        .get(0);
+    let taken = lock(&tx, &sql, &keys, &every, 256, 4, 1).await;
     let held: i64 = tx
         .query_one(
             "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()",
@@ -113,11 +109,7 @@ async fn two_claims_share_the_partitions_that_have_rows() {
     // max_in_flight 2 and nothing in flight: up to 32 partitions, and a
     // share of 2 (this claim and one more).
     let first_tx = first_session.transaction().await.unwrap();
-    let first: Vec<i32> = first_tx
-        .query_one(&sql.lock, &[&every, &256i64, &keys.batch, &32i64, &2i64])
-        .await
-        .expect("the lock query runs")
-        .get(0);
+    let first = lock(&first_tx, &sql, &keys, &every, 256, 32, 2).await;
     assert_eq!(
         first.len(),
         3,
@@ -130,11 +122,7 @@ async fn two_claims_share_the_partitions_that_have_rows() {
         .copied()
         .filter(|p| !first.contains(p))
         .collect();
-    let second: Vec<i32> = second_session
-        .query_one(&sql.lock, &[&free, &256i64, &keys.batch, &32i64, &1i64])
-        .await
-        .expect("the lock query runs")
-        .get(0);
+    let second = lock(&second_session, &sql, &keys, &free, 256, 32, 1).await;
     assert_eq!(
         second.len(),
         3,
@@ -154,13 +142,28 @@ async fn take(
 ) -> Vec<i32> {
     let every: Vec<i32> = (0..64).collect();
     let tx = client.transaction().await.unwrap();
-    let taken: Vec<i32> = tx
-        .query_one(&sql.lock, &[&every, &look, &keys.batch, &16i64, &1i64])
-        .await
-        .expect("the lock query runs")
-        .get(0);
+    let taken = lock(&tx, sql, keys, &every, look, 16, 1).await;
     tx.rollback().await.unwrap();
     taken
+}
+
+/// Runs the relay's partition lock statement: `free` partitions, `look`
+/// rows looked at, at most `most` taken, `share` claims sharing them.
+/// Returns the partitions it locked.
+async fn lock(
+    client: &impl tokio_postgres::GenericClient,
+    sql: &Sql,
+    keys: &LockKeys,
+    free: &[i32],
+    look: i64,
+    most: i64,
+    share: i64,
+) -> Vec<i32> {
+    client
+        .query_one(&sql.lock, &[&free, &look, &keys.batch, &most, &share])
+        .await
+        .expect("the lock query runs")
+        .get(0)
 }
 
 /// A session set up as the relay's pooled ones are, with the relay's own
