@@ -266,6 +266,10 @@ impl<C: Capture, P: Publisher> Loop<C, P> {
     fn start_batch(&mut self, from: ClaimFrom) {
         self.cursor.full_scan = false;
         self.cursor.due = false;
+        self.cursor.claiming_over = match &from {
+            ClaimFrom::Partitions { free, .. } => Some(free.clone()),
+            ClaimFrom::After(_) => None,
+        };
         let (tx, rx) = oneshot::channel();
         let relay = self.relay.clone();
         let handle = self
@@ -478,6 +482,14 @@ impl<C: Capture, P: Publisher> Loop<C, P> {
                 .saturating_sub(self.tasks.batches.len())
                 .max(1) as i64
         };
-        Some(ClaimFrom::Partitions { free, most, share })
+        // Over the same free partitions as a claim that found nothing,
+        // probe them (see `Cursor::empty_over`).
+        let probe = self.cursor.empty_over.as_deref() == Some(&free[..]);
+        Some(ClaimFrom::Partitions {
+            free,
+            most,
+            share,
+            probe,
+        })
     }
 }

@@ -53,6 +53,15 @@ pub struct Cursor {
     /// flight share the partitions that have rows (`ordering =
     /// "aggregate"`). Unlike `backlog`, an empty claim leaves it as it is.
     pub last_full: bool,
+    /// The free partitions the running claim looks in (ordered claims).
+    pub claiming_over: Option<Vec<i32>>,
+    /// The free partitions of the last claim, if it found nothing to send.
+    /// A claim over the same ones probes them one by one instead of
+    /// looking at the front of the table: that front is the rows of the
+    /// batches in flight (in a hot aggregate's drain, every row the look
+    /// read was of the one busy partition), and the probes of partitions
+    /// that were empty a moment ago cost little.
+    pub empty_over: Option<Vec<i32>>,
 }
 
 impl Cursor {
@@ -65,6 +74,8 @@ impl Cursor {
             last_rows_at: None,
             linger_until: None,
             last_full: false,
+            claiming_over: None,
+            empty_over: None,
         }
     }
 
@@ -75,6 +86,8 @@ impl Cursor {
 
     /// Taken in by each claim report.
     pub fn claimed(&mut self, report: &Claimed) {
+        let over = self.claiming_over.take();
+        self.empty_over = if report.rows == 0 { over } else { None };
         self.backlog = report.full;
         self.frontier = if report.full {
             self.frontier.max(report.max_id)
@@ -92,6 +105,8 @@ impl Cursor {
 
     /// After a failure: start over at the head of the table.
     pub fn restart(&mut self, draining: bool) {
+        self.claiming_over = None;
+        self.empty_over = None;
         self.backlog = false;
         self.full_scan = true;
         self.due = !draining;
@@ -338,6 +353,28 @@ mod tests {
         assert!(cursor.last_full, "an empty claim leaves it");
         cursor.claimed(&report(3, false));
         assert!(!cursor.last_full, "a short claim with rows ends it");
+    }
+
+    #[test]
+    fn a_claim_over_the_partitions_of_an_empty_one_is_known() {
+        let mut cursor = Cursor::new();
+        cursor.claiming_over = Some(vec![1, 2, 3]);
+        cursor.claimed(&report(0, false));
+        assert_eq!(cursor.empty_over.as_deref(), Some(&[1, 2, 3][..]));
+        assert_eq!(cursor.claiming_over, None, "taken by the report");
+        // A claim that found rows ends it, whatever it looked in.
+        cursor.claiming_over = Some(vec![1, 2, 3]);
+        cursor.claimed(&report(5, false));
+        assert_eq!(cursor.empty_over, None);
+        // An unordered claim has no partitions to remember.
+        cursor.claimed(&report(0, false));
+        assert_eq!(cursor.empty_over, None);
+        // Nor does a cursor that starts over after a failure.
+        cursor.claiming_over = Some(vec![4]);
+        cursor.claimed(&report(0, false));
+        assert!(cursor.empty_over.is_some());
+        cursor.restart(false);
+        assert_eq!(cursor.empty_over, None);
     }
 
     #[test]

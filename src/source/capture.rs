@@ -22,11 +22,14 @@ pub enum ClaimFrom {
     /// `most` of these partitions (those with the oldest rows that no other
     /// batch holds), and at most a `share`th of those that have due rows
     /// (`share`: how many claims may still run while this batch is in
-    /// flight, this one included).
+    /// flight, this one included). `probe`: find them with one probe per
+    /// free partition, without the look at the front of the table (see
+    /// `order.rs`).
     Partitions {
         free: Vec<i32>,
         most: i64,
         share: i64,
+        probe: bool,
     },
 }
 

@@ -118,9 +118,12 @@ pub async fn claim(source: &Source, from: ClaimFrom) -> Result<Claim<PollBatch>,
     let batch = PollBatch::connect(&source.pool).await?;
     let (rows, report, looked) = match from {
         ClaimFrom::After(after) => after_id(source, &batch, after).await?,
-        ClaimFrom::Partitions { free, most, share } => {
-            heads(source, &batch, free, most, share).await?
-        }
+        ClaimFrom::Partitions {
+            free,
+            most,
+            share,
+            probe,
+        } => heads(source, &batch, free, most, share, probe).await?,
     };
     // Only a row without an id fails the claim; any other column that
     // cannot be read makes a bad row of its own (parked, named by its id).
@@ -192,13 +195,19 @@ async fn heads(
     free: Vec<i32>,
     most: i64,
     share: i64,
+    probe: bool,
 ) -> Result<(Vec<Row>, Claimed, bool), DbError> {
     let client = batch.client();
     let order = &source.queries.order;
     let limit = source.config.batch_size as i64;
     // To find the partitions with the oldest rows, a few rows per
-    // partition wanted are enough; the claim walks the full batch.
-    let look = (most * 4).clamp(64, limit.max(64));
+    // partition wanted are enough; the claim walks the full batch. None
+    // at all with `probe`: the lock then probes each free partition.
+    let look = if probe {
+        0
+    } else {
+        (most * 4).clamp(64, limit.max(64))
+    };
     let lock = step("prepare partition lock", client.prepare_cached(&order.lock)).await?;
     let lock_params: [&(dyn ToSql + Sync); 5] =
         [&free, &look, &source.queries.lock_keys.batch, &most, &share];

@@ -132,6 +132,37 @@ async fn two_claims_share_the_partitions_that_have_rows() {
     first_tx.rollback().await.unwrap();
 }
 
+/// Without the look at the front of the table (`look` 0, what a claim over
+/// the same free partitions as an empty one passes), the lock probes each
+/// free partition and takes the same partitions, in the same order of age.
+#[tokio::test]
+async fn probing_each_partition_takes_what_the_look_takes() {
+    let db = TestDb::migrated("obx_plock_probe").await;
+    // 5 rows on each of 40 aggregates, interleaved: a few partitions hold
+    // two or more aggregates.
+    db.client
+        .batch_execute(
+            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
+             SELECT 'order', 'a-' || (g % 40), 'Step', '{}' FROM generate_series(1, 200) g",
+        )
+        .await
+        .unwrap();
+    let (client, sql, keys) = relay_session(&db).await;
+    let every: Vec<i32> = (0..64).collect();
+    let mut taken = Vec::new();
+    for look in [256, 0] {
+        client.batch_execute("BEGIN").await.unwrap();
+        taken.push(lock(&client, &sql, &keys, &every, look, 8, 2).await);
+        client.batch_execute("ROLLBACK").await.unwrap();
+    }
+    assert!(!taken[0].is_empty(), "the look takes partitions");
+    assert!(taken[0].len() <= 8);
+    assert_eq!(
+        taken[1], taken[0],
+        "the probes take what the look takes, oldest first"
+    );
+}
+
 /// Runs the lock query over every partition, taking at most 16 among the
 /// first `look` due rows, and rolls back.
 async fn take(
