@@ -5,9 +5,9 @@
 //! pool, so a channel closed by the broker (404 on a deleted exchange, say)
 //! only fails the batch that was using it. Exchanges named by rows are
 //! checked with a passive declare on a throw-away channel before anything
-//! is published to them, and the answer is cached: a row that names a
-//! missing exchange fails on its own instead of closing the channel under
-//! its neighbours.
+//! is published to them, and the answer is cached (`channels.rs`): a row
+//! that names a missing exchange fails on its own instead of closing the
+//! channel under its neighbours.
 
 use std::collections::{HashMap, HashSet};
 use std::future::{Future, poll_fn};
@@ -15,10 +15,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
-use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
-use lapin::types::{FieldTable, ShortString};
-use lapin::{Channel, Connection, ErrorKind, ExchangeKind, PublisherConfirm};
+use lapin::options::BasicPublishOptions;
+use lapin::types::ShortString;
+use lapin::{Channel, Connection, PublisherConfirm};
 
 use super::confirm::{self, ChannelEnd};
 use super::connection::Broker;
@@ -29,9 +28,6 @@ use crate::message::Outbound;
 use crate::sink::{Failure, FailureReason, Outcome, Publisher, Unavailable};
 use crate::telemetry::ErrorChain;
 use tokio_util::sync::CancellationToken;
-
-/// How long an exchange found by a passive declare is trusted to exist.
-const EXCHANGE_TTL: Duration = Duration::from_secs(60);
 
 /// A publish of the batch failed before its confirm could be awaited.
 pub(super) struct PublishFailed {
@@ -59,11 +55,11 @@ impl PublishFailed {
 /// A source's publisher on RabbitMQ: its channel pool and its exchange
 /// cache, over the process's one connection ([`Broker`]).
 pub struct RabbitPublisher {
-    broker: Arc<Broker>,
+    pub(super) broker: Arc<Broker>,
     /// The ordered lane's channel and its batches in flight.
     pub(super) lane: Mutex<Option<ordered::Lane>>,
-    idle: Mutex<Vec<Channel>>,
-    exchanges: Mutex<HashMap<ShortString, Instant>>,
+    pub(super) idle: Mutex<Vec<Channel>>,
+    pub(super) exchanges: Mutex<HashMap<ShortString, Instant>>,
     pub(super) confirm_timeout: Duration,
     /// Rows that were in flight on a channel the broker closed: sent alone.
     pub(super) suspects: Suspects,
@@ -79,13 +75,6 @@ impl RabbitPublisher {
             confirm_timeout,
             suspects: Suspects::default(),
         }
-    }
-
-    fn forget_exchanges(&self) {
-        self.exchanges
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clear();
     }
 
     /// Runs a step that waits for rabbitmq (opening a channel, checking an
@@ -241,73 +230,6 @@ impl RabbitPublisher {
                 false
             }
         }
-    }
-
-    /// A confirm-mode channel: a pooled one if it is still open, else a new one.
-    pub(super) async fn channel(&self, conn: &Connection) -> Result<Channel, Unavailable> {
-        loop {
-            let pooled = self
-                .idle
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .pop();
-            match pooled {
-                Some(ch) if ch.status().connected() => return Ok(ch),
-                Some(_) => continue,
-                None => break,
-            }
-        }
-        let unavailable = |what: &str, err: lapin::Error| {
-            self.broker.report_failure();
-            Unavailable(format!("{what}: {}", ErrorChain(&err)))
-        };
-        let ch = conn
-            .create_channel()
-            .await
-            .map_err(|e| unavailable("cannot open a channel", e))?;
-        ch.confirm_select(ConfirmSelectOptions::default())
-            .await
-            .map_err(|e| unavailable("cannot enable publisher confirms", e))?;
-        Ok(ch)
-    }
-
-    /// Exchanges named in `messages` that do not exist on the broker.
-    pub(super) async fn missing_exchanges(
-        &self,
-        conn: &Connection,
-        messages: &[Result<Outbound, Failure>],
-    ) -> Result<HashSet<ShortString>, Unavailable> {
-        let mut to_check: Vec<&ShortString> = Vec::new();
-        {
-            let known = self
-                .exchanges
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            for m in messages.iter().flatten() {
-                // The default exchange always exists.
-                if m.exchange.as_str().is_empty() || to_check.contains(&&m.exchange) {
-                    continue;
-                }
-                let fresh = known
-                    .get(&m.exchange)
-                    .is_some_and(|seen| seen.elapsed() < EXCHANGE_TTL);
-                if !fresh {
-                    to_check.push(&m.exchange);
-                }
-            }
-        }
-        let mut missing = HashSet::new();
-        for exchange in to_check {
-            if exchange_exists(conn, exchange).await? {
-                self.exchanges
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .insert(exchange.clone(), Instant::now());
-            } else {
-                missing.insert(exchange.clone());
-            }
-        }
-        Ok(missing)
     }
 }
 
@@ -470,45 +392,4 @@ async fn publish_in_order(
         }
     }
     (pending, broken)
-}
-
-/// Passive declare on a channel of its own (a 404 closes the channel).
-pub async fn exchange_exists(
-    conn: &Connection,
-    exchange: &ShortString,
-) -> Result<bool, Unavailable> {
-    let probe = conn
-        .create_channel()
-        .await
-        .map_err(|e| Unavailable(format!("cannot open a channel: {}", ErrorChain(&e))))?;
-    let options = ExchangeDeclareOptions {
-        passive: true,
-        ..ExchangeDeclareOptions::default()
-    };
-    match probe
-        .exchange_declare(
-            exchange.clone(),
-            ExchangeKind::Direct,
-            options,
-            FieldTable::default(),
-        )
-        .await
-    {
-        Ok(()) => {
-            // Close it ourselves rather than on drop, so a connection closed
-            // right after (as `check` does) does not race the channel close.
-            let _ = probe.close(200, "OK".into()).await;
-            Ok(true)
-        }
-        Err(err) if is_not_found(&err) => Ok(false),
-        Err(err) => Err(Unavailable(format!(
-            "cannot check exchange {:?}: {}",
-            exchange.as_str(),
-            ErrorChain(&err)
-        ))),
-    }
-}
-
-fn is_not_found(err: &lapin::Error) -> bool {
-    matches!(err.kind(), ErrorKind::ProtocolError(e) if *e.kind() == AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND))
 }
