@@ -99,7 +99,8 @@ impl LockKeys {
 const LOCKED_SETTING: &str = "outboxd.locked_partitions";
 
 pub struct Sql {
-    /// $1 free partitions, $2 rows to look at, $3 batch key, $4 most
+    /// $1 free partitions, $2 rows to look at (0: probe each free
+    /// partition instead), $3 batch key, $4 most
     /// partitions to take, $5 claims that may still share them (this one
     /// included): the partitions with the oldest due rows that no other
     /// batch holds, at most a $5th of those found (rounded up), locked for
@@ -169,8 +170,9 @@ impl Sql {
         // most 2 × $2 rows, of any partition: with two batches in flight
         // about half of them are in free partitions, and every row looked
         // at is hashed, on every claim), where they nearly always are;
-        // only if none is there, one probe per free partition on the
-        // partition index. Either way a look costs the same behind any
+        // only if none is there (or $2 is 0, after a claim over the same
+        // free partitions found nothing), one probe per free partition on
+        // the partition index. Either way a look costs the same behind any
         // backlog of the busy partitions (it walked past all of it before:
         // 13 ms per look behind 50k rows on one aggregate), and a hot
         // partition at the front is taken alone when its rows fill the
