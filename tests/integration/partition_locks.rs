@@ -70,8 +70,8 @@ async fn a_hot_partition_at_the_front_is_taken_alone() {
         .unwrap()
         .get(0);
     // What the relay looks at for a batch of 16 partitions: 64 rows.
-    assert_eq!(take(&mut client, &sql, &keys, 64).await, vec![hot]);
-    let wide = take(&mut client, &sql, &keys, 1000).await;
+    assert_eq!(take(&mut client, &sql, &keys, 64, 16, 1).await, vec![hot]);
+    let wide = take(&mut client, &sql, &keys, 1000, 16, 1).await;
     assert_eq!(
         wide.first(),
         Some(&hot),
@@ -147,33 +147,31 @@ async fn probing_each_partition_takes_what_the_look_takes() {
         )
         .await
         .unwrap();
-    let (client, sql, keys) = relay_session(&db).await;
-    let every: Vec<i32> = (0..64).collect();
-    let mut taken = Vec::new();
-    for look in [256, 0] {
-        client.batch_execute("BEGIN").await.unwrap();
-        taken.push(lock(&client, &sql, &keys, &every, look, 8, 2).await);
-        client.batch_execute("ROLLBACK").await.unwrap();
-    }
-    assert!(!taken[0].is_empty(), "the look takes partitions");
-    assert!(taken[0].len() <= 8);
+    let (mut client, sql, keys) = relay_session(&db).await;
+    let looked = take(&mut client, &sql, &keys, 256, 8, 2).await;
+    let probed = take(&mut client, &sql, &keys, 0, 8, 2).await;
+    assert!(!looked.is_empty(), "the look takes partitions");
+    assert!(looked.len() <= 8);
     assert_eq!(
-        taken[1], taken[0],
+        probed, looked,
         "the probes take what the look takes, oldest first"
     );
 }
 
-/// Runs the lock query over every partition, taking at most 16 among the
-/// first `look` due rows, and rolls back.
+/// Runs the lock query over every partition, taking at most `most` among
+/// the first `look` due rows with `share` claims sharing them, and rolls
+/// back.
 async fn take(
     client: &mut tokio_postgres::Client,
     sql: &Sql,
     keys: &LockKeys,
     look: i64,
+    most: i64,
+    share: i64,
 ) -> Vec<i32> {
     let every: Vec<i32> = (0..64).collect();
     let tx = client.transaction().await.unwrap();
-    let taken = lock(&tx, sql, keys, &every, look, 16, 1).await;
+    let taken = lock(&tx, sql, keys, &every, look, most, share).await;
     tx.rollback().await.unwrap();
     taken
 }
