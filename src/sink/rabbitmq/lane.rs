@@ -163,6 +163,11 @@ where
 
     /// Resolves once every confirm of `batch` has its answer.
     pub fn answered(&self, batch: u64) -> impl Future<Output = ()> + '_ {
+        // The slots before `from` have their answers (an answer is never
+        // taken back), so each wake-up starts at the first one without
+        // (from the start, every wake-up looked at every answered slot of
+        // the batch again: thousands per ack frame in a large batch).
+        let mut from = 0;
         poll_fn(move |cx| {
             let mut inner = self.lock();
             let Inner {
@@ -173,10 +178,11 @@ where
             };
             // Confirms mostly come in order: wait on the first one without
             // an answer (its waker is the one registered), not on all.
-            for slot in slots.iter_mut() {
+            for slot in slots.iter_mut().skip(from) {
                 if !poll_slot(slot, returns, cx) {
                     return Poll::Pending;
                 }
+                from += 1;
             }
             Poll::Ready(())
         })
