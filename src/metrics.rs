@@ -227,7 +227,8 @@ impl Metrics {
             &r,
             HistogramVec::new(
                 HistogramOpts::new(BATCH_SIZE, "Rows per claimed batch.").buckets(vec![
-                    1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0,
+                    1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 4000.0,
+                    10000.0,
                 ]),
                 labels,
             )

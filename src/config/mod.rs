@@ -33,7 +33,8 @@ pub use invalid::{Invalid, NotOneOf};
 pub use rabbitmq::{AmqpTls, RabbitConfig, RabbitNode};
 pub use secret::Secret;
 pub use source::{
-    AfterPublish, DEFAULT_BATCH_SIZE, DEFAULT_MAX_IN_FLIGHT, OnPark, Ordering, SourceConfig,
+    AfterPublish, DEFAULT_BATCH_SIZE, DEFAULT_MAX_IN_FLIGHT, DEFAULT_WAL_BATCH_SIZE, OnPark,
+    Ordering, SourceConfig,
 };
 
 use interpolate::interpolate;

@@ -19,15 +19,23 @@ use crate::tls::PgTls;
 
 pub const DEFAULT_TABLE: &str = "outbox";
 pub const DEFAULT_ROUTING_KEY: &str = "{aggregate_type}.{event_type}";
-/// With [`DEFAULT_MAX_IN_FLIGHT`], 2,000 messages in flight. Two batches
-/// of 1,000 rather than four of 500: an ordered batch walks the rows of
-/// the partitions it holds in id order, past the rows of the partitions
-/// other batches in flight hold, so it reads about as many rows per row it
-/// claims as there are batches in flight. Measured with `outboxd-bench
-/// --only goals`, two pairs of runs: PostgreSQL CPU per message of the
-/// 1,000-aggregate drain 14.4 and 14.6 µs with 4 × 500, 9.6 and 10.4 µs
-/// with 2 × 1,000, the drain rates no lower.
-pub const DEFAULT_BATCH_SIZE: i64 = 1000;
+/// With `capture = "poll"` (the default) and [`DEFAULT_MAX_IN_FLIGHT`],
+/// up to 8,000 messages in flight in two batches. Larger batches keep the
+/// broker busy while a batch settles and the next one is claimed; in
+/// paired `outboxd-bench --only goal-drains` runs 4,000 beat 2,000 and
+/// 2,000 beat 1,000 (README, Performance, "Runs of 2026-12-07
+/// (afternoon)"), at about 15 MB of the relay's RSS per 1,000. Two
+/// batches rather than more: an ordered batch walks the rows of the
+/// partitions it holds in id order, past the rows of the partitions other
+/// batches in flight hold, so it reads about as many rows per row it
+/// claims as there are batches in flight (PostgreSQL CPU per message of
+/// the 1,000-aggregate drain 14.4 and 14.6 µs with 4 × 500, 9.6 and 10.4
+/// µs with 2 × 1,000).
+pub const DEFAULT_BATCH_SIZE: i64 = 4000;
+/// With `capture = "wal"`: larger batches on its one channel did not move
+/// the flows (the same runs: 2,000 and 4,000 against 1,000), and a large
+/// transaction holds about four batches in memory.
+pub const DEFAULT_WAL_BATCH_SIZE: i64 = 1000;
 pub const MAX_BATCH_SIZE: i64 = 10_000;
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(1);
 pub const MIN_POLL_INTERVAL: Duration = Duration::from_millis(10);
@@ -267,14 +275,10 @@ impl Validator<'_> {
                 .map_err(Invalid::from)
                 .and_then(check_routing_key),
         );
-        let batch_size = self.check(
-            &k("batch_size"),
-            in_range(
-                raw.batch_size.unwrap_or(DEFAULT_BATCH_SIZE),
-                1,
-                MAX_BATCH_SIZE,
-            ),
-        );
+        // Set: checked here; unset: the default of the capture mode, below.
+        let batch_size = raw
+            .batch_size
+            .map(|b| self.check(&k("batch_size"), in_range(b, 1, MAX_BATCH_SIZE)));
         let poll_interval = self
             .duration_in(&k("poll_interval"), raw.poll_interval, POLL_INTERVAL_RANGE)
             .unwrap_or(DEFAULT_POLL_INTERVAL);
@@ -364,6 +368,14 @@ impl Validator<'_> {
             );
         }
         let capture = self.capture(&k, &keys, &raw_capture);
+        let batch_size = batch_size.unwrap_or_else(|| {
+            let default = match &capture {
+                Some(CaptureMode::Wal(_)) => DEFAULT_WAL_BATCH_SIZE,
+                _ => DEFAULT_BATCH_SIZE,
+            };
+            // Both defaults lie within 1..=MAX_BATCH_SIZE.
+            Some(default as usize)
+        });
         let format = self.message_format(
             &k,
             keys.name.as_deref(),

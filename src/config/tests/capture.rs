@@ -76,3 +76,25 @@ fn wal_mistakes_name_their_key() {
     let long = format!("capture = \"wal\"\nslot = \"{}\"", "s".repeat(64));
     assert!(err(&with_source_line(&long)).contains("1 to 63 characters"));
 }
+
+#[test]
+fn batch_size_defaults_by_capture_and_a_set_one_wins_in_both() {
+    let batch = |text: &str| load(text).expect("valid").sources[0].batch_size;
+    assert_eq!(batch(MINIMAL), DEFAULT_BATCH_SIZE as usize);
+    assert_eq!(
+        batch(&with_source_line("capture = \"wal\"")),
+        DEFAULT_WAL_BATCH_SIZE as usize
+    );
+    assert_ne!(DEFAULT_BATCH_SIZE, DEFAULT_WAL_BATCH_SIZE);
+    for capture in ["poll", "wal"] {
+        assert_eq!(
+            batch(&with_source_line(&format!(
+                "capture = \"{capture}\"\nbatch_size = 300"
+            ))),
+            300,
+            "{capture}"
+        );
+    }
+    let e = load(&with_source_line("capture = \"wal\"\nbatch_size = 0")).unwrap_err();
+    assert!(e.to_string().contains("source[0].batch_size"), "{e}");
+}

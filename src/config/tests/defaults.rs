@@ -13,7 +13,7 @@ fn minimal_config_gets_the_documented_defaults() {
     assert_eq!(s.table.to_string(), "public.outbox");
     assert_eq!(s.exchange, "");
     assert_eq!(s.routing_key.to_string(), source::DEFAULT_ROUTING_KEY);
-    assert_eq!(s.batch_size, 1000);
+    assert_eq!(s.batch_size, 4000);
     assert_eq!(s.poll_interval, Duration::from_secs(1));
     assert_eq!(s.after_publish, AfterPublish::Delete);
     assert_eq!(s.max_in_flight, 2);
