@@ -23,7 +23,10 @@ cargo test --locked --lib --bins --test integration
 # The shop example under faults (kills its own relays; its own databases,
 # exchange and queues).
 cargo test --locked --test shop -- --test-threads=1
-cargo test --locked --test ordering -- --test-threads=1
-cargo test --locked --test outages -- --test-threads=1
+# --show-output: these tests print what they saw (duplicates after each
+# kill or outage, order breaks, recovery times) even when they pass, so a
+# CI log carries the figures the README quotes.
+cargo test --locked --test ordering -- --test-threads=1 --show-output
+cargo test --locked --test outages -- --test-threads=1 --show-output
 # The outage tests may leave a service restarting; leave both up.
 scripts/services.sh
