@@ -499,7 +499,13 @@ impl CpuMark {
 }
 
 /// Total user+system CPU seconds of every process whose command name is `comm`
-/// (e.g. "beam.smp", "postgres"), read from /proc.
+/// (e.g. "beam.smp", "postgres"), read from /proc, with the CPU of their
+/// children that have exited (`cutime` + `cstime`). Without those, a
+/// backend that exits between two readings (a client disconnecting, an
+/// autovacuum worker done) took all its CPU with it, and PostgreSQL's CPU
+/// over a drain could come out short by what that backend had ever used
+/// (a negative `postgres_cores` once): the postmaster reaps every backend,
+/// so its children's times keep the sum from going down.
 pub fn cpu_of(comm: &str) -> f64 {
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return 0.0;
@@ -521,7 +527,8 @@ pub fn cpu_of(comm: &str) -> f64 {
         }
         let f: Vec<&str> = rest.split_whitespace().collect();
         let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-        total += (ticks(11) + ticks(12)) / 100.0;
+        // utime, stime, cutime, cstime (fields 14 to 17 of proc(5)).
+        total += (ticks(11) + ticks(12) + ticks(13) + ticks(14)) / 100.0;
     }
     total
 }
