@@ -443,6 +443,7 @@ pub struct CpuMark {
     machine: (f64, f64),
     broker: f64,
     postgres: f64,
+    postgres_roles: [f64; 4],
     relay: f64,
     bench: f64,
     recvlogical: f64,
@@ -464,6 +465,7 @@ impl CpuMark {
             machine: machine_ticks(),
             broker: cpu_of("beam.smp"),
             postgres: cpu_of("postgres"),
+            postgres_roles: postgres_by_role(),
             relay: relay.map_or(0.0, Relay::cpu_seconds),
             bench: own_cpu_seconds(),
             recvlogical: cpu_of("pg_recvlogical"),
@@ -486,13 +488,19 @@ impl CpuMark {
             postgres: per(cpu_of("postgres"), self.postgres),
             relay: relay.map_or(0.0, |r| per(r.cpu_seconds(), self.relay)),
         };
+        let roles = postgres_by_role();
+        let role = |i: usize| per(roles[i], self.postgres_roles[i]);
         println!(
-            "{{\"probe\":\"{probe}\",\"seconds\":{seconds:.2},\"machine_cores\":{machine:.2},\"broker_cores\":{:.2},\"postgres_cores\":{:.2},\"relay_cores\":{:.2},\"bench_cores\":{:.2},\"pg_recvlogical_cores\":{:.2}}}",
+            "{{\"probe\":\"{probe}\",\"seconds\":{seconds:.2},\"machine_cores\":{machine:.2},\"broker_cores\":{:.2},\"postgres_cores\":{:.2},\"relay_cores\":{:.2},\"bench_cores\":{:.2},\"pg_recvlogical_cores\":{:.2},\"postgres_sessions_cores\":{:.3},\"postgres_autovacuum_cores\":{:.3},\"postgres_background_cores\":{:.3},\"postgres_exited_cores\":{:.3}}}",
             used.broker,
             used.postgres,
             used.relay,
             per(own_cpu_seconds(), self.bench),
             per(cpu_of("pg_recvlogical"), self.recvlogical),
+            role(0),
+            role(1),
+            role(2),
+            role(3),
         );
         used
     }
@@ -531,6 +539,65 @@ pub fn cpu_of(comm: &str) -> f64 {
         total += (ticks(11) + ticks(12) + ticks(13) + ticks(14)) / 100.0;
     }
     total
+}
+
+/// PostgreSQL's CPU seconds by role, from each process's title: client
+/// sessions (the relay's connections, the bench's, walsenders),
+/// autovacuum workers, the server's background processes (checkpointer,
+/// walwriter, background writer, the postmaster itself and the rest),
+/// and the exited children the postmaster has reaped (its `cutime +
+/// cstime`: sessions that closed, autovacuum workers that finished).
+/// Which of them a drain's PostgreSQL CPU went to.
+pub fn postgres_by_role() -> [f64; 4] {
+    let mut roles = [0.0; 4];
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return roles;
+    };
+    for entry in dir.flatten() {
+        let name = entry.file_name();
+        if !name.to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        let Some((head, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        if head.split_once('(').map(|(_, c)| c) != Some("postgres") {
+            continue;
+        }
+        let title = std::fs::read(entry.path().join("cmdline"))
+            .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
+            .unwrap_or_default();
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0) / 100.0;
+        let own = ticks(11) + ticks(12);
+        let children = ticks(13) + ticks(14);
+        const BACKGROUND: [&str; 8] = [
+            "checkpointer",
+            "walwriter",
+            "background writer",
+            "launcher",
+            "stats",
+            "archiver",
+            "logger",
+            "startup",
+        ];
+        // The postmaster keeps its command line; its children set a title.
+        let role = if !title.starts_with("postgres:") {
+            2
+        } else if title.contains("autovacuum") {
+            1
+        } else if BACKGROUND.iter().any(|b| title.contains(b)) {
+            2
+        } else {
+            0
+        };
+        roles[role] += own;
+        roles[3] += children;
+    }
+    roles
 }
 
 /// The machine's busy and total CPU time so far, in ticks (the first line
