@@ -33,8 +33,8 @@ pub const DEFAULT_ROUTING_KEY: &str = "{aggregate_type}.{event_type}";
 /// µs with 2 × 1,000).
 pub const DEFAULT_BATCH_SIZE: i64 = 4000;
 /// With `capture = "wal"`: larger batches on its one channel did not move
-/// the flows (the same runs: 2,000 and 4,000 against 1,000), and a large
-/// transaction holds about four batches in memory.
+/// the flows (the same runs: 2,000 and 4,000 against 1,000), and its
+/// memory bound (two batches plus the events read ahead) grows with them.
 pub const DEFAULT_WAL_BATCH_SIZE: i64 = 1000;
 pub const MAX_BATCH_SIZE: i64 = 10_000;
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(1);
