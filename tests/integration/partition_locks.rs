@@ -20,13 +20,7 @@ use crate::support::relay::{Relay, simple_config};
 async fn a_claim_locks_only_the_partitions_it_takes() {
     let db = TestDb::migrated("obx_plock").await;
     // 2,000 due rows over 1,000 aggregates: nearly every partition has some.
-    db.client
-        .batch_execute(
-            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
-             SELECT 'order', 'a-' || (g % 1000), 'Step', '{}' FROM generate_series(1, 2000) g",
-        )
-        .await
-        .unwrap();
+    interleave(&db, 2000, 1000).await;
     let (mut client, sql, keys) = relay_session(&db).await;
     let tx = client.transaction().await.unwrap();
     let every: Vec<i32> = (0..64).collect();
@@ -140,13 +134,7 @@ async fn probing_each_partition_takes_what_the_look_takes() {
     let db = TestDb::migrated("obx_plock_probe").await;
     // 5 rows on each of 40 aggregates, interleaved: a few partitions hold
     // two or more aggregates.
-    db.client
-        .batch_execute(
-            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
-             SELECT 'order', 'a-' || (g % 40), 'Step', '{}' FROM generate_series(1, 200) g",
-        )
-        .await
-        .unwrap();
+    interleave(&db, 200, 40).await;
     let (mut client, sql, keys) = relay_session(&db).await;
     let looked = take(&mut client, &sql, &keys, 256, 8, 2).await;
     let probed = take(&mut client, &sql, &keys, 0, 8, 2).await;
@@ -161,6 +149,19 @@ async fn probing_each_partition_takes_what_the_look_takes() {
 /// Runs the lock query over every partition, taking at most `most` among
 /// the first `look` due rows with `share` claims sharing them, and rolls
 /// back.
+/// `rows` due rows over `aggregates` aggregates (`a-0`, `a-1`, ...), taken
+/// in turn: row g belongs to `a-{g % aggregates}`.
+async fn interleave(db: &TestDb, rows: i32, aggregates: i32) {
+    db.client
+        .execute(
+            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
+             SELECT 'order', 'a-' || (g % $2), 'Step', '{}' FROM generate_series(1, $1) g",
+            &[&rows, &aggregates],
+        )
+        .await
+        .unwrap();
+}
+
 async fn take(
     client: &mut tokio_postgres::Client,
     sql: &Sql,
