@@ -2,7 +2,7 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -344,13 +344,7 @@ pub struct Relay {
 impl Relay {
     /// User + system CPU seconds so far.
     pub fn cpu_seconds(&self) -> f64 {
-        let stat =
-            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
-        // Fields after the ")" that ends the command name; utime and stime are the 12th and 13th.
-        let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-        let f: Vec<&str> = after.split_whitespace().collect();
-        let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-        (ticks(11) + ticks(12)) / 100.0
+        ProcStat::read(Path::new(&format!("/proc/{}", self.child.id()))).map_or(0.0, |p| p.own)
     }
 
     /// Resident set size in MB.
@@ -515,30 +509,7 @@ impl CpuMark {
 /// (a negative `postgres_cores` once): the postmaster reaps every backend,
 /// so its children's times keep the sum from going down.
 pub fn cpu_of(comm: &str) -> f64 {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return 0.0;
-    };
-    let mut total = 0.0;
-    for entry in dir.flatten() {
-        let name = entry.file_name();
-        if !name.to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
-            continue;
-        }
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-            continue;
-        };
-        let Some((head, rest)) = stat.rsplit_once(')') else {
-            continue;
-        };
-        if head.split_once('(').map(|(_, c)| c) != Some(comm) {
-            continue;
-        }
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-        // utime, stime, cutime, cstime (fields 14 to 17 of proc(5)).
-        total += (ticks(11) + ticks(12) + ticks(13) + ticks(14)) / 100.0;
-    }
-    total
+    processes(comm).map(|(_, p)| p.own + p.children).sum()
 }
 
 /// PostgreSQL's CPU seconds by role, from each process's title: client
@@ -549,41 +520,21 @@ pub fn cpu_of(comm: &str) -> f64 {
 /// cstime`: sessions that closed, autovacuum workers that finished).
 /// Which of them a drain's PostgreSQL CPU went to.
 pub fn postgres_by_role() -> [f64; 4] {
+    const BACKGROUND: [&str; 8] = [
+        "checkpointer",
+        "walwriter",
+        "background writer",
+        "launcher",
+        "stats",
+        "archiver",
+        "logger",
+        "startup",
+    ];
     let mut roles = [0.0; 4];
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return roles;
-    };
-    for entry in dir.flatten() {
-        let name = entry.file_name();
-        if !name.to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
-            continue;
-        }
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-            continue;
-        };
-        let Some((head, rest)) = stat.rsplit_once(')') else {
-            continue;
-        };
-        if head.split_once('(').map(|(_, c)| c) != Some("postgres") {
-            continue;
-        }
-        let title = std::fs::read(entry.path().join("cmdline"))
+    for (dir, p) in processes("postgres") {
+        let title = std::fs::read(dir.join("cmdline"))
             .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
             .unwrap_or_default();
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0) / 100.0;
-        let own = ticks(11) + ticks(12);
-        let children = ticks(13) + ticks(14);
-        const BACKGROUND: [&str; 8] = [
-            "checkpointer",
-            "walwriter",
-            "background writer",
-            "launcher",
-            "stats",
-            "archiver",
-            "logger",
-            "startup",
-        ];
         // The postmaster keeps its command line; its children set a title.
         let role = if !title.starts_with("postgres:") {
             2
@@ -594,10 +545,59 @@ pub fn postgres_by_role() -> [f64; 4] {
         } else {
             0
         };
-        roles[role] += own;
-        roles[3] += children;
+        roles[role] += p.own;
+        roles[3] += p.children;
     }
     roles
+}
+
+/// One process's CPU seconds, from `/proc/<pid>/stat`.
+struct ProcStat {
+    /// The command name (between the parentheses).
+    comm: String,
+    /// utime + stime.
+    own: f64,
+    /// cutime + cstime: its children that have exited and been reaped.
+    children: f64,
+}
+
+impl ProcStat {
+    /// `dir` is the process's `/proc/<pid>` (or `/proc/self`).
+    fn read(dir: &Path) -> Option<Self> {
+        let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
+        let (head, rest) = stat.rsplit_once(')')?;
+        let comm = head.split_once('(')?.1.to_owned();
+        // The fields after the ")" that ends the command name: utime,
+        // stime, cutime and cstime (14 to 17 in proc(5)) are the 12th to
+        // 15th of them.
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0) / 100.0;
+        Some(Self {
+            comm,
+            own: ticks(11) + ticks(12),
+            children: ticks(13) + ticks(14),
+        })
+    }
+}
+
+/// Every process whose command name is `comm`: its `/proc` directory and
+/// its CPU.
+fn processes(comm: &str) -> impl Iterator<Item = (PathBuf, ProcStat)> + '_ {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
+        .filter_map(move |e| {
+            let dir = e.path();
+            let p = ProcStat::read(&dir)?;
+            (p.comm == comm).then_some((dir, p))
+        })
 }
 
 /// The machine's busy and total CPU time so far, in ticks (the first line
@@ -619,11 +619,7 @@ pub fn machine_ticks() -> (f64, f64) {
 
 /// The CPU seconds this process (the bench, with its producers) has used.
 pub fn own_cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    (ticks(11) + ticks(12)) / 100.0
+    ProcStat::read(Path::new("/proc/self")).map_or(0.0, |p| p.own)
 }
 
 /// The sample of `series` (exact name and labels) in a metrics text.
