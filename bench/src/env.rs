@@ -551,6 +551,17 @@ pub fn postgres_by_role() -> [f64; 4] {
     roles
 }
 
+/// The seconds one process (a PostgreSQL backend, by its
+/// `pg_backend_pid()`) has run on a CPU, to the nanosecond: the first
+/// field of `/proc/<pid>/schedstat`, where `stat` counts 10 ms ticks. 0 if
+/// it is gone.
+pub fn backend_on_cpu_seconds(pid: i32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/schedstat"))
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<f64>().ok())
+        .map_or(0.0, |ns| ns / 1e9)
+}
+
 /// One process's CPU seconds, from `/proc/<pid>/stat`.
 struct ProcStat {
     /// The command name (between the parentheses).

@@ -1,6 +1,6 @@
 //! outboxd-bench: measures outboxd against the broker's own ceiling, in one run.
 //!
-//!   scripts/bench.sh [--quick] [--only ceiling,drain,scaleout,latency,overhead,footprint,recovery,goals,goal-drains,goal-latency,wal]
+//!   scripts/bench.sh [--quick] [--only ceiling,drain,scaleout,latency,overhead,footprint,recovery,goals,goal-drains,goal-latency,wal,claim-cost]
 //!
 //! `--only wal` runs the `capture = "wal"` flows (table rows and
 //! `outbox_emit()` messages, over 1 and 1,000 aggregates) against the
@@ -13,6 +13,9 @@
 //! goal-latency` only its two latency loads (for paired runs of two
 //! configs, and for looking into them).
 //!
+//! `--only claim-cost` (only when named) measures PostgreSQL's CPU for
+//! each kind of claim alone, on the claiming backend (`claim_cost.rs`).
+//!
 //! It creates its own databases, exchanges and queues on the local
 //! PostgreSQL and RabbitMQ, runs the release `outboxd` next to its own
 //! executable, removes what it created, and prints a table plus one JSON
@@ -21,6 +24,7 @@
 //! shared and noisy, so ratios measured in the same run are what count.
 
 mod ceiling;
+mod claim_cost;
 mod drain;
 mod env;
 mod footprint;
@@ -75,7 +79,7 @@ impl Options {
                 }
                 "-h" | "--help" => {
                     println!(
-                        "usage: outboxd-bench [--quick] [--repeats N] [--rows N] [--only ceiling,drain,scaleout,latency,overhead,footprint,recovery,goals,goal-drains,goal-latency,wal] [--set source_key=toml_value ...]"
+                        "usage: outboxd-bench [--quick] [--repeats N] [--rows N] [--only ceiling,drain,scaleout,latency,overhead,footprint,recovery,goals,goal-drains,goal-latency,wal,claim-cost] [--set source_key=toml_value ...]"
                     );
                     std::process::exit(0);
                 }
@@ -167,6 +171,9 @@ async fn run(o: &Options) -> Result<(), String> {
     if o.wants("goal-latency") && !o.wants("latency") {
         let rates: Vec<u32> = latency::GOAL_LOADS.iter().map(|l| l.rate).collect();
         latency::run(&env, o, &mut report, &latency::GOAL_LOADS, &rates).await?;
+    }
+    if o.only.as_ref().is_some_and(|s| s.contains("claim-cost")) {
+        claim_cost::run(&env, o, &mut report).await?;
     }
     if o.wants("overhead") {
         overhead::run(&env, o, &mut report).await?;

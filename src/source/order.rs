@@ -69,8 +69,9 @@ const UNHELD_PER_AGGREGATE: i32 = 2;
 
 /// A row's partition, in SQL, for columns qualified by `prefix` (`"o."`,
 /// or `""` as in the partition index of `sql/outbox.sql`, which must use
-/// exactly this expression; a test says it does).
-fn partition_of(prefix: &str) -> String {
+/// exactly this expression; a test says it does). Public for the bench,
+/// which locks one partition set's rows as a batch in flight would.
+pub fn partition_of(prefix: &str) -> String {
     format!(
         "(hashtextextended({prefix}aggregate_type || '/' || {prefix}aggregate_id, 0) & {mask})::int",
         mask = PARTITIONS - 1
