@@ -436,7 +436,8 @@ pub struct CpuMark {
     started: Instant,
     machine: (f64, f64),
     broker: f64,
-    postgres: f64,
+    /// PostgreSQL's CPU by role (`postgres_by_role`); their sum is all of
+    /// PostgreSQL's.
     postgres_roles: [f64; 4],
     relay: f64,
     bench: f64,
@@ -458,7 +459,6 @@ impl CpuMark {
             started: Instant::now(),
             machine: machine_ticks(),
             broker: cpu_of("beam.smp"),
-            postgres: cpu_of("postgres"),
             postgres_roles: postgres_by_role(),
             relay: relay.map_or(0.0, Relay::cpu_seconds),
             bench: own_cpu_seconds(),
@@ -476,14 +476,17 @@ impl CpuMark {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
         let machine = (busy - self.machine.0) / (total - self.machine.1).max(1.0) * cores;
         let per = |now: f64, then: f64| (now - then) / seconds;
+        // One walk of /proc for PostgreSQL: its total is the sum of its
+        // roles, so the two cannot disagree about a backend that came or
+        // went between two walks.
+        let roles = postgres_by_role();
+        let role = |i: usize| per(roles[i], self.postgres_roles[i]);
         let used = CpuUse {
             seconds,
             broker: per(cpu_of("beam.smp"), self.broker),
-            postgres: per(cpu_of("postgres"), self.postgres),
+            postgres: (0..roles.len()).map(role).sum(),
             relay: relay.map_or(0.0, |r| per(r.cpu_seconds(), self.relay)),
         };
-        let roles = postgres_by_role();
-        let role = |i: usize| per(roles[i], self.postgres_roles[i]);
         println!(
             "{{\"probe\":\"{probe}\",\"seconds\":{seconds:.2},\"machine_cores\":{machine:.2},\"broker_cores\":{:.2},\"postgres_cores\":{:.2},\"relay_cores\":{:.2},\"bench_cores\":{:.2},\"pg_recvlogical_cores\":{:.2},\"postgres_sessions_cores\":{:.3},\"postgres_autovacuum_cores\":{:.3},\"postgres_background_cores\":{:.3},\"postgres_exited_cores\":{:.3}}}",
             used.broker,
