@@ -101,6 +101,8 @@ fn pg_pair(queue: QueueType, rows: usize) -> (Spec, Spec) {
 
 impl Drains {
     /// The outcome of `spec`, draining (and reporting) it the first time.
+    /// Either drain of the PostgreSQL ratio (`pg_pair`) is drained with
+    /// the other, in pairs (`pair`), whichever a caller asks for first.
     pub async fn measure(
         &mut self,
         env: &Env,
@@ -112,6 +114,11 @@ impl Drains {
         if let Some(d) = self.done.get(&spec) {
             return Ok(*d);
         }
+        let (a, b) = pg_pair(spec.queue, o.rows);
+        if spec == a || spec == b {
+            self.pair(env, a, b, o, ceiling, report).await?;
+            return Ok(self.done[&spec]);
+        }
         let d = measure(env, spec, o, ceiling, report).await?;
         self.done.insert(spec, d);
         Ok(d)
@@ -119,13 +126,7 @@ impl Drains {
 
     /// PostgreSQL CPU per message with `ordering = "aggregate"` over
     /// `"none"` (delete mode, 1,000 aggregates), reported once per queue
-    /// type: the median of the ratios of drains run in pairs, one of each
-    /// back to back, so that the machine's speed, which drifts over the
-    /// minutes between the first drain of a run and the last (the same
-    /// ceiling probe read 13.7–15.7k msg/s within one run), reaches both
-    /// drains of a pair alike. The two drains' own figures come from the
-    /// same runs. If either was measured before on its own, the ratio is
-    /// of the medians.
+    /// type (by `pair`).
     pub async fn pg_ratio(
         &mut self,
         env: &Env,
@@ -134,43 +135,55 @@ impl Drains {
         ceiling: f64,
         report: &mut Report,
     ) -> Result<f64, String> {
-        if let Some(r) = self.pg_ratios.get(&queue) {
-            return Ok(*r);
+        let (a, _) = pg_pair(queue, o.rows);
+        self.measure(env, a, o, ceiling, report).await?;
+        Ok(self.pg_ratios[&queue])
+    }
+
+    /// Drains `aggregate` and `none` one of each back to back in every
+    /// repeat, reports both, and the ratio of their PostgreSQL CPU per
+    /// message: the median of the pairs' ratios, so that the machine's
+    /// speed, which drifts over the minutes between the first drain of a
+    /// run and the last (the same ceiling probe read 13.7–15.7k msg/s
+    /// within one run), reaches both drains of a pair alike.
+    async fn pair(
+        &mut self,
+        env: &Env,
+        aggregate: Spec,
+        none: Spec,
+        o: &Options,
+        ceiling: f64,
+        report: &mut Report,
+    ) -> Result<(), String> {
+        let mut runs = (Vec::new(), Vec::new());
+        for _ in 0..o.repeats {
+            runs.0.push(once(env, aggregate, o).await?);
+            runs.1.push(once(env, none, o).await?);
         }
-        let (a, b) = pg_pair(queue, o.rows);
-        let (samples, how) = if self.done.contains_key(&a) || self.done.contains_key(&b) {
-            let aggregate = self.measure(env, a, o, ceiling, report).await?;
-            let none = self.measure(env, b, o, ceiling, report).await?;
-            (vec![aggregate.pg_us / none.pg_us], "of the medians")
-        } else {
-            let (mut aggregate, mut none) = (Vec::new(), Vec::new());
-            for _ in 0..o.repeats {
-                aggregate.push(once(env, a, o).await?);
-                none.push(once(env, b, o).await?);
-            }
-            let ratios = aggregate
-                .iter()
-                .zip(&none)
-                .map(|(x, y)| x.pg_us / y.pg_us)
-                .collect();
-            let outcome = summarize(a, &aggregate, ceiling, report);
-            self.done.insert(a, outcome);
-            let outcome = summarize(b, &none, ceiling, report);
-            self.done.insert(b, outcome);
-            (ratios, "of each pair of drains run back to back, median")
-        };
-        let (aggregate, none) = (self.done[&a].pg_us, self.done[&b].pg_us);
+        let ratios = runs
+            .0
+            .iter()
+            .zip(&runs.1)
+            .map(|(x, y)| x.pg_us / y.pg_us)
+            .collect();
+        let a = summarize(aggregate, &runs.0, ceiling, report);
+        let b = summarize(none, &runs.1, ceiling, report);
+        self.done.insert(aggregate, a);
+        self.done.insert(none, b);
         let ratio = report.add(
             format!(
                 "PostgreSQL CPU per message, drain {} delete: ordering=aggregate / none",
-                queue.name()
+                aggregate.queue.name()
             ),
             "×",
-            samples,
-            format!("ratio {how}; {aggregate:.1} µs / {none:.1} µs (medians)"),
+            ratios,
+            format!(
+                "ratio of each pair of drains run back to back, median; {:.1} µs / {:.1} µs (medians)",
+                a.pg_us, b.pg_us
+            ),
         );
-        self.pg_ratios.insert(queue, ratio);
-        Ok(ratio)
+        self.pg_ratios.insert(aggregate.queue, ratio);
+        Ok(())
     }
 }
 
@@ -184,8 +197,6 @@ pub async fn run(
     ceiling: f64,
     report: &mut Report,
 ) -> Result<(), String> {
-    // The two delete drains first, in pairs (`Drains::pg_ratio`).
-    drains.pg_ratio(env, queue, o, ceiling, report).await?;
     for ordering in ["aggregate", "none"] {
         for mode in ["delete", "mark"] {
             let spec = Spec {
@@ -198,6 +209,7 @@ pub async fn run(
             drains.measure(env, spec, o, ceiling, report).await?;
         }
     }
+    drains.pg_ratio(env, queue, o, ceiling, report).await?;
     if queue == QueueType::Classic {
         for spec in fewer_aggregates(o.rows) {
             drains.measure(env, spec, o, ceiling, report).await?;

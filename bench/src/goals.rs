@@ -64,11 +64,6 @@ pub async fn run(
             "≥ 0.95",
         ),
     ];
-    // The 1,000-aggregate and `none` drains first, in back-to-back pairs,
-    // for the PostgreSQL ratio below (`Drains::pg_ratio`).
-    m.drains
-        .pg_ratio(env, QueueType::Classic, o, ceiling, report)
-        .await?;
     for (load, spec, floor, goal) in drains {
         let d = m.drains.measure(env, spec, o, ceiling, report).await?;
         let ratio = d.rate / ceiling;
