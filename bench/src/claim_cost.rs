@@ -16,6 +16,7 @@
 //! rounds' ratios.
 
 use outboxd::config::Config;
+use outboxd::source::claim;
 use outboxd::source::order::{self, LockKeys, PARTITIONS};
 use tokio_postgres::Client;
 use tokio_postgres::types::ToSql;
@@ -85,7 +86,8 @@ async fn measure(env: &Env, url: &str, o: &Options, report: &mut Report) -> Resu
     let source = &config.sources[0];
     let limit = source.batch_size as i64;
     let walk_sql = order::Sql::new(source);
-    let none_claim = outboxd::source::claim::sql(&source.table);
+    let none_claim = claim::sql(&source.table);
+    let savepoint = format!("SAVEPOINT {}", claim::BATCH_SAVEPOINT);
     let batch_key = LockKeys::new(&source.table).batch;
     let even: Vec<i32> = (0..PARTITIONS).filter(|p| p % 2 == 0).collect();
     let odd: Vec<i32> = (0..PARTITIONS).filter(|p| p % 2 == 1).collect();
@@ -141,7 +143,7 @@ async fn measure(env: &Env, url: &str, o: &Options, report: &mut Report) -> Resu
                 let rows = match kind {
                     Kind::NoneAfter | Kind::NoneHead => {
                         claimer
-                            .batch_execute("SAVEPOINT outboxd_batch")
+                            .batch_execute(&savepoint)
                             .await
                             .map_err(|e| e.to_string())?;
                         let after = if matches!(kind, Kind::NoneAfter) {
@@ -161,7 +163,7 @@ async fn measure(env: &Env, url: &str, o: &Options, report: &mut Report) -> Resu
                         // no look at the front (the free ones are all taken).
                         // (The look, as the relay sizes it, goes unused then.)
                         let most = free.len() as i64;
-                        let look = (most * 4).clamp(64, limit.max(64));
+                        let look = claim::look(most, limit, false);
                         let params: [&(dyn ToSql + Sync); 5] =
                             [&free, &look, &batch_key, &most, &1i64];
                         claimer
@@ -169,7 +171,7 @@ async fn measure(env: &Env, url: &str, o: &Options, report: &mut Report) -> Resu
                             .await
                             .map_err(|e| e.to_string())?;
                         claimer
-                            .batch_execute("SAVEPOINT outboxd_batch")
+                            .batch_execute(&savepoint)
                             .await
                             .map_err(|e| e.to_string())?;
                         claimer.query(&walk, &[&limit]).await

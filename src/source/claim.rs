@@ -109,7 +109,7 @@ impl Drop for PollBatch {
 /// (held marks) and row locks, but not the partition locks taken before
 /// it, so no other batch can claim the rows while they are settled one by
 /// one (`complete::settle`).
-pub(super) const BATCH_SAVEPOINT: &str = "outboxd_batch";
+pub const BATCH_SAVEPOINT: &str = "outboxd_batch";
 
 /// Claims the next due rows of `source`. Empty claims are finished here:
 /// committed if the walk marked rows held, else rolled back, so the
@@ -187,6 +187,20 @@ async fn after_id(
     Ok((rows, report, false))
 }
 
+/// How many rows at the front of the claim index the partition lock
+/// looks at ($2 of `order::Sql::lock`) to find the partitions with the
+/// oldest rows, when it takes `most` of them for batches of `limit`: a few
+/// rows per partition wanted are enough; the claim walks the full batch.
+/// None at all with `probe`: the lock then probes each free partition.
+/// Public for the bench, which asks as the relay does.
+pub fn look(most: i64, limit: i64, probe: bool) -> i64 {
+    if probe {
+        0
+    } else {
+        (most * 4).clamp(64, limit.max(64))
+    }
+}
+
 /// `ordering = "aggregate"`: lock the free partitions with the oldest due
 /// rows, then the rows of each aggregate in them that may go (see `order.rs`).
 async fn heads(
@@ -200,14 +214,7 @@ async fn heads(
     let client = batch.client();
     let order = &source.queries.order;
     let limit = source.config.batch_size as i64;
-    // To find the partitions with the oldest rows, a few rows per
-    // partition wanted are enough; the claim walks the full batch. None
-    // at all with `probe`: the lock then probes each free partition.
-    let look = if probe {
-        0
-    } else {
-        (most * 4).clamp(64, limit.max(64))
-    };
+    let look = look(most, limit, probe);
     let lock = step("prepare partition lock", client.prepare_cached(&order.lock)).await?;
     let lock_params: [&(dyn ToSql + Sync); 5] =
         [&free, &look, &source.queries.lock_keys.batch, &most, &share];
