@@ -24,7 +24,8 @@
 \set channel outboxd. :schema . :table
 \endif
 \set pending_index :table _pending_idx
-\set claim_index :table _claim_idx
+\set claim_index :table _claim_part_idx
+\set old_claim_index :table _claim_idx
 \set aggregate_index :table _aggregate_idx
 \set held_index :table _held_idx
 \set waiting_index :table _waiting_idx
@@ -64,10 +65,21 @@ CREATE TABLE IF NOT EXISTS :"schema".:"table" (
 ALTER TABLE :"schema".:"table" ADD COLUMN IF NOT EXISTS held boolean NOT NULL DEFAULT false;
 
 -- The claim query walks this index in id order; published and held rows
--- are not in it. (It replaces the earlier pending index, which also held
--- the held rows.)
+-- are not in it. Its second column is the row's partition (see the
+-- partition index below; `+ 0` keeps it a different expression, so the
+-- planner never takes one index for the other): an ordered claim walks
+-- the range of partitions its batch holds, and the index skips the rows
+-- of the other partitions without reading them from the table (measured
+-- with pgbench on 100k rows over 1,000 aggregates: a walk of 4,000 rows
+-- over half the partitions took 8.3 ms with the partition filter on the
+-- table rows, 5.8 ms with it in the index). The expression must stay
+-- exactly the relay's (src/source/order.rs). It replaces the earlier
+-- claim index on (id) alone, and that one the pending index, which also
+-- held the held rows.
 CREATE INDEX IF NOT EXISTS :"claim_index"
-    ON :"schema".:"table" (id) WHERE published_at IS NULL AND NOT held;
+    ON :"schema".:"table" (id, (((hashtextextended(aggregate_type || '/' || aggregate_id, 0) & 63)::int + 0)))
+    WHERE published_at IS NULL AND NOT held;
+DROP INDEX IF EXISTS :"schema".:"old_claim_index";
 DROP INDEX IF EXISTS :"schema".:"pending_index";
 
 -- ordering = "aggregate": is there an earlier unsent row of this aggregate?

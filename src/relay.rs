@@ -461,14 +461,6 @@ impl<C: Capture, P: Publisher> Loop<C, P> {
         if free.is_empty() {
             return None;
         }
-        // Leave partitions for the other batches that may be in flight;
-        // while draining, one claim looks at every free partition, so an
-        // empty claim means there is nothing left.
-        let most = if self.draining {
-            free.len() as i64
-        } else {
-            owned.len().div_ceil(cfg.max_in_flight) as i64
-        };
         // Under a backlog (the last claim that found rows came back full),
         // the claims that may still start while this batch is in flight,
         // this one included, share the partitions that have rows, so each
@@ -481,6 +473,19 @@ impl<C: Capture, P: Publisher> Loop<C, P> {
             cfg.max_in_flight
                 .saturating_sub(self.tasks.batches.len())
                 .max(1) as i64
+        };
+        // Leave partitions for the other batches that may be in flight.
+        // While draining, one claim looks at every free partition, so an
+        // empty claim means there is nothing left; under a backlog, the
+        // last claim that may start takes every free partition too: no
+        // other claim can use them while it is in flight, and so a backlog
+        // drain keeps the split of its first two claims, each a range of
+        // the partitions (`order::Sql::lock`), instead of leaving the
+        // partitions this claim would not take to the next one's range.
+        let most = if self.draining || (self.cursor.last_full && share == 1) {
+            free.len() as i64
+        } else {
+            owned.len().div_ceil(cfg.max_in_flight) as i64
         };
         // Over the same free partitions as a claim that found nothing,
         // probe them (see `Cursor::empty_over`).

@@ -42,7 +42,8 @@ enum Kind {
     NoneHead,
     /// `"aggregate"` over half the partitions while the other half's batch
     /// is in flight: the steady state of a one-relay drain (two batches,
-    /// each holding its partitions). The walk passes the other half's rows.
+    /// each holding a range of the partitions, as the lock gives them).
+    /// The walk passes the other half's rows inside the claim index.
     AggregateHalf,
     /// `"aggregate"` over every partition, nothing in flight: the walk
     /// passes no row of another batch.
@@ -89,8 +90,8 @@ async fn measure(env: &Env, url: &str, o: &Options, report: &mut Report) -> Resu
     let none_claim = claim::sql(&source.table);
     let savepoint = format!("SAVEPOINT {}", claim::BATCH_SAVEPOINT);
     let batch_key = LockKeys::new(&source.table).batch;
-    let even: Vec<i32> = (0..PARTITIONS).filter(|p| p % 2 == 0).collect();
-    let odd: Vec<i32> = (0..PARTITIONS).filter(|p| p % 2 == 1).collect();
+    let low: Vec<i32> = (0..PARTITIONS / 2).collect();
+    let high: Vec<i32> = (PARTITIONS / 2..PARTITIONS).collect();
     let all: Vec<i32> = (0..PARTITIONS).collect();
 
     let claimer = pg(url).await?;
@@ -113,12 +114,15 @@ async fn measure(env: &Env, url: &str, o: &Options, report: &mut Report) -> Resu
         .await
         .map_err(|e| e.to_string())?;
     // The batch in flight: the first `limit` rows of the table, or of the
-    // odd partitions, locked by the other session.
+    // upper half of the partitions, locked by the other session.
     let first_rows = format!("SELECT id FROM outbox ORDER BY id LIMIT {limit}");
-    let odd_rows = format!(
+    let high_rows = format!(
         "SELECT id FROM outbox o WHERE {} = ANY('{{{}}}'::int[]) ORDER BY id LIMIT {limit}",
         order::partition_of("o."),
-        odd.iter().map(i32::to_string).collect::<Vec<_>>().join(",")
+        high.iter()
+            .map(i32::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
     );
 
     let mut per_claim: Vec<Vec<f64>> = vec![Vec::new(); Kind::ALL.len()];
@@ -127,7 +131,7 @@ async fn measure(env: &Env, url: &str, o: &Options, report: &mut Report) -> Resu
         for (i, kind) in Kind::ALL.into_iter().enumerate() {
             let in_flight = match kind {
                 Kind::NoneAfter | Kind::NoneHead => Some(&first_rows),
-                Kind::AggregateHalf => Some(&odd_rows),
+                Kind::AggregateHalf => Some(&high_rows),
                 Kind::AggregateAll => None,
             };
             let frontier = match in_flight {
@@ -155,7 +159,7 @@ async fn measure(env: &Env, url: &str, o: &Options, report: &mut Report) -> Resu
                     }
                     Kind::AggregateHalf | Kind::AggregateAll => {
                         let free = if matches!(kind, Kind::AggregateHalf) {
-                            &even
+                            &low
                         } else {
                             &all
                         };

@@ -96,7 +96,7 @@ pub(super) async fn check<W: Write>(
     }
 
     if source.capture.wal().is_none() && source.ordering != Ordering::None {
-        check_partition_index(r, client, source).await?;
+        check_ordered_indexes(r, client, source).await?;
     }
 
     if source.capture.wal().is_some() {
@@ -159,21 +159,23 @@ pub(super) async fn check<W: Write>(
 }
 
 /// Ordered claims look up the oldest row of each free partition on the
-/// partition index; the relay works without it, slowly behind a backlog.
-async fn check_partition_index<W: Write>(
+/// partition index, and walk the claim index within their partitions'
+/// range; the relay works without them, more slowly.
+async fn check_ordered_indexes<W: Write>(
     r: &mut Report<W>,
     client: &Client,
     source: &SourceConfig,
 ) -> Result<(), tokio_postgres::Error> {
-    let (index, state) = crate::source::order::partition_index(client, &source.table).await?;
-    let what = format!("source {} partition index", source.name);
-    match state.problem() {
-        None => r.line(
-            Level::Ok,
-            &what,
-            &format!("{index} is there for ordered claims"),
-        ),
-        Some(problem) => r.line(Level::Warn, &what, &format!("{index} {problem}")),
+    for found in crate::source::order::ordered_indexes(client, &source.table).await? {
+        let what = format!("source {} {}", source.name, found.label);
+        match found.problem() {
+            None => r.line(
+                Level::Ok,
+                &what,
+                &format!("{} is there for ordered claims", found.index),
+            ),
+            Some(problem) => r.line(Level::Warn, &what, &format!("{} {problem}", found.index)),
+        }
     }
     Ok(())
 }

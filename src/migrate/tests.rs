@@ -24,7 +24,7 @@ fn concurrently_builds_each_index_of_the_table_and_adds_columns_first() {
     assert_eq!(
         names,
         [
-            "\"app\".\"events_claim_idx\"",
+            "\"app\".\"events_claim_part_idx\"",
             "\"app\".\"events_aggregate_idx\"",
             "\"app\".\"events_held_idx\"",
             "\"app\".\"events_waiting_idx\"",
@@ -75,10 +75,14 @@ fn fills_every_placeholder() {
         "{sql}"
     );
     assert!(
-        sql.contains(r#"CREATE INDEX IF NOT EXISTS "events_claim_idx""#),
+        sql.contains(r#"CREATE INDEX IF NOT EXISTS "events_claim_part_idx""#),
         "{sql}"
     );
-    // the index of earlier versions goes
+    // the indexes of earlier versions go
+    assert!(
+        sql.contains(r#"DROP INDEX IF EXISTS "billing"."events_claim_idx""#),
+        "{sql}"
+    );
     assert!(
         sql.contains(r#"DROP INDEX IF EXISTS "billing"."events_pending_idx""#),
         "{sql}"

@@ -48,7 +48,7 @@
 mod index;
 mod ownership;
 
-pub use index::{IndexState, index_state, partition_index, warn_if_unindexed};
+pub use index::{IndexState, OrderedIndex, index_state, ordered_indexes, warn_if_unindexed};
 pub use ownership::{RELAYS_SQL, join_sql, rebalance};
 
 use crate::config::{OnPark, Ordering, SourceConfig};
@@ -76,6 +76,15 @@ pub fn partition_of(prefix: &str) -> String {
         "(hashtextextended({prefix}aggregate_type || '/' || {prefix}aggregate_id, 0) & {mask})::int",
         mask = PARTITIONS - 1
     )
+}
+
+/// A row's partition as the claim index's second column has it
+/// (`sql/outbox.sql`, which must use exactly this expression; a test says
+/// it does): [`partition_of`] `+ 0`, an expression of its own, so the
+/// planner matches the walks' partition range to the claim index and
+/// never to the partition index, which is ordered by partition first.
+pub fn claim_partition_of(prefix: &str) -> String {
+    format!("{} + 0", partition_of(prefix))
 }
 
 /// The key spaces, as text hashed by PostgreSQL (`hashtext`).
@@ -150,7 +159,16 @@ impl Sql {
         // The walks read the claim index in id order, from the oldest
         // unsent row of their partitions on (each found on the partition
         // index, in the walk's own snapshot, so no due row of them is
-        // below it). `+ 0` keeps the planner off the partition index for
+        // below it), within the range of partitions the batch holds: the
+        // claim index has each row's partition as its second column, so
+        // the rows of partitions outside the range are passed over in the
+        // index without a read of the table row (with two batches in
+        // flight, each holding half the partitions, that was one row read
+        // and hashed for every row taken). The lock gives a batch a range
+        // of partitions where it can (see `lock`); a partition inside the
+        // range that the batch does not hold is filtered on the row, unless
+        // the batch holds every partition of its range. The claim index's
+        // expression (`+ 0`) keeps the planner off the partition index for
         // the walk itself: it would read every row of a hot partition and
         // sort them (measured 165 ms for a 50k-row partition).
         let walk_from_in = |locked: &str| {
@@ -158,8 +176,12 @@ impl Sql {
                 "o.id >= (SELECT min((SELECT min(e.id) FROM {t} e \
                      WHERE {part_e} = f.p AND e.published_at IS NULL AND NOT e.held)) \
                    FROM unnest({locked}) AS f(p)) \
-                 AND {part} + 0 = ANY({locked})",
+                 AND {claim_part} BETWEEN (SELECT min(f.p) FROM unnest({locked}) AS f(p)) \
+                   AND (SELECT max(f.p) FROM unnest({locked}) AS f(p)) \
+                 AND ((SELECT max(f.p) - min(f.p) + 1 = count(*) FROM unnest({locked}) AS f(p)) \
+                   OR {claim_part} = ANY({locked}))",
                 part_e = partition_of("e."),
+                claim_part = claim_partition_of("o."),
             )
         };
         let walk_from = walk_from_in("$1::int[]");
@@ -181,8 +203,8 @@ impl Sql {
         // look (the batch would be all its rows anyway). OFFSET 0 keeps
         // the planner from pushing the lock filter below the ORDER BY (it
         // may push a volatile filter into a subquery without LIMIT): the
-        // locks must be tried in order of age and only until $4 are taken,
-        // not on every partition looked at, or the batch holds partitions
+        // locks must be tried in order of age and, outside a range, only
+        // until $4 are taken, not on every partition looked at, or the batch holds partitions
         // it never reads and no other batch can claim them until it commits.
         // Of the partitions found with due rows, a claim takes its share,
         // a $5th, so the claims that may follow it while it is in flight
@@ -194,6 +216,17 @@ impl Sql {
         // that had rows, the other claimed nothing every 2 ms, and one
         // batch was in flight at a time (PostgreSQL's statement log: 302 of
         // 402 claims empty).
+        // Which of them: where the found partitions are dense (the claim
+        // shares them, $5 > 1, and its share fills at least half of the
+        // free partitions it spans), a range: the window, by partition
+        // number, of its share that holds the oldest, at either end of the
+        // free partitions where that holds it, with every free partition
+        // in it, found or not, and no cap at $4. The claim that follows it
+        // gets the rest, a range too, so each walk passes over the other
+        // batch's rows inside the claim index (see `walk_from_in`). Where
+        // they are sparse (a hot partition and a few quiet ones), the
+        // oldest of its share: a range would put quiet partitions behind
+        // the hot one's rows in the walk.
         // When $4 covers every free partition (the second batch in flight,
         // and every claim while draining) there is nothing to choose: all
         // of them are tried, without the look. The look found nothing there
@@ -213,20 +246,41 @@ impl Sql {
              far AS ( \
                SELECT f.p, (SELECT o.id FROM {t} o WHERE {part} = f.p AND {due} \
                    ORDER BY o.id LIMIT 1) AS first \
-               FROM unnest($1::int[]) AS f(p) WHERE {choosing} AND NOT EXISTS (SELECT 1 FROM near)) \
+               FROM unnest($1::int[]) AS f(p) WHERE {choosing} AND NOT EXISTS (SELECT 1 FROM near)), \
+             found AS MATERIALIZED ( \
+               SELECT u.p, u.first, row_number() OVER (ORDER BY u.first, u.p) AS k, \
+                      row_number() OVER (ORDER BY u.p) AS r, count(*) OVER () AS n FROM ( \
+                 SELECT p, first FROM near \
+                 UNION ALL SELECT p, first FROM far WHERE first IS NOT NULL) u), \
+             span AS ( \
+               SELECT w.m, \
+                 CASE WHEN w.a = 1 THEN -1 ELSE (SELECT f.p FROM found f WHERE f.r = w.a) END AS lo, \
+                 CASE WHEN w.a + w.m > w.n THEN {PARTITIONS} \
+                   ELSE (SELECT f.p FROM found f WHERE f.r = w.a + w.m - 1) END AS hi \
+               FROM (SELECT o.m, o.n, \
+                       CASE WHEN o.r <= o.m THEN 1 WHEN o.r > o.n - o.m THEN o.n - o.m + 1 ELSE o.r END AS a \
+                     FROM (SELECT f.r, f.n, ceil(f.n::numeric / $5::bigint)::bigint AS m \
+                           FROM found f WHERE f.k = 1) o) w), \
+             ranged AS ( \
+               SELECT s.lo, s.hi FROM span s \
+               WHERE $5::bigint > 1 \
+                 AND 2 * s.m >= (SELECT count(*) FROM unnest($1::int[]) AS f(p) WHERE f.p BETWEEN s.lo AND s.hi)), \
+             candidates AS ( \
+               SELECT f.p, 0::bigint AS first FROM unnest($1::int[]) AS f(p) WHERE NOT {choosing} \
+               UNION ALL \
+               SELECT f.p, COALESCE((SELECT d.first FROM found d WHERE d.p = f.p), {LAST}) \
+               FROM unnest($1::int[]) AS f(p), ranged g WHERE f.p BETWEEN g.lo AND g.hi \
+               UNION ALL \
+               SELECT f.p, f.first FROM found f \
+               WHERE NOT EXISTS (SELECT 1 FROM ranged) AND f.k <= ceil(f.n::numeric / $5::bigint)) \
              SELECT l.locked, set_config('{LOCKED_SETTING}', l.locked::text, true) FROM ( \
              SELECT COALESCE(array_agg(l.p), '{{}}') AS locked FROM ( \
                SELECT c.p FROM ( \
-                 SELECT w.p, w.first FROM ( \
-                   SELECT u.p, u.first, row_number() OVER (ORDER BY u.first) AS k, count(*) OVER () AS n FROM ( \
-                     SELECT p, first FROM near \
-                     UNION ALL SELECT p, first FROM far WHERE first IS NOT NULL \
-                     UNION ALL SELECT f.p, 0 FROM unnest($1::int[]) AS f(p) WHERE NOT {choosing}) u) w \
-                 WHERE NOT {choosing} OR w.k <= ceil(w.n::numeric / $5::bigint) \
-                 ORDER BY w.first OFFSET 0) c \
+                 SELECT c.p FROM candidates c ORDER BY c.first, c.p OFFSET 0) c \
                WHERE pg_try_advisory_xact_lock(hashtext($3), c.p) \
-               LIMIT $4) l) l",
+               LIMIT CASE WHEN EXISTS (SELECT 1 FROM ranged) THEN NULL ELSE $4::bigint END) l) l",
             choosing = "cardinality($1::int[]) > $4::bigint",
+            LAST = i64::MAX,
         );
         // Strict (`ordering = "aggregate_strict"`): one row in flight per
         // aggregate. A walked row that is not its aggregate's head waits
@@ -373,6 +427,13 @@ mod tests {
     fn the_partition_index_uses_the_relays_expression() {
         let sql = include_str!("../../sql/outbox.sql");
         let expected = format!("(({}), id)", partition_of(""));
+        assert!(sql.contains(&expected), "sql/outbox.sql lacks {expected}");
+    }
+
+    #[test]
+    fn the_claim_index_uses_the_walks_expression() {
+        let sql = include_str!("../../sql/outbox.sql");
+        let expected = format!("(id, (({})))", claim_partition_of(""));
         assert!(sql.contains(&expected), "sql/outbox.sql lacks {expected}");
     }
 }

@@ -102,12 +102,26 @@ async fn two_claims_share_the_partitions_that_have_rows() {
     let every: Vec<i32> = (0..64).collect();
     // max_in_flight 2 and nothing in flight: up to 32 partitions, and a
     // share of 2 (this claim and one more).
+    let with_rows: Vec<i32> = db
+        .client
+        .query(
+            "SELECT DISTINCT (hashtextextended(aggregate_type || '/' || aggregate_id, 0) & 63)::int FROM outbox",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(with_rows.len(), 6);
+    let having_rows = |taken: &[i32]| taken.iter().filter(|p| with_rows.contains(p)).count();
     let first_tx = first_session.transaction().await.unwrap();
     let first = lock(&first_tx, &sql, &keys, &every, 256, 32, 2).await;
+    // (It may take an empty partition too, between two of them: a range.)
     assert_eq!(
-        first.len(),
+        having_rows(&first),
         3,
-        "the first claim takes half of the 6 partitions with rows: {first:?}"
+        "the first claim takes half of the 6 partitions with rows: {first:?} of {with_rows:?}"
     );
     // Beside it, the last claim that may start: every other partition
     // with rows.
@@ -118,12 +132,115 @@ async fn two_claims_share_the_partitions_that_have_rows() {
         .collect();
     let second = lock(&second_session, &sql, &keys, &free, 256, 32, 1).await;
     assert_eq!(
-        second.len(),
+        having_rows(&second),
         3,
         "the second claim takes the other 3: {second:?} beside {first:?}"
     );
     assert!(second.iter().all(|p| !first.contains(p)));
     first_tx.rollback().await.unwrap();
+}
+
+/// Under a backlog in nearly every partition, the first of two claims
+/// takes a range of the partitions, at one end and holding the oldest
+/// row's; the second, the last that may start, every other one (the
+/// relay asks it to). Each walk then stays in its range of the claim
+/// index, whose second column is the partition, and passes the other
+/// batch's rows there without reading them: with the two batches' sets
+/// interleaved, every walk read about one row of the other batch for
+/// each row it took.
+#[tokio::test]
+async fn a_backlog_in_every_partition_splits_into_two_ranges() {
+    let db = TestDb::migrated("obx_plock_range").await;
+    interleave(&db, 4000, 1000).await;
+    let (mut first_session, sql, keys) = relay_session(&db).await;
+    let (mut second_session, _, _) = relay_session(&db).await;
+    let every: Vec<i32> = (0..64).collect();
+    let oldest: i32 = db
+        .client
+        .query_one(
+            "SELECT (hashtextextended(aggregate_type || '/' || aggregate_id, 0) & 63)::int \
+             FROM outbox ORDER BY id LIMIT 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    // As the relay asks with max_in_flight 2 and nothing in flight: up to
+    // 32 partitions, looking at 128 rows, a share of 2.
+    let first_tx = first_session.transaction().await.unwrap();
+    let mut first = lock(&first_tx, &sql, &keys, &every, 128, 32, 2).await;
+    first.sort_unstable();
+    assert!(is_range(&first), "a range: {first:?}");
+    assert!(
+        first[0] == 0 || first[first.len() - 1] == 63,
+        "at one end: {first:?}"
+    );
+    assert!(first.contains(&oldest), "{oldest} in {first:?}");
+    assert!((16..=48).contains(&first.len()), "{first:?}");
+    let rest: Vec<i32> = every
+        .iter()
+        .copied()
+        .filter(|p| !first.contains(p))
+        .collect();
+    let second_tx = second_session.transaction().await.unwrap();
+    let most = rest.len() as i64;
+    let mut second = lock(&second_tx, &sql, &keys, &rest, 128, most, 1).await;
+    second.sort_unstable();
+    assert_eq!(second, rest, "the last claim takes every other partition");
+
+    // The walk of the first batch: its rows only, through the claim index
+    // with its range of partitions as an index condition.
+    let limit = 4000i64;
+    let plan: Vec<String> = first_tx
+        .query(&format!("EXPLAIN {}", sql.claim), &[&limit])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let plan = plan.join("\n");
+    assert!(
+        plan.contains("outbox_claim_part_idx")
+            && plan
+                .lines()
+                .any(|l| l.contains("Index Cond") && l.contains("+ 0) >=")),
+        "the walk's partition range is an index condition:\n{plan}"
+    );
+    let walked: Vec<i64> = first_tx
+        .query(&sql.claim, &[&limit])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let count = |ids: Option<Vec<i64>>| {
+        let (client, first) = (&db.client, &first);
+        async move {
+            client
+                .query_one(
+                    "SELECT count(*) FROM outbox \
+                     WHERE (hashtextextended(aggregate_type || '/' || aggregate_id, 0) & 63)::int = ANY($1) \
+                       AND ($2::bigint[] IS NULL OR id = ANY($2))",
+                    &[first, &ids],
+                )
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+        }
+    };
+    let of_the_batch = count(None).await;
+    assert!(of_the_batch > 0 && of_the_batch < 4000);
+    assert_eq!(
+        (walked.len() as i64, count(Some(walked)).await),
+        (of_the_batch, of_the_batch),
+        "every row of the batch's partitions, and no other"
+    );
+    second_tx.rollback().await.unwrap();
+    first_tx.rollback().await.unwrap();
+}
+
+fn is_range(sorted: &[i32]) -> bool {
+    !sorted.is_empty() && sorted.windows(2).all(|w| w[1] == w[0] + 1)
 }
 
 /// Without the look at the front of the table (`look` 0, what a claim over
@@ -210,16 +327,17 @@ async fn relay_session(db: &TestDb) -> (tokio_postgres::Client, Sql, LockKeys) {
     (client, Sql::new(source), LockKeys::new(&source.table))
 }
 
-/// A table migrated by an older outboxd has no partition index: the relay
-/// says so at start, and ordered delivery still works, every aggregate
-/// complete and in order (the looks and walks fall back to the claim
-/// index).
+/// A table migrated by an older outboxd has no partition index, and its
+/// claim index is on the id alone: the relay says so at start, and ordered
+/// delivery still works, every aggregate complete and in order (the looks
+/// and walks fall back to the older claim index).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn without_the_partition_index_the_relay_warns_and_keeps_order() {
+async fn on_an_older_table_the_relay_warns_and_keeps_order() {
     let db = TestDb::migrated("obx_plock_noidx").await;
     db.client
         .batch_execute(
-            "DROP INDEX outbox_partition_idx; \
+            "DROP INDEX outbox_partition_idx; DROP INDEX outbox_claim_part_idx; \
+             CREATE INDEX outbox_claim_idx ON outbox (id) WHERE published_at IS NULL AND NOT held; \
              INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
              SELECT 'order', 'a-' || (g % 7), 'Step', jsonb_build_object('agg', 'a-' || (g % 7), 'seq', g) \
              FROM generate_series(1, 700) g ORDER BY g",
@@ -250,6 +368,17 @@ async fn without_the_partition_index_the_relay_warns_and_keeps_order() {
     assert_eq!(
         warned["index"].as_str(),
         Some("\"public\".\"outbox_partition_idx\""),
+        "{warned}"
+    );
+    let warned = eventually(
+        "the claim index warning",
+        Duration::from_secs(30),
+        || async { relay.log_lines_with("claim index is missing").pop() },
+    )
+    .await;
+    assert_eq!(
+        warned["index"].as_str(),
+        Some("\"public\".\"outbox_claim_part_idx\""),
         "{warned}"
     );
 }

@@ -1,6 +1,8 @@
-//! The partition index (`sql/outbox.sql`) that ordered claims find each
-//! free partition's oldest row on: whether a table has it, and valid, for
-//! `run`'s warning, `check`'s line and `migrate --concurrently`.
+//! The indexes that ordered claims read (`sql/outbox.sql`): the partition
+//! index, on which they find each free partition's oldest row, and the
+//! claim index with the partition as its second column, which their walks
+//! read within their range of partitions. Whether a table has them, and
+//! valid, for `run`'s warning, `check`'s lines and `migrate --concurrently`.
 
 use deadpool_postgres::Pool;
 use tokio_postgres::Client;
@@ -14,8 +16,12 @@ use crate::ident::TableName;
 /// `run`'s warning and `check`'s line alike.
 pub const UNINDEXED: &str = "is missing (the table was migrated by an older outboxd): ordered claims still work but walk the table to find each free partition's oldest row, slowly behind a backlog; run `outboxd migrate` (`outboxd migrate --concurrently` on a large table: it does not lock out inserts)";
 
-/// What an ordered source's table with an invalid partition index means.
-pub const INVALID: &str = "exists but is not valid (a CREATE INDEX CONCURRENTLY that failed, or one still running): PostgreSQL does not use it and `outboxd migrate` skips it, so ordered claims walk the table as without it; unless a build is running, DROP INDEX CONCURRENTLY it and run `outboxd migrate --concurrently`";
+/// What an ordered source's table without the claim index on (id,
+/// partition) means.
+pub const CLAIM_UNINDEXED: &str = "is missing (the table was migrated by an older outboxd): ordered claims still work but read from the table, and hash, every row of the partitions that the other batch in flight holds; run `outboxd migrate` (`outboxd migrate --concurrently` on a large table: it does not lock out inserts)";
+
+/// What an ordered source's table with an invalid index means.
+pub const INVALID: &str = "exists but is not valid (a CREATE INDEX CONCURRENTLY that failed, or one still running): PostgreSQL does not use it and `outboxd migrate` skips it, so ordered claims work as without it; unless a build is running, DROP INDEX CONCURRENTLY it and run `outboxd migrate --concurrently`";
 
 /// The partition index's state on a table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,27 +32,49 @@ pub enum IndexState {
     Invalid,
 }
 
-impl IndexState {
+/// One of the indexes ordered claims read, as found on a table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OrderedIndex {
+    /// What `check` and the warning call it: "partition index", "claim index".
+    pub label: &'static str,
+    /// Schema-qualified, quoted.
+    pub index: String,
+    pub state: IndexState,
+    missing: &'static str,
+}
+
+impl OrderedIndex {
     /// What to tell an operator, or `None` when the index serves.
-    pub fn problem(self) -> Option<&'static str> {
-        match self {
+    pub fn problem(&self) -> Option<&'static str> {
+        match self.state {
             IndexState::Valid => None,
-            IndexState::Missing => Some(UNINDEXED),
+            IndexState::Missing => Some(self.missing),
             IndexState::Invalid => Some(INVALID),
         }
     }
 }
 
-/// The partition index of `table` (`sql/outbox.sql`), quoted, and its
-/// state. Ordered claims look up each free partition's oldest row there;
-/// a table migrated by an older outboxd lacks it.
-pub async fn partition_index(
+/// The indexes of `table` (`sql/outbox.sql`) that ordered claims read, and
+/// their states. A table migrated by an older outboxd lacks one or both.
+pub async fn ordered_indexes(
     client: &Client,
     table: &TableName,
-) -> Result<(String, IndexState), tokio_postgres::Error> {
-    let index = table.sibling("_partition_idx");
-    let state = index_state(client, &index).await?;
-    Ok((index, state))
+) -> Result<Vec<OrderedIndex>, tokio_postgres::Error> {
+    let mut found = Vec::new();
+    for (label, suffix, missing) in [
+        ("partition index", "_partition_idx", UNINDEXED),
+        ("claim index", "_claim_part_idx", CLAIM_UNINDEXED),
+    ] {
+        let index = table.sibling(suffix);
+        let state = index_state(client, &index).await?;
+        found.push(OrderedIndex {
+            label,
+            index,
+            state,
+            missing,
+        });
+    }
+    Ok(found)
 }
 
 /// Whether the index `index` (schema-qualified, quoted as in SQL) exists,
@@ -71,20 +99,20 @@ pub async fn index_state(
 }
 
 /// `run`, at the start of an ordered polling source: warns when its table
-/// lacks the partition index or has it invalid. A database error is left
-/// to the relay loop, which reports it anyway.
+/// lacks an index that ordered claims read, or has it invalid. A database
+/// error is left to the relay loop, which reports it anyway.
 pub async fn warn_if_unindexed(pool: Pool, config: SourceConfig, stop: CancellationToken) {
     let look = async {
         let client = pool.get().await.ok()?;
-        partition_index(&client, &config.table).await.ok()
+        ordered_indexes(&client, &config.table).await.ok()
     };
     let found = tokio::select! {
         _ = stop.cancelled() => return,
         found = look => found,
     };
-    if let Some((index, state)) = found
-        && let Some(problem) = state.problem()
-    {
-        warn!(source = %config.name, %index, "the partition index {problem}");
+    for found in found.unwrap_or_default() {
+        if let Some(problem) = found.problem() {
+            warn!(source = %config.name, index = %found.index, "the {} {problem}", found.label);
+        }
     }
 }
