@@ -82,6 +82,7 @@ pub async fn overhead(env: &Env, o: &Options, report: &mut Report) -> Result<(),
         .spawn()
         .map_err(|e| format!("cannot start pg_recvlogical: {e}"))?;
     let (mut none, mut decoding, mut with) = (Vec::new(), Vec::new(), Vec::new());
+    let mut fed = Vec::new();
     for _ in 0..o.repeats {
         for table in [&plain, &recv] {
             table
@@ -111,6 +112,28 @@ pub async fn overhead(env: &Env, o: &Options, report: &mut Report) -> Result<(),
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+        // Logical decoding as before, and the broker taking what the relay
+        // published just now (the producers' rate with it), from the bench
+        // instead of the relay: the producers' loss that is neither
+        // decoding nor the broker is the relay's own (its CPU, its deletes).
+        let rate = with.last().copied().unwrap_or_default();
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        let cpu = CpuMark::now(Some(&relay));
+        let (published, produced) =
+            tokio::join!(feed_broker(env, &exchange, rate, stopped), async {
+                let produced = crate::overhead::insert_rate(&recv_url).await;
+                let _ = stop.send(());
+                produced
+            });
+        cpu.report(
+            "producers, slot read by pg_recvlogical, broker fed by the bench CPU",
+            Some(&relay),
+        );
+        let published = published?;
+        fed.push(produced?);
+        println!(
+            "{{\"probe\":\"broker fed beside pg_recvlogical\",\"rate\":{rate:.0},\"published\":{published}}}"
+        );
     }
     let base = median(&none);
     report.add(
@@ -129,15 +152,27 @@ pub async fn overhead(env: &Env, o: &Options, report: &mut Report) -> Result<(),
         decoding,
         format!("{:.3} of no relay: logical decoding alone", d / base),
     );
+    let f = median(&fed);
+    report.add(
+        "producer inserts/s with the slot read by pg_recvlogical and the broker fed the relay's rate by the bench (no relay)",
+        "rows/s",
+        fed,
+        format!(
+            "{:.3} of no relay, {:.3} of pg_recvlogical: decoding and the broker's work, without the relay",
+            f / base,
+            f / d
+        ),
+    );
     let m = median(&with);
     report.add(
         "producer inserts/s with a capture = \"wal\" relay streaming",
         "rows/s",
         with,
         format!(
-            "{:.3} of no relay, {:.3} of pg_recvlogical",
+            "{:.3} of no relay, {:.3} of pg_recvlogical, {:.3} of pg_recvlogical with the broker fed",
             m / base,
-            m / d
+            m / d,
+            m / f
         ),
     );
     let _ = recvlogical.kill();
@@ -151,6 +186,77 @@ pub async fn overhead(env: &Env, o: &Options, report: &mut Report) -> Result<(),
     env.drop_wal_db(&db, &url, &slot).await;
     env.drop_db(&plain_db).await;
     Ok(())
+}
+
+/// Publishes small persistent messages to `exchange` (routed to its
+/// queue) on one channel with confirms, `rate` a second, until `stop`:
+/// the broker's work when a wal relay publishes the producers' rows, with
+/// no relay. Returns how many it published, each acked.
+async fn feed_broker(
+    env: &Env,
+    exchange: &str,
+    rate: f64,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+) -> Result<u64, String> {
+    use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+    let ch = env.amqp.create_channel().await.map_err(|e| e.to_string())?;
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(|e| e.to_string())?;
+    // The producers' payload, as the relay sends it.
+    let body = br#"{"k":1}"#;
+    let start = Instant::now();
+    let mut sent = 0u64;
+    let mut waits = tokio::task::JoinSet::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(2));
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            _ = tick.tick() => {}
+        }
+        let due = (start.elapsed().as_secs_f64() * rate) as u64;
+        let mut confirms = Vec::new();
+        while sent < due {
+            let props = lapin::BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_message_id(format!("feed-{sent}").into());
+            let opts = BasicPublishOptions {
+                mandatory: true,
+                immediate: false,
+            };
+            let confirm = ch
+                .basic_publish(
+                    exchange.into(),
+                    "order.OrderCreated".into(),
+                    opts,
+                    body,
+                    props,
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            confirms.push(confirm);
+            sent += 1;
+        }
+        if !confirms.is_empty() {
+            waits.spawn(async move {
+                for confirm in confirms {
+                    let c = confirm.await.map_err(|e| e.to_string())?;
+                    if !matches!(c, lapin::Confirmation::Ack(None)) {
+                        return Err(format!("a fed message was not acked: {c:?}"));
+                    }
+                }
+                Ok(())
+            });
+        }
+        while let Some(done) = waits.try_join_next() {
+            done.map_err(|e| e.to_string())??;
+        }
+    }
+    while let Some(done) = waits.join_next().await {
+        done.map_err(|e| e.to_string())??;
+    }
+    let _ = ch.close(200, "OK".into()).await;
+    Ok(sent)
 }
 
 pub async fn run(env: &Env, o: &Options, ceiling: f64, report: &mut Report) -> Result<(), String> {
