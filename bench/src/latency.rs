@@ -17,7 +17,7 @@ use lapin::options::{BasicAckOptions, BasicConsumeOptions};
 use lapin::types::FieldTable;
 
 use crate::Options;
-use crate::env::{Env, QueueType, pg, relay_config};
+use crate::env::{CpuMark, Env, QueueType, pg, relay_config};
 use crate::order::seq_of;
 use crate::report::{Report, median, quantile};
 
@@ -208,10 +208,19 @@ async fn run_with(
         let mut confirm_p50 = Vec::new();
         let mut confirm_p99 = Vec::new();
         let mut achieved = Vec::new();
+        let (mut pg_us, mut relay_us) = (Vec::new(), Vec::new());
         for _ in 0..o.repeats {
             let before = histogram(&relay.metrics().await);
+            let cpu = CpuMark::now(Some(&relay));
             let (commits, real_rate) = produce(&url, load, &mut next_seq).await?;
             let (lat, got) = arrivals(&receipts, &commits).await;
+            let used = cpu.report(
+                &format!("latency {prefix}{} CPU", label(load)),
+                Some(&relay),
+            );
+            let per_row = |cores: f64| cores * used.seconds / commits.len().max(1) as f64 * 1e6;
+            pg_us.push(per_row(used.postgres));
+            relay_us.push(per_row(used.relay));
             print_stalls(&format!("{prefix}{}", label(load)), &commits, &got);
             if lat.len() < commits.len() {
                 return Err(format!(
@@ -269,6 +278,18 @@ async fn run_with(
             "ms",
             maxes,
             "",
+        );
+        report.add(
+            format!("latency {label}: PostgreSQL CPU per row"),
+            "µs",
+            pg_us,
+            "every postgres process, the producers' inserts included, until the last row arrived",
+        );
+        report.add(
+            format!("latency {label}: relay CPU per row"),
+            "µs",
+            relay_us,
+            "user+system of the outboxd process",
         );
     }
     report.add(
