@@ -6,7 +6,7 @@
 //! this relay or another, could claim them.
 
 use outboxd::config::Config;
-use outboxd::source::order::{LockKeys, Sql};
+use outboxd::source::order::{LockKeys, Sql, partition_of};
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -105,7 +105,7 @@ async fn two_claims_share_the_partitions_that_have_rows() {
     let with_rows: Vec<i32> = db
         .client
         .query(
-            "SELECT DISTINCT (hashtextextended(aggregate_type || '/' || aggregate_id, 0) & 63)::int FROM outbox",
+            &format!("SELECT DISTINCT {} FROM outbox", partition_of("")),
             &[],
         )
         .await
@@ -158,8 +158,10 @@ async fn a_backlog_in_every_partition_splits_into_two_ranges() {
     let oldest: i32 = db
         .client
         .query_one(
-            "SELECT (hashtextextended(aggregate_type || '/' || aggregate_id, 0) & 63)::int \
-             FROM outbox ORDER BY id LIMIT 1",
+            &format!(
+                "SELECT {} FROM outbox ORDER BY id LIMIT 1",
+                partition_of("")
+            ),
             &[],
         )
         .await
@@ -218,9 +220,11 @@ async fn a_backlog_in_every_partition_splits_into_two_ranges() {
         async move {
             client
                 .query_one(
-                    "SELECT count(*) FROM outbox \
-                     WHERE (hashtextextended(aggregate_type || '/' || aggregate_id, 0) & 63)::int = ANY($1) \
-                       AND ($2::bigint[] IS NULL OR id = ANY($2))",
+                    &format!(
+                        "SELECT count(*) FROM outbox WHERE {} = ANY($1) \
+                           AND ($2::bigint[] IS NULL OR id = ANY($2))",
+                        partition_of("")
+                    ),
                     &[first, &ids],
                 )
                 .await
