@@ -23,7 +23,7 @@ pub const CLAIM_UNINDEXED: &str = "is missing (the table was migrated by an olde
 /// What an ordered source's table with an invalid index means.
 pub const INVALID: &str = "exists but is not valid (a CREATE INDEX CONCURRENTLY that failed, or one still running): PostgreSQL does not use it and `outboxd migrate` skips it, so ordered claims work as without it; unless a build is running, DROP INDEX CONCURRENTLY it and run `outboxd migrate --concurrently`";
 
-/// The partition index's state on a table.
+/// An index's state on a table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IndexState {
     Valid,
