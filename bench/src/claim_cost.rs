@@ -102,7 +102,7 @@ async fn measure(env: &Env, url: &str, o: &Options, report: &mut Report) -> Resu
         .map_err(|e| e.to_string())?
         .get(0);
     let lock = claimer
-        .prepare(&walk_sql.lock)
+        .prepare(walk_sql.lock_for(1))
         .await
         .map_err(|e| e.to_string())?;
     let walk = claimer

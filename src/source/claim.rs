@@ -215,7 +215,11 @@ async fn heads(
     let order = &source.queries.order;
     let limit = source.config.batch_size as i64;
     let look = look(most, limit, probe);
-    let lock = step("prepare partition lock", client.prepare_cached(&order.lock)).await?;
+    let lock = step(
+        "prepare partition lock",
+        client.prepare_cached(order.lock_for(share)),
+    )
+    .await?;
     let lock_params: [&(dyn ToSql + Sync); 5] =
         [&free, &look, &source.queries.lock_keys.batch, &most, &share];
     let walk_sql = if source.dead.exists(client).await? {

@@ -311,7 +311,10 @@ async fn lock(
     share: i64,
 ) -> Vec<i32> {
     client
-        .query_one(&sql.lock, &[&free, &look, &keys.batch, &most, &share])
+        .query_one(
+            sql.lock_for(share),
+            &[&free, &look, &keys.batch, &most, &share],
+        )
         .await
         .expect("the lock query runs")
         .get(0)
