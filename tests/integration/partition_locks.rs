@@ -267,6 +267,64 @@ async fn probing_each_partition_takes_what_the_look_takes() {
     );
 }
 
+/// The partitions of a batch in flight are not free: when their rows fill
+/// the front of the table that the lock looks at, the lock probes each free
+/// partition and finds the rows behind them; when the front holds every
+/// due row and none is in a free partition, there is nothing to probe for.
+#[tokio::test]
+async fn the_probes_find_free_partitions_behind_a_busy_front() {
+    let db = TestDb::migrated("obx_plock_behind").await;
+    db.client
+        .batch_execute(
+            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
+             SELECT 'order', 'busy', 'Step', '{}' FROM generate_series(1, 300); \
+             INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
+             VALUES ('order', 'quiet', 'Step', '{}')",
+        )
+        .await
+        .unwrap();
+    let (mut client, sql, keys) = relay_session(&db).await;
+    let busy = partition(&db, "busy").await;
+    let quiet = partition(&db, "quiet").await;
+    assert_ne!(busy, quiet, "the test needs two partitions");
+    let free: Vec<i32> = (0..64).filter(|p| *p != busy).collect();
+    for share in [1, 2] {
+        // The look (64: 128 rows of the front) sees only the busy rows.
+        let tx = client.transaction().await.unwrap();
+        let taken = lock(&tx, &sql, &keys, &free, 64, 32, share).await;
+        tx.rollback().await.unwrap();
+        assert_eq!(taken, vec![quiet], "share {share}");
+    }
+    // Once the front is shorter than the look, it is every due row: none
+    // of a free partition, none taken.
+    db.client
+        .batch_execute(&format!(
+            "DELETE FROM outbox WHERE {} <> {busy} OR id > 100",
+            partition_of("")
+        ))
+        .await
+        .unwrap();
+    let tx = client.transaction().await.unwrap();
+    let taken = lock(&tx, &sql, &keys, &free, 64, 32, 1).await;
+    tx.rollback().await.unwrap();
+    assert!(taken.is_empty(), "{taken:?}");
+}
+
+/// The partition of aggregate `order`/`id`, as the relay computes it.
+async fn partition(db: &TestDb, id: &str) -> i32 {
+    db.client
+        .query_one(
+            &format!(
+                "SELECT {} FROM (SELECT 'order'::text AS aggregate_type, $1::text AS aggregate_id) k",
+                partition_of("k.")
+            ),
+            &[&id],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
 /// Runs the lock query over every partition, taking at most `most` among
 /// the first `look` due rows with `share` claims sharing them, and rolls
 /// back.
