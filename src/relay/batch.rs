@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use tokio::sync::oneshot;
-use tracing::{debug, warn};
+use tracing::{debug, trace, warn};
 
 use super::{Relay, decide, report};
 use crate::config::OnPark;
@@ -69,6 +69,7 @@ async fn run<C: Capture, P: Publisher>(
         let _ = tx.send(claim.report.clone());
     }
     let (rows, Some(batch)) = (claim.rows, claim.batch) else {
+        trace!(source = %cfg.name, claim_ms = started.elapsed().as_secs_f64() * 1e3, "claim found nothing");
         return Ok(BatchEnd::Empty);
     };
     relay.metrics.batch_size.observe(rows.len() as f64);
@@ -79,6 +80,13 @@ async fn run<C: Capture, P: Publisher>(
         decide::behind_bad_rows(&rows, &mut messages);
     }
     let claimed_in = started.elapsed();
+    // How long the oldest row of the batch had waited since its insert
+    // when the claim returned: its pickup delay (the debug line below).
+    let claimed_at = std::time::SystemTime::now();
+    let waited = rows
+        .iter()
+        .map(|r| r.age_at(claimed_at))
+        .fold(0.0, f64::max);
     let outcomes = match relay.publisher.send(messages).await {
         Ok(outcomes) => outcomes,
         Err(unavailable) => {
@@ -112,6 +120,7 @@ async fn run<C: Capture, P: Publisher>(
         source = %cfg.name,
         rows = rows.len(),
         claim_ms = claimed_in.as_secs_f64() * 1e3,
+        oldest_waited_ms = waited * 1e3,
         publish_confirm_ms = sent_in.as_secs_f64() * 1e3,
         settle_ms = (started.elapsed() - claimed_in - sent_in).as_secs_f64() * 1e3,
         "batch timings"
