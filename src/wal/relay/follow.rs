@@ -1,11 +1,11 @@
-//! Following the stream: its events into the queue, and up to two
-//! batches on the publisher's ordered lane (see `send.rs`).
+//! Following the stream: its events into the queue, and up to
+//! [`LANE_DEPTH`] batches on the publisher's ordered lane (see `send.rs`).
 
 use super::*;
 
 impl<P: Publisher> WalRelay<P> {
-    /// Follows the stream: takes in its events, and keeps up to two
-    /// batches on the publisher's ordered lane (see `send.rs`).
+    /// Follows the stream: takes in its events, and keeps up to
+    /// [`LANE_DEPTH`] batches on the publisher's ordered lane (see `send.rs`).
     pub(super) async fn follow<S: WalStream>(
         &self,
         st: &mut State,
@@ -15,18 +15,18 @@ impl<P: Publisher> WalRelay<P> {
     ) -> Result<End, SessionError> {
         let mut tick = tokio::time::interval(self.config.poll_interval.min(STATUS_INTERVAL));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let cap = 2 * self.config.batch_size;
+        let cap = LANE_DEPTH * self.config.batch_size;
         let mut paused = self.health.paused_changes();
-        // The batch whose confirms are awaited, and the one written after
-        // it: how many queued items each holds.
-        let mut front: Option<(usize, Finishing<'_>)> = None;
-        let mut second: Option<(usize, P::Begun)> = None;
+        // The batches on the lane, in the order they were written, with
+        // how many queued items each holds: the front one's confirms are
+        // awaited, the others' once it is settled.
+        let mut lane: VecDeque<(usize, Finishing<'_>)> = VecDeque::with_capacity(LANE_DEPTH);
         // The publisher was unavailable: no batch before the next tick, or
         // before the batch in flight is finished.
         let mut hold = false;
         loop {
             self.health.beat();
-            let in_flight = front.as_ref().map_or(0, |f| f.0) + second.as_ref().map_or(0, |s| s.0);
+            let in_flight: usize = lane.iter().map(|b| b.0).sum();
             let stopping = drain.is_cancelled() || *paused.borrow_and_update();
             if stopping && in_flight == 0 {
                 return Ok(if drain.is_cancelled() {
@@ -35,7 +35,7 @@ impl<P: Publisher> WalRelay<P> {
                     End::Paused
                 });
             }
-            // Take in what is ready, up to two batches.
+            // Take in what is ready, up to a full lane of batches.
             while st.pending.len() < cap {
                 match now_or_never(stream.recv()) {
                     Some(event) => self.handle(st, stream, event?)?,
@@ -51,7 +51,7 @@ impl<P: Publisher> WalRelay<P> {
                 .filter(|at| in_flight == 0 && *at > Instant::now());
             if !stopping
                 && !hold
-                && second.is_none()
+                && lane.len() < LANE_DEPTH
                 && st.pending.len() > in_flight
                 && front_waits.is_none()
                 && self.publisher.can_publish()
@@ -64,10 +64,7 @@ impl<P: Publisher> WalRelay<P> {
                     begun = self.publisher.begin(messages) => begun,
                 };
                 match begun {
-                    Ok(b) if front.is_none() => {
-                        front = Some((n, Box::pin(self.publisher.finish(b))));
-                    }
-                    Ok(b) => second = Some((n, b)),
+                    Ok(b) => lane.push_back((n, Box::pin(self.publisher.finish(b)))),
                     Err(unavailable) => {
                         // With a batch in flight, it is finished first.
                         if in_flight == 0 {
@@ -86,7 +83,7 @@ impl<P: Publisher> WalRelay<P> {
                 }
             };
             let finished = async {
-                match front.as_mut() {
+                match lane.front_mut() {
                     Some((_, f)) => f.as_mut().await,
                     None => std::future::pending().await,
                 }
@@ -95,23 +92,21 @@ impl<P: Publisher> WalRelay<P> {
                 biased;
                 _ = abort.cancelled() => return Ok(End::Aborted(in_flight)),
                 outcomes = finished => {
-                    front = None;
+                    lane.pop_front();
                     hold = false;
                     let failed = outcomes.iter().any(|o| matches!(o, Outcome::Failed(_)));
-                    let later = match second.take() {
-                        // Its messages all go again after the failed one:
-                        // its answers only tell the order breaks.
-                        Some((_, b)) if failed => tokio::select! {
+                    // After a failure the batches written after it are
+                    // finished first: their messages all go again after the
+                    // failed one, and their answers only tell the order
+                    // breaks.
+                    let mut later = Vec::new();
+                    while failed && let Some((_, rest)) = lane.pop_front() {
+                        tokio::select! {
                             biased;
                             _ = abort.cancelled() => return Ok(End::Aborted(in_flight)),
-                            later = self.publisher.finish(b) => later,
-                        },
-                        Some((m, b)) => {
-                            front = Some((m, Box::pin(self.publisher.finish(b))));
-                            Vec::new()
+                            answers = rest => later.extend(answers),
                         }
-                        None => Vec::new(),
-                    };
+                    }
                     self.settle(st, stream, &outcomes, &later).await;
                 }
                 _ = drain.cancelled(), if !drain.is_cancelled() => {}
