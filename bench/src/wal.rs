@@ -281,14 +281,19 @@ pub async fn run(env: &Env, o: &Options, ceiling: f64, report: &mut Report) -> R
         );
     }
     env.undeclare(&ch, &name).await;
+    // The cores the relay and PostgreSQL used in each flow, and each
+    // flow's median rate.
+    let mut side_cores = Vec::new();
+    let mut flows = Vec::new();
     for kind in [Kind::Rows, Kind::Messages] {
         for aggregates in [1usize, 1000] {
             let mut rates = Vec::new();
             let mut pg_us = Vec::new();
             for _ in 0..o.repeats {
-                let (rate, pg) = once(env, o, kind, aggregates, o.rows).await?;
-                rates.push(rate);
-                pg_us.push(pg);
+                let flow = once(env, o, kind, aggregates, o.rows).await?;
+                rates.push(flow.rate);
+                pg_us.push(flow.pg_us);
+                side_cores.push(flow.side_cores);
             }
             let what = format!(
                 "wal {}, {aggregates} aggregate(s), {} rows",
@@ -296,6 +301,7 @@ pub async fn run(env: &Env, o: &Options, ceiling: f64, report: &mut Report) -> R
                 o.rows
             );
             let rate = median(&rates);
+            flows.push((what.clone(), rate));
             report.add(
                 format!("flow {what}"),
                 "msg/s",
@@ -310,17 +316,63 @@ pub async fn run(env: &Env, o: &Options, ceiling: f64, report: &mut Report) -> R
             );
         }
     }
+    // One channel again, while threads of the bench spin the CPU the relay
+    // and PostgreSQL used in the flows: what the broker's one channel (the
+    // commit order) can take on this machine beside them.
+    let cores = median(&side_cores);
+    let (ch, name) = env.declare(QueueType::Classic).await?;
+    let mut beside = 0f64;
+    for depth in [2usize, 4] {
+        let busy = crate::env::Neighbour::burn(cores);
+        let mut rates = Vec::new();
+        for _ in 0..o.repeats {
+            let rate = crate::ceiling::one_channel_pipelined(env, &name, o.rows, 1000, depth).await;
+            ch.queue_purge(name.as_str().into(), Default::default())
+                .await
+                .map_err(|e| e.to_string())?;
+            rates.push(rate?);
+        }
+        drop(busy);
+        beside = beside.max(median(&rates));
+        report.add(
+            format!(
+                "broker alone, one channel, {depth} chunk(s) of 1000 in flight, beside {cores:.2} busy cores"
+            ),
+            "msg/s",
+            rates,
+            "the cores the relay and PostgreSQL used in the flows (median), spun by threads of the bench",
+        );
+    }
+    env.undeclare(&ch, &name).await;
+    for (what, rate) in flows {
+        report.add(
+            format!("flow {what}, of one channel beside the relay and PostgreSQL"),
+            "×",
+            vec![rate / beside],
+            format!("the flow's median over the better of the two rates above ({beside:.0} msg/s)"),
+        );
+    }
     Ok(())
 }
 
-/// One flow: (messages/s, PostgreSQL CPU µs per message).
+/// What one flow measured.
+struct Flow {
+    /// messages per second
+    rate: f64,
+    /// PostgreSQL CPU per message, µs
+    pg_us: f64,
+    /// cores the relay and PostgreSQL used meanwhile
+    side_cores: f64,
+}
+
+/// One flow.
 async fn once(
     env: &Env,
     o: &Options,
     kind: Kind,
     aggregates: usize,
     rows: usize,
-) -> Result<(f64, f64), String> {
+) -> Result<Flow, String> {
     let (db, url) = env.create_db("bench_wal").await?;
     let (ch, exchange) = env.declare(QueueType::Classic).await?;
     let (config, slot) = env.wal_config(&url, &exchange, &o.source_extra).await?;
@@ -367,6 +419,7 @@ async fn once(
         Some(&relay),
     );
     let (elapsed, pg_cpu) = (used.seconds, used.postgres * used.seconds);
+    let side_cores = used.postgres + used.relay;
     produce.await.map_err(|e| e.to_string())??;
     let queued = env.message_count(QueueType::Classic, &exchange).await? as usize;
     relay.stop().await;
@@ -377,5 +430,9 @@ async fn once(
     }
     env.undeclare(&ch, &exchange).await;
     env.drop_wal_db(&db, &url, &slot).await;
-    Ok((rows as f64 / elapsed, pg_cpu * 1e6 / rows as f64))
+    Ok(Flow {
+        rate: rows as f64 / elapsed,
+        pg_us: pg_cpu * 1e6 / rows as f64,
+        side_cores,
+    })
 }
