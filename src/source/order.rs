@@ -258,10 +258,13 @@ impl Sql {
         // nothing), one probe per free partition on the partition index. A
         // front shorter than its limit is every due row of the table, so
         // the probes could find nothing it did not: a caught-up relay's
-        // empty claims (the front is then the rows of the batch in flight)
-        // probed every free partition, 0.6 ms a claim against 0.33 for a
-        // claim that found rows (the relay's batch timings at 1,000 rows/s
-        // over 100 aggregates), on CPU the broker needed beside it. Either way a look costs the same behind any
+        // claim after the one that found rows (its front is the rows of
+        // the batch in flight) probed every free partition for nothing.
+        // The front is counted again for that, and only when near is
+        // empty: one CTE of the front read by both would cost every look a
+        // sort (a CTE scan has no order the planner knows), where near now
+        // stops reading at its $2th row of a free partition. Either way a
+        // look costs the same behind any
         // backlog of the busy partitions (it walked past all of it before:
         // 13 ms per look behind 50k rows on one aggregate), and a hot
         // partition at the front is taken alone when its rows fill the
@@ -304,20 +307,20 @@ impl Sql {
         // partition), as described above.
         let choosing = "cardinality($1::int[]) > $4::bigint";
         let looks = format!(
-            "front AS MATERIALIZED ( \
-               SELECT {part} AS p, o.id FROM ( \
-                 SELECT o.id, o.aggregate_type, o.aggregate_id FROM {t} o \
-                 WHERE {choosing} AND {due} ORDER BY o.id LIMIT $2::bigint * 2) o), \
-             near AS MATERIALIZED ( \
+            "near AS MATERIALIZED ( \
                SELECT f.p, min(f.id) AS first FROM ( \
-                 SELECT n.p, n.id FROM front n \
+                 SELECT n.p, n.id FROM ( \
+                   SELECT {part} AS p, o.id FROM ( \
+                     SELECT o.id, o.aggregate_type, o.aggregate_id FROM {t} o \
+                     WHERE {choosing} AND {due} ORDER BY o.id LIMIT $2::bigint * 2) o) n \
                  WHERE n.p = ANY($1) ORDER BY n.id LIMIT $2) f \
                GROUP BY f.p), \
              far AS ( \
                SELECT f.p, (SELECT o.id FROM {t} o WHERE {part} = f.p AND {due} \
                    ORDER BY o.id LIMIT 1) AS first \
                FROM unnest($1::int[]) AS f(p) WHERE {choosing} AND NOT EXISTS (SELECT 1 FROM near) \
-                 AND (SELECT count(*) FROM front) >= $2::bigint * 2)"
+                 AND (SELECT count(*) FROM ( \
+                   SELECT 1 FROM {t} o WHERE {due} ORDER BY o.id LIMIT $2::bigint * 2) o) >= $2::bigint * 2)"
         );
         // Every free partition, first, when there is nothing to choose.
         let all_free = format!(
