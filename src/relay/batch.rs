@@ -80,13 +80,9 @@ async fn run<C: Capture, P: Publisher>(
         decide::behind_bad_rows(&rows, &mut messages);
     }
     let claimed_in = started.elapsed();
-    // How long the oldest row of the batch had waited since its insert
-    // when the claim returned: its pickup delay (the debug line below).
+    // When the claim returned: the debug line below gives how long the
+    // batch's oldest row had waited by then (its pickup delay).
     let claimed_at = std::time::SystemTime::now();
-    let waited = rows
-        .iter()
-        .map(|r| r.age_at(claimed_at))
-        .fold(0.0, f64::max);
     let outcomes = match relay.publisher.send(messages).await {
         Ok(outcomes) => outcomes,
         Err(unavailable) => {
@@ -120,7 +116,12 @@ async fn run<C: Capture, P: Publisher>(
         source = %cfg.name,
         rows = rows.len(),
         claim_ms = claimed_in.as_secs_f64() * 1e3,
-        oldest_waited_ms = waited * 1e3,
+        // Evaluated only when the line is logged.
+        oldest_waited_ms = rows
+            .iter()
+            .map(|r| r.age_at(claimed_at))
+            .fold(0.0, f64::max)
+            * 1e3,
         publish_confirm_ms = sent_in.as_secs_f64() * 1e3,
         settle_ms = (started.elapsed() - claimed_in - sent_in).as_secs_f64() * 1e3,
         "batch timings"
