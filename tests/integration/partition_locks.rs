@@ -47,22 +47,10 @@ async fn a_claim_locks_only_the_partitions_it_takes() {
 #[tokio::test]
 async fn a_hot_partition_at_the_front_is_taken_alone() {
     let db = TestDb::migrated("obx_plock_hot").await;
-    db.client
-        .batch_execute(
-            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
-             SELECT 'order', 'hot', 'Step', '{}' FROM generate_series(1, 600); \
-             INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
-             SELECT 'order', 'q-' || g, 'Step', '{}' FROM generate_series(1, 50) g",
-        )
-        .await
-        .unwrap();
+    insert(&db, "'hot'", 600).await;
+    insert(&db, "'q-' || g", 50).await;
     let (mut client, sql, keys) = relay_session(&db).await;
-    let hot: i32 = db
-        .client
-        .query_one("SELECT (hashtextextended('order/hot', 0) & 63)::int", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let hot = partition(&db, "hot").await;
     // What the relay looks at for a batch of 16 partitions: 64 rows.
     assert_eq!(take(&mut client, &sql, &keys, 64, 16, 1).await, vec![hot]);
     let wide = take(&mut client, &sql, &keys, 1000, 16, 1).await;
@@ -274,15 +262,8 @@ async fn probing_each_partition_takes_what_the_look_takes() {
 #[tokio::test]
 async fn the_probes_find_free_partitions_behind_a_busy_front() {
     let db = TestDb::migrated("obx_plock_behind").await;
-    db.client
-        .batch_execute(
-            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
-             SELECT 'order', 'busy', 'Step', '{}' FROM generate_series(1, 300); \
-             INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
-             VALUES ('order', 'quiet', 'Step', '{}')",
-        )
-        .await
-        .unwrap();
+    insert(&db, "'busy'", 300).await;
+    insert(&db, "'quiet'", 1).await;
     let (mut client, sql, keys) = relay_session(&db).await;
     let busy = partition(&db, "busy").await;
     let quiet = partition(&db, "quiet").await;
@@ -290,9 +271,7 @@ async fn the_probes_find_free_partitions_behind_a_busy_front() {
     let free: Vec<i32> = (0..64).filter(|p| *p != busy).collect();
     for share in [1, 2] {
         // The look (64: 128 rows of the front) sees only the busy rows.
-        let tx = client.transaction().await.unwrap();
-        let taken = lock(&tx, &sql, &keys, &free, 64, 32, share).await;
-        tx.rollback().await.unwrap();
+        let taken = take_from(&mut client, &sql, &keys, &free, 64, 32, share).await;
         assert_eq!(taken, vec![quiet], "share {share}");
     }
     // Once the front is shorter than the look, it is every due row: none
@@ -304,9 +283,7 @@ async fn the_probes_find_free_partitions_behind_a_busy_front() {
         ))
         .await
         .unwrap();
-    let tx = client.transaction().await.unwrap();
-    let taken = lock(&tx, &sql, &keys, &free, 64, 32, 1).await;
-    tx.rollback().await.unwrap();
+    let taken = take_from(&mut client, &sql, &keys, &free, 64, 32, 1).await;
     assert!(taken.is_empty(), "{taken:?}");
 }
 
@@ -350,10 +327,38 @@ async fn take(
     share: i64,
 ) -> Vec<i32> {
     let every: Vec<i32> = (0..64).collect();
+    take_from(client, sql, keys, &every, look, most, share).await
+}
+
+/// [`take`] over the `free` partitions only.
+async fn take_from(
+    client: &mut tokio_postgres::Client,
+    sql: &Sql,
+    keys: &LockKeys,
+    free: &[i32],
+    look: i64,
+    most: i64,
+    share: i64,
+) -> Vec<i32> {
     let tx = client.transaction().await.unwrap();
-    let taken = lock(&tx, sql, keys, &every, look, most, share).await;
+    let taken = lock(&tx, sql, keys, free, look, most, share).await;
     tx.rollback().await.unwrap();
     taken
+}
+
+/// `n` due rows of aggregate `order`/`id`, `id` an SQL expression that may
+/// use the row's number `g` (1 to `n`).
+async fn insert(db: &TestDb, id: &str, n: i32) {
+    db.client
+        .execute(
+            &format!(
+                "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
+                 SELECT 'order', {id}, 'Step', '{{}}' FROM generate_series(1, $1) g"
+            ),
+            &[&n],
+        )
+        .await
+        .unwrap();
 }
 
 /// Runs the relay's partition lock statement: `free` partitions, `look`
