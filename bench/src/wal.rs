@@ -263,15 +263,7 @@ pub async fn run(env: &Env, o: &Options, ceiling: f64, report: &mut Report) -> R
     // What one channel can take, the order of a wal relay, for comparison.
     let (ch, name) = env.declare(QueueType::Classic).await?;
     for depth in [1usize, 2, 4] {
-        let mut rates = Vec::new();
-        for _ in 0..o.repeats {
-            rates.push(
-                crate::ceiling::one_channel_pipelined(env, &name, o.rows, 1000, depth).await?,
-            );
-            ch.queue_purge(name.as_str().into(), Default::default())
-                .await
-                .map_err(|e| e.to_string())?;
-        }
+        let rates = one_channel(env, o, &ch, &name, depth).await?;
         let rate = median(&rates);
         report.add(
             format!("broker alone, one channel, {depth} chunk(s) of 1000 in flight"),
@@ -324,15 +316,9 @@ pub async fn run(env: &Env, o: &Options, ceiling: f64, report: &mut Report) -> R
     let mut beside = 0f64;
     for depth in [2usize, 4] {
         let busy = crate::env::Neighbour::burn(cores);
-        let mut rates = Vec::new();
-        for _ in 0..o.repeats {
-            let rate = crate::ceiling::one_channel_pipelined(env, &name, o.rows, 1000, depth).await;
-            ch.queue_purge(name.as_str().into(), Default::default())
-                .await
-                .map_err(|e| e.to_string())?;
-            rates.push(rate?);
-        }
+        let rates = one_channel(env, o, &ch, &name, depth).await;
         drop(busy);
+        let rates = rates?;
         beside = beside.max(median(&rates));
         report.add(
             format!(
@@ -353,6 +339,27 @@ pub async fn run(env: &Env, o: &Options, ceiling: f64, report: &mut Report) -> R
         );
     }
     Ok(())
+}
+
+/// The broker alone on one channel to the queue behind `exchange`,
+/// `depth` chunks of 1,000 in flight: msg/s of each repeat, the queue
+/// purged after each.
+async fn one_channel(
+    env: &Env,
+    o: &Options,
+    ch: &lapin::Channel,
+    exchange: &str,
+    depth: usize,
+) -> Result<Vec<f64>, String> {
+    let mut rates = Vec::new();
+    for _ in 0..o.repeats {
+        rates
+            .push(crate::ceiling::one_channel_pipelined(env, exchange, o.rows, 1000, depth).await?);
+        ch.queue_purge(exchange.into(), Default::default())
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(rates)
 }
 
 /// What one flow measured.
