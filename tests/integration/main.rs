@@ -16,6 +16,7 @@ mod failures;
 mod formats;
 mod held;
 mod hostile;
+mod idle_batch;
 mod monitoring;
 mod outage;
 mod partition_locks;
