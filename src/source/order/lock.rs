@@ -210,14 +210,15 @@ pub(super) fn statements(t: &str, part: &str, due: &str) -> (String, String) {
          ranked AS ( \
            SELECT f.p, row_number() OVER (ORDER BY f.p) AS r FROM unnest($1::int[]) AS f(p) \
            WHERE {choosing} AND 2 * (SELECT count(*) FROM near) >= $4::bigint), \
+         placed AS (SELECT n.p, n.first, f.r FROM near n JOIN ranked f ON f.p = n.p), \
          start AS ( \
            SELECT s.a FROM ( \
              SELECT CASE WHEN f.r <= $4::bigint THEN 1 \
                WHEN f.r > cardinality($1::int[]) - $4::bigint THEN cardinality($1::int[]) - $4::bigint + 1 \
                ELSE f.r END AS a \
-             FROM near n JOIN ranked f ON f.p = n.p ORDER BY n.first, n.p LIMIT 1) s \
-           WHERE 2 * (SELECT count(*) FROM near n JOIN ranked f ON f.p = n.p \
-                      WHERE f.r >= s.a AND f.r < s.a + $4::bigint) >= $4::bigint), \
+             FROM placed f ORDER BY f.first, f.p LIMIT 1) s \
+           WHERE 2 * (SELECT count(*) FROM placed f WHERE f.r >= s.a AND f.r < s.a + $4::bigint) \
+             >= $4::bigint), \
          candidates AS ( \
            {all_free} \
            UNION ALL SELECT f.p, 0::bigint FROM ranked f, start s \
