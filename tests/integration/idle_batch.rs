@@ -14,6 +14,7 @@ use outboxd::config::{Config, Ordering};
 use outboxd::metrics::Metrics;
 use outboxd::source::capture::Capture;
 use outboxd::source::health::SourceHealth;
+use outboxd::source::order::PARTITIONS;
 use outboxd::source::{ClaimFrom, Source, pool};
 
 use crate::support::db::TestDb;
@@ -26,24 +27,22 @@ async fn an_unordered_batch_waits_without_a_snapshot() {
 
 #[tokio::test]
 async fn an_ordered_batch_waits_without_a_snapshot() {
-    let every = ClaimFrom::Partitions {
-        free: (0..64).collect(),
-        most: 64,
-        share: 1,
-        probe: false,
-    };
-    waits_without_a_snapshot("obx_idle_aggregate", Ordering::Aggregate, every).await;
+    waits_without_a_snapshot("obx_idle_aggregate", Ordering::Aggregate, every()).await;
 }
 
 #[tokio::test]
 async fn a_strict_batch_waits_without_a_snapshot() {
-    let every = ClaimFrom::Partitions {
-        free: (0..64).collect(),
-        most: 64,
+    waits_without_a_snapshot("obx_idle_strict", Ordering::AggregateStrict, every()).await;
+}
+
+/// An ordered claim over every partition, nothing in flight.
+fn every() -> ClaimFrom {
+    ClaimFrom::Partitions {
+        free: (0..PARTITIONS).collect(),
+        most: PARTITIONS.into(),
         share: 1,
         probe: false,
-    };
-    waits_without_a_snapshot("obx_idle_strict", Ordering::AggregateStrict, every).await;
+    }
 }
 
 async fn waits_without_a_snapshot(name: &str, ordering: Ordering, from: ClaimFrom) {
