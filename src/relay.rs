@@ -480,8 +480,7 @@ impl<C: Capture, P: Publisher> Loop<C, P> {
         // last claim that may start takes every free partition too: no
         // other claim can use them while it is in flight, and so a backlog
         // drain keeps the split of its first two claims, each a range of
-        // the partitions (the first takes one where its look finds rows in
-        // most partitions, `order::lock`), instead of leaving the
+        // the partitions (`order::lock`), instead of leaving the
         // partitions this claim would not take to the next one's range.
         let most = if self.draining || (self.cursor.last_full && share == 1) {
             free.len() as i64
